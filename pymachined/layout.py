@@ -1,0 +1,76 @@
+"""Where pymachine keeps things on a host, under a movable root. Pure.
+
+``--root DIR`` (or ``PYMACHINE_ROOT``) moves every path here, so tests and
+trial runs never touch the host's real /etc, /var or /run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+_SLASH = PurePosixPath("/")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The host paths pymachine reads and writes, all below ``root``."""
+
+    root: PurePosixPath = _SLASH
+
+    def _at(self, path: str) -> PurePosixPath:
+        return self.root / path.lstrip("/")
+
+    @property
+    def state_dir(self) -> PurePosixPath:
+        """Images, machines and their records."""
+        return self._at("/var/lib/pymachine")
+
+    @property
+    def images_dir(self) -> PurePosixPath:
+        """Built image trees, one per content key."""
+        return self.state_dir / "images"
+
+    @property
+    def machines_dir(self) -> PurePosixPath:
+        """One directory per machine: upper/, work/, rootfs/, state.json."""
+        return self.state_dir / "machines"
+
+    @property
+    def nspawn_dir(self) -> PurePosixPath:
+        """Trusted .nspawn settings files."""
+        return self._at("/etc/systemd/nspawn")
+
+    @property
+    def unit_dir(self) -> PurePosixPath:
+        """System units pymachine installs."""
+        return self._at("/etc/systemd/system")
+
+    @property
+    def run_dir(self) -> PurePosixPath:
+        """Runtime state: the lock, supervisor socket, pids."""
+        return self._at("/run/pymachine")
+
+    def image_dir(self, key: str) -> PurePosixPath:
+        """The tree of one built image."""
+        return self.images_dir / key
+
+    def machine_dir(self, name: str) -> PurePosixPath:
+        """A machine's own directory."""
+        return self.machines_dir / name
+
+    def rootfs(self, name: str) -> PurePosixPath:
+        """Where a machine's root is assembled (the overlay's merged view)."""
+        return self.machine_dir(name) / "rootfs"
+
+    def nspawn_file(self, name: str) -> PurePosixPath:
+        """A machine's .nspawn settings file."""
+        return self.nspawn_dir / f"{name}.nspawn"
+
+    def unit_name(self, name: str) -> str:
+        """The systemd unit that runs a machine."""
+        return f"pymachine-{name}.service"
+
+    def unit_file(self, name: str) -> PurePosixPath:
+        """Path of the machine's unit file."""
+        return self.unit_dir / self.unit_name(name)

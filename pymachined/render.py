@@ -1,0 +1,175 @@
+"""Rendering a machine's files with Jinja2. Pure.
+
+The environment is strict: an undefined name is an error, and every value that
+reaches a file must pass the file kind's escaping filter (``unit`` or
+``nspawn``), or rendering fails. User text is only ever a value passed to a
+template, never compiled as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jinja2
+
+from pymachined import units
+from pymachined.layout import Layout
+from pymachined.spec import Machine
+
+NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
+MARKER = "pymachine-owner: managed by pymachine; do not edit"
+
+
+class Escaped(str):
+    """Text that has passed an escaping filter and may enter a rendered file."""
+
+    __slots__ = ()
+
+
+def _finalize(value: Any) -> Any:
+    """Refuse any value that did not pass an escaping filter."""
+    if isinstance(value, Escaped):
+        return value
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return value
+    raise units.UnsafeValue(
+        f"template value {value!r} reached a file without the unit or nspawn filter"
+    )
+
+
+def _unit_filter(value: Any, exec: bool = False) -> Escaped:
+    if isinstance(value, list | tuple):
+        return Escaped(units.unit_words(value, exec_line=exec))
+    return Escaped(units.unit_value(value))
+
+
+def _nspawn_filter(value: Any) -> Escaped:
+    if isinstance(value, list | tuple):
+        return Escaped(units.nspawn_words(value))
+    text = str(value)
+    units._refuse_control(text)
+    if text.endswith("\\"):
+        raise units.UnsafeValue(f"refusing a trailing backslash in an .nspawn file: {text!r}")
+    return Escaped(text)
+
+
+@cache
+def environment(template_dir: Path) -> jinja2.Environment:
+    """The one Jinja2 environment pymachine renders with."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+        finalize=_finalize,
+    )
+    env.filters["unit"] = _unit_filter
+    env.filters["nspawn"] = _nspawn_filter
+    return env
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    """A file pymachine writes on the host: its path, content and mode."""
+
+    path: PurePosixPath
+    content: str
+    mode: int = 0o644
+
+
+def netns_path(name: str) -> PurePosixPath:
+    """The network namespace a machine on a declared network joins."""
+    return PurePosixPath("/run/netns") / f"pm-{name}"
+
+
+def nspawn_context(machine: Machine) -> dict[str, Any]:
+    """The values of a machine's .nspawn file, as plain data."""
+    security = machine.security
+    filters = []
+    if security.seccomp.allow:
+        filters.append(" ".join(security.seccomp.allow))
+    if security.seccomp.deny:
+        filters.append("~" + " ".join(security.seccomp.deny))
+    return {
+        "marker": Escaped(MARKER),
+        "name": machine.name,
+        "boot": machine.boot,
+        "parameters": list(machine.command or []),
+        "environment": [f"{k}={v}" for k, v in sorted(machine.environment.items())],
+        "user": machine.user,
+        "workdir": machine.workdir,
+        "hostname": machine.hostname,
+        "private_users": "pick" if security.private_users else "no",
+        "users_ownership": "auto" if security.private_users else "off",
+        "capability_add": " ".join(sorted(security.capabilities.add)),
+        "capability_drop": " ".join(sorted(security.capabilities.drop)),
+        "no_new_privileges": security.no_new_privileges,
+        "syscall_filter": filters,
+        "read_only": machine.read_only,
+        "binds": [
+            {"spec": f"{b.source}:{b.target}", "read_only": b.read_only} for b in machine.binds
+        ],
+        "tmpfs": [
+            t.path + (f":size={t.size}" if t.size is not None else "") for t in machine.tmpfs
+        ],
+        "private_network": machine.network != "host",
+    }
+
+
+def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:
+    """The systemd-nspawn command line of a machine's unit; its settings come from
+    the .nspawn file nspawn reads from the trusted /etc/systemd/nspawn."""
+    argv = [
+        NSPAWN_BINARY,
+        "--quiet",
+        "--keep-unit",
+        "--register=yes",
+        f"--machine={machine.name}",
+        f"--directory={layout.rootfs(machine.name)}",
+    ]
+    if machine.network not in ("host", "none"):
+        argv.append(f"--network-namespace-path={netns_path(machine.name)}")
+    return argv
+
+
+def service_context(machine: Machine, layout: Layout) -> dict[str, Any]:
+    """The values of a machine's systemd unit, as plain data."""
+    resources = machine.resources
+    return {
+        "marker": Escaped(MARKER),
+        "name": machine.name,
+        "dependencies": [layout.unit_name(d) for d in machine.depends_on],
+        "machine_dir": str(layout.machine_dir(machine.name)),
+        "exec_start": nspawn_exec_argv(machine, layout),
+        "restart": machine.restart.value,
+        "stop_timeout": f"{machine.stop_timeout:g}s",
+        "memory_max": resources.memory,
+        "memory_high": resources.memory_soft,
+        "cpu_quota": f"{resources.cpus * 100:g}%" if resources.cpus is not None else None,
+        "tasks_max": resources.pids,
+        "cpu_weight": resources.cpu_weight,
+        "io_weight": resources.io_weight,
+    }
+
+
+def render_template(template_dir: Path, name: str, context: Mapping[str, Any]) -> str:
+    """One template rendered with context."""
+    return environment(template_dir).get_template(name).render(**context)
+
+
+def machine_files(machine: Machine, layout: Layout, template_dir: Path) -> list[RenderedFile]:
+    """Every file a machine gets on the host, rendered: its .nspawn file and unit."""
+    nspawn = render_template(template_dir, "machine.nspawn.j2", nspawn_context(machine))
+    service = render_template(template_dir, "machine.service.j2", service_context(machine, layout))
+    return [
+        RenderedFile(layout.nspawn_file(machine.name), nspawn),
+        RenderedFile(layout.unit_file(machine.name), service),
+    ]

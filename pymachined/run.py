@@ -1,0 +1,65 @@
+"""The one place a subprocess starts.
+
+Command lines are argv lists built by pure ``*_argv`` functions elsewhere; this
+module runs them, logs them with ``--debug`` (``+ argv``), and turns a failure
+into a CommandError carrying argv, exit code and stderr. Never ``shell=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymachined.errors import CommandError, PymachineError
+
+log = logging.getLogger("pymachine.run")
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a finished command left: its argv, exit code and output."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+) -> Completed:
+    """Run argv to completion, capturing output; raise CommandError on failure if check."""
+    argv = [str(a) for a in argv]
+    log.debug("+ %s", shlex.join(argv))
+    try:
+        proc = subprocess.run(  # noqa: S603 - argv list, never a shell
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise PymachineError(
+            f"{argv[0]}: command not found",
+            hint="install it (see the README's quick start for the packages pymachine needs)",
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(argv, -1, f"timed out after {timeout} s") from exc
+    done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr)
+    return done

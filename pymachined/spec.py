@@ -1,0 +1,649 @@
+"""The spec models: what a user declares, as frozen, strict pydantic models. Pure.
+
+Three kinds: ``machine`` (the default), ``network`` and ``image``. Field names are
+a contract with users and tests. Every string that can reach a unit file or an
+``.nspawn`` file is checked here, so templates never see an unsafe value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+
+from pymachined.sizes import parse_duration, parse_size
+
+# ---------------------------------------------------------------------------
+# Scalar types
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_safe_text(value: str) -> str:
+    """A string that may enter a unit or .nspawn file: one line, no control characters."""
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        what = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL byte"}.get(
+            bad.group(), f"the control character {bad.group()!r}"
+        )
+        raise ValueError(f"must not contain {what}")
+    if value.endswith("\\"):
+        raise ValueError("must not end with a backslash (it would continue the line)")
+    return value
+
+
+SafeText = Annotated[StrictStr, AfterValidator(check_safe_text)]
+
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_name(value: str) -> str:
+    """An RFC 1123 label: lowercase letters, digits and '-', at most 63, no leading '-'."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > 63:
+        raise ValueError(f"is {len(value)} characters long; at most 63 are allowed")
+    if _LABEL.fullmatch(value) is None:
+        hint = value.lower().replace("_", "-").replace(".", "-")
+        suggestion = f" (such as {hint!r})" if _LABEL.fullmatch(hint) else ""
+        raise ValueError(
+            f"{value!r} is not a valid name: use lowercase letters, digits and '-', "
+            f"starting and ending with a letter or digit{suggestion}"
+        )
+    return value
+
+
+Name = Annotated[StrictStr, AfterValidator(check_name)]
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+
+
+def check_hostname(value: str) -> str:
+    """A DNS host name made of RFC 1123 labels."""
+    if _HOSTNAME.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a valid host name")
+    return value
+
+
+Hostname = Annotated[StrictStr, AfterValidator(check_hostname)]
+
+FORBIDDEN_PATHS = ("/", "/proc", "/sys", "/dev")
+FORBIDDEN_TREES = ("/proc", "/sys")
+
+
+def check_abs_path(value: str) -> str:
+    """An absolute, normalised path without control characters."""
+    check_safe_text(value)
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path")
+    normal = posixpath.normpath(value)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if normal != value:
+        raise ValueError(f"{value!r} is not a normalised path (did you mean {normal!r}?)")
+    if ":" in value:
+        raise ValueError(f"{value!r} must not contain ':'")
+    return value
+
+
+AbsPath = Annotated[StrictStr, AfterValidator(check_abs_path)]
+
+
+def check_mount_path(value: str) -> str:
+    """A path that may be bound or mounted: not /, /proc, /sys or /dev, nor under /proc or /sys."""
+    check_abs_path(value)
+    if value in FORBIDDEN_PATHS:
+        raise ValueError(f"{value!r} cannot be bound or mounted over")
+    for tree in FORBIDDEN_TREES:
+        if value.startswith(tree + "/"):
+            raise ValueError(f"{value!r} is under {tree}, which cannot be bound")
+    return value
+
+
+MountPath = Annotated[StrictStr, AfterValidator(check_mount_path)]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_name(value: str) -> str:
+    """An environment variable name."""
+    if _ENV_NAME.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a valid environment variable name")
+    return value
+
+
+EnvName = Annotated[StrictStr, AfterValidator(check_env_name)]
+
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([a-z0-9.-]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def check_label_key(value: str) -> str:
+    """A label key as Kubernetes spells them: optional ``prefix/`` and a name."""
+    if _LABEL_KEY.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a valid label key")
+    return value
+
+
+LabelKey = Annotated[StrictStr, AfterValidator(check_label_key)]
+
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+)?")
+
+
+def check_package(value: str) -> str:
+    """A Debian package name, with an optional ``:arch`` and ``=version``."""
+    if _PACKAGE.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a valid Debian package name")
+    return value
+
+
+PackageName = Annotated[StrictStr, AfterValidator(check_package)]
+
+_MODE = re.compile(r"0?[0-7]{3}")
+
+
+def check_mode(value: str) -> str:
+    """A file mode as an octal string, such as '0644'."""
+    if _MODE.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not an octal file mode such as '0644'")
+    return value
+
+
+Mode = Annotated[StrictStr, AfterValidator(check_mode)]
+
+Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=int | str)]
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=float | str)]
+
+# The capabilities systemd-nspawn knows (capability(7)), without the CAP_ prefix.
+CAPABILITIES = frozenset(
+    (
+        "AUDIT_CONTROL",
+        "AUDIT_READ",
+        "AUDIT_WRITE",
+        "BLOCK_SUSPEND",
+        "BPF",
+        "CHECKPOINT_RESTORE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "KILL",
+        "LEASE",
+        "LINUX_IMMUTABLE",
+        "MAC_ADMIN",
+        "MAC_OVERRIDE",
+        "MKNOD",
+        "NET_ADMIN",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_RAW",
+        "PERFMON",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYSLOG",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_CHROOT",
+        "SYS_MODULE",
+        "SYS_NICE",
+        "SYS_PACCT",
+        "SYS_PTRACE",
+        "SYS_RAWIO",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "WAKE_ALARM",
+    )
+)
+
+
+def check_capability(value: str) -> str:
+    """A capability name, normalised to ``CAP_NAME``; ``all`` stands for every one."""
+    if value.lower() == "all":
+        return "all"
+    bare = value.upper().removeprefix("CAP_")
+    if bare not in CAPABILITIES:
+        import difflib
+
+        close = difflib.get_close_matches(bare, sorted(CAPABILITIES), n=1)
+        suggestion = f" (did you mean 'CAP_{close[0]}'?)" if close else ""
+        raise ValueError(f"{value!r} is not a Linux capability{suggestion}")
+    return "CAP_" + bare
+
+
+Capability = Annotated[StrictStr, AfterValidator(check_capability)]
+
+_SYSCALL = re.compile(r"@?[a-z0-9_-]+")
+
+
+def check_syscall(value: str) -> str:
+    """A system call name or a systemd syscall group such as ``@mount``."""
+    if _SYSCALL.fullmatch(value) is None:
+        raise ValueError(f"{value!r} is not a system call or @group name")
+    return value
+
+
+Syscall = Annotated[StrictStr, AfterValidator(check_syscall)]
+
+
+class RootfsMode(StrEnum):
+    """How a machine's root is made from its image."""
+
+    OVERLAY = "overlay"
+    COPY = "copy"
+    EPHEMERAL = "ephemeral"
+
+
+class RestartPolicy(StrEnum):
+    """When a stopped machine is started again by its supervisor."""
+
+    NO = "no"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class MachineState(StrEnum):
+    """The state a machine should be in."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class Protocol(StrEnum):
+    """A transport protocol for port forwards."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+
+# ---------------------------------------------------------------------------
+# Parts
+
+
+class Model(BaseModel):
+    """Base for every spec model: strict about unknown keys, immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _parse_bind(value: Any) -> Any:
+    """``"src:dst[:ro|rw]"`` -> the mapping form; mappings pass through."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(":")
+    if len(parts) == 2:
+        return {"source": parts[0], "target": parts[1]}
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        return {"source": parts[0], "target": parts[1], "read_only": parts[2] == "ro"}
+    raise ValueError(f"{value!r} is not a bind: use 'SOURCE:TARGET' or 'SOURCE:TARGET:ro'")
+
+
+class Bind(Model):
+    """A host directory or file bound into the machine."""
+
+    source: MountPath
+    target: MountPath
+    read_only: StrictBool = False
+
+
+BindItem = Annotated[Bind, BeforeValidator(_parse_bind, json_schema_input_type=str | Bind)]
+
+
+def _parse_tmpfs(value: Any) -> Any:
+    """``"/path[:size]"`` -> the mapping form."""
+    if not isinstance(value, str):
+        return value
+    path, sep, size = value.partition(":")
+    return {"path": path, "size": size} if sep else {"path": path}
+
+
+class Tmpfs(Model):
+    """A tmpfs mounted in the machine, such as /tmp on a read-only root."""
+
+    path: MountPath
+    size: Size | None = None
+
+
+TmpfsItem = Annotated[Tmpfs, BeforeValidator(_parse_tmpfs, json_schema_input_type=str | Tmpfs)]
+
+
+class File(Model):
+    """A file written into a root: its absolute path, content and mode."""
+
+    path: AbsPath
+    content: StrictStr = Field(max_length=1024 * 1024)
+    mode: Mode = "0644"
+
+
+_PORT = re.compile(
+    r"(?:(?P<ip>\[[0-9A-Fa-f:.]+\]|[0-9.]+):)?(?P<host>\d+):(?P<machine>\d+)(?:/(?P<proto>[a-z]+))?"
+)
+
+
+def _parse_port(value: Any) -> Any:
+    """``"[ip:]host:machine[/tcp|udp]"`` -> the mapping form."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(
+            f"{value} is not a port forward: write it as 'HOST:MACHINE', such as '8080:80'"
+        )
+    if not isinstance(value, str):
+        return value
+    match = _PORT.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a port forward: use '[IP:]HOST:MACHINE[/tcp|udp]', "
+            "such as '8080:80' or '127.0.0.1:5353:53/udp'"
+        )
+    out: dict[str, Any] = {"host": int(match["host"]), "machine": int(match["machine"])}
+    if match["ip"]:
+        out["host_ip"] = match["ip"].strip("[]")
+    if match["proto"]:
+        out["protocol"] = match["proto"]
+    return out
+
+
+def check_port(value: int) -> int:
+    """A TCP or UDP port number."""
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port {value} is out of range 1-65535")
+    return value
+
+
+PortNumber = Annotated[StrictInt, AfterValidator(check_port)]
+
+
+class Port(Model):
+    """A port on the host forwarded to a port in the machine."""
+
+    host: PortNumber
+    machine: PortNumber
+    protocol: Protocol = Protocol.TCP
+    host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+
+PortItem = Annotated[Port, BeforeValidator(_parse_port, json_schema_input_type=str | Port)]
+
+
+class Resources(Model):
+    """Resource limits of a machine's cgroup."""
+
+    memory: Size | None = None
+    memory_soft: Size | None = None
+    cpus: Annotated[float, Field(gt=0, le=1024, strict=False)] | None = None
+    pids: Annotated[StrictInt, Field(ge=1, le=4194304)] | None = None
+    cpu_weight: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
+    io_weight: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
+
+    @field_validator("memory_soft")
+    @classmethod
+    def _soft_below_hard(cls, value: int | None, info: ValidationInfo) -> int | None:
+        hard = info.data.get("memory")
+        if value is not None and hard is not None and value > hard:
+            raise ValueError(f"memory_soft ({value} bytes) is larger than memory ({hard} bytes)")
+        return value
+
+
+class Capabilities(Model):
+    """Capabilities added to or dropped from nspawn's default bounding set."""
+
+    add: list[Capability] = Field(default_factory=list)
+    drop: list[Capability] = Field(default_factory=list)
+
+    @field_validator("drop")
+    @classmethod
+    def _disjoint(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        both = sorted(set(info.data.get("add", ())) & set(value))
+        if both:
+            raise ValueError(f"{', '.join(both)} is both added and dropped")
+        return value
+
+
+def _parse_seccomp(value: Any) -> Any:
+    """``"default"`` -> the default filter."""
+    if value == "default":
+        return {}
+    if isinstance(value, str):
+        raise ValueError(
+            f"{value!r} is not a seccomp setting: use 'default' or {{allow: [...], deny: [...]}}"
+        )
+    return value
+
+
+class Seccomp(Model):
+    """The system call filter: nspawn's default, plus allowed and denied calls or @groups."""
+
+    allow: list[Syscall] = Field(default_factory=list)
+    deny: list[Syscall] = Field(default_factory=list)
+
+
+class Security(Model):
+    """How a machine is confined."""
+
+    private_users: StrictBool = True
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    no_new_privileges: StrictBool = False
+    seccomp: Annotated[
+        Seccomp,
+        BeforeValidator(_parse_seccomp, json_schema_input_type=Literal["default"] | Seccomp),
+    ] = Field(default_factory=Seccomp)
+
+
+def _reject_string_command(value: Any) -> Any:
+    if isinstance(value, str):
+        raise ValueError(
+            "command must be a list of arguments, such as [sh, -c, 'echo hi'], not a string"
+        )
+    return value
+
+
+Command = Annotated[
+    list[SafeText],
+    Field(min_length=1),
+    BeforeValidator(_reject_string_command, json_schema_input_type=list[str]),
+]
+
+
+def _check_network_ref(value: str) -> str:
+    if value in ("host", "none"):
+        return value
+    return check_name(value)
+
+
+NetworkRef = Annotated[StrictStr, AfterValidator(_check_network_ref)]
+
+# ---------------------------------------------------------------------------
+# The three kinds
+
+
+class Machine(Model):
+    """``kind: machine``: a systemd-nspawn machine."""
+
+    kind: Literal["machine"] = "machine"
+    name: Name
+    labels: dict[LabelKey, SafeText] = Field(default_factory=dict)
+    image: Name = "debian-bookworm"
+    packages: list[PackageName] = Field(default_factory=list)
+    boot: StrictBool = False
+    command: Command | None = Field(default=None, validate_default=True)
+    user: SafeText | None = None
+    workdir: AbsPath | None = None
+    environment: dict[EnvName, SafeText] = Field(default_factory=dict)
+    hostname: Hostname | None = None
+    rootfs: RootfsMode = RootfsMode.OVERLAY
+    read_only: StrictBool = False
+    tmpfs: list[TmpfsItem] = Field(default_factory=list)
+    binds: list[BindItem] = Field(default_factory=list)
+    files: list[File] = Field(default_factory=list)
+    network: NetworkRef = "host"
+    address: ipaddress.IPv4Address | None = None
+    ports: list[PortItem] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+    security: Security = Field(default_factory=Security)
+    restart: RestartPolicy = RestartPolicy.ON_FAILURE
+    stop_timeout: Duration = 10.0
+    autostart: StrictBool = True
+    state: MachineState = MachineState.RUNNING
+    depends_on: list[Name] = Field(default_factory=list)
+
+    @field_validator("command")
+    @classmethod
+    def _boot_or_command(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        boot = info.data.get("boot", False)
+        if boot and value is not None:
+            raise ValueError("set either boot: true or a command, not both")
+        if not boot and value is None and "boot" in info.data:
+            raise ValueError("missing: set a command to run, or boot: true to run systemd as init")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user_needs_command(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("boot"):
+            raise ValueError("user applies to a command; a booted machine runs systemd as root")
+        return value
+
+    @field_validator("binds")
+    @classmethod
+    def _targets_differ(cls, value: list[Bind], info: ValidationInfo) -> list[Bind]:
+        seen = {t.path for t in info.data.get("tmpfs", ())}
+        for bind in value:
+            if bind.target in seen:
+                raise ValueError(
+                    f"{bind.target} is mounted twice (bind and tmpfs targets must differ)"
+                )
+            seen.add(bind.target)
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address_needs_network(
+        cls, value: ipaddress.IPv4Address | None, info: ValidationInfo
+    ) -> ipaddress.IPv4Address | None:
+        network = info.data.get("network", "host")
+        if value is not None and network in ("host", "none"):
+            raise ValueError(f"an address needs a declared network, not network: {network}")
+        return value
+
+    @field_validator("ports")
+    @classmethod
+    def _ports_need_network(cls, value: list[Port], info: ValidationInfo) -> list[Port]:
+        network = info.data.get("network", "host")
+        if value and network in ("host", "none"):
+            raise ValueError(f"port forwards need a declared network, not network: {network}")
+        return value
+
+    @field_validator("depends_on")
+    @classmethod
+    def _not_on_itself(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if info.data.get("name") in value:
+            raise ValueError("a machine cannot depend on itself")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a machine twice")
+        return value
+
+
+class Network(Model):
+    """``kind: network``: a bridge with a subnet that machines attach to."""
+
+    kind: Literal["network"]
+    name: Name
+    subnet: ipaddress.IPv4Network
+    subnet6: ipaddress.IPv6Network | None = None
+    gateway: ipaddress.IPv4Address | None = None
+    bridge: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,15}$")] | None = None
+    nat: StrictBool = True
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet_size(cls, value: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+        if value.prefixlen > 30:
+            raise ValueError(f"{value} is too small: use a /30 or larger")
+        return value
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway_in_subnet(
+        cls, value: ipaddress.IPv4Address | None, info: ValidationInfo
+    ) -> ipaddress.IPv4Address | None:
+        subnet = info.data.get("subnet")
+        if value is None or subnet is None:
+            return value
+        if value not in subnet:
+            raise ValueError(f"{value} is outside the subnet {subnet}")
+        if value in (subnet.network_address, subnet.broadcast_address):
+            raise ValueError(f"{value} is not a host address of {subnet}")
+        return value
+
+    @property
+    def gateway_address(self) -> ipaddress.IPv4Address:
+        """The gateway: the declared one, else the first host address."""
+        return self.gateway or next(self.subnet.hosts())
+
+
+class Bootstrap(Model):
+    """What debootstrap makes a base image from."""
+
+    suite: Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9-]{1,30}$")]
+    variant: Literal["minbase", "buildd", "fakechroot", "standard"] = "minbase"
+    mirror: Annotated[StrictStr, Field(pattern=r"^(https?|file)://[^\s\x00-\x1f]+$")] | None = None
+    components: list[Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9-]*$")]] = Field(
+        default_factory=lambda: ["main"]
+    )
+    include: list[PackageName] = Field(default_factory=list)
+    exclude: list[PackageName] = Field(default_factory=list)
+
+
+class Image(Model):
+    """``kind: image``: a root filesystem recipe, from debootstrap or another image."""
+
+    kind: Literal["image"]
+    name: Name
+    from_: Name | None = Field(default=None, alias="from")
+    bootstrap: Bootstrap | None = Field(default=None, validate_default=True)
+    packages: list[PackageName] = Field(default_factory=list)
+    script: Annotated[StrictStr, Field(max_length=1024 * 1024)] | None = None
+    files: list[File] = Field(default_factory=list)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _one_source(cls, value: Bootstrap | None, info: ValidationInfo) -> Bootstrap | None:
+        parent = info.data.get("from_")
+        if value is not None and parent is not None:
+            raise ValueError("set either from (another image) or bootstrap, not both")
+        if value is None and parent is None and "name" in info.data:
+            raise ValueError("missing: set bootstrap (debootstrap options) or from (another image)")
+        if parent is not None and parent == info.data.get("name"):
+            raise ValueError("an image cannot be built from itself")
+        return value
+
+
+Declaration = Machine | Network | Image
+KINDS: dict[str, type[Machine] | type[Network] | type[Image]] = {
+    "machine": Machine,
+    "network": Network,
+    "image": Image,
+}
