@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any, NamedTuple, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -31,8 +31,7 @@ Path_ = tuple[str | int, ...]
 _YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-@dataclass(frozen=True)
-class Mark:
+class Mark(NamedTuple):
     """Where a value stands in its file; ``coerced`` is the plain YAML text of a
     scalar that YAML 1.1 read as something other than a string (``no``, ``0755``)."""
 
@@ -137,6 +136,9 @@ _PLAIN_TAGS = {
 }
 
 
+_STR = "tag:yaml.org,2002:str"
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -145,53 +147,57 @@ def _build(
     loader: yaml.SafeLoader,
     node: yaml.Node,
     path: Path_,
+    at: tuple[int, int],
     marks: dict[Path_, Mark],
     seen: set[int],
 ) -> Any:
-    """Construct a Python value from a YAML node, recording where each value stands."""
+    """Construct a Python value from a YAML node, recording where each value
+    stands (``at``: the line and column to report for it)."""
     if id(node) in seen:
         raise _YamlProblem(node, "anchors and aliases are not supported", "write the value out")
     seen.add(id(node))
-    if len(path) > MAX_DEPTH:
-        raise _YamlProblem(node, f"nested more than {MAX_DEPTH} levels deep")
-    line, column = _mark(node)
     if isinstance(node, yaml.ScalarNode):
+        if node.tag == _STR:  # the common case, without the constructor's overhead
+            marks[path] = Mark(at[0], at[1])
+            return node.value
         coerced = node.value if not node.style and node.tag in _PLAIN_TAGS else None
-        marks[path] = Mark(line, column, coerced)
-        return loader.construct_object(node, deep=True)
-    marks[path] = Mark(line, column)
+        marks[path] = Mark(at[0], at[1], coerced)
+        return loader.construct_object(node)
+    marks[path] = Mark(at[0], at[1])
+    if len(path) >= MAX_DEPTH:
+        raise _YamlProblem(node, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(node, yaml.SequenceNode):
         return [
-            _build(loader, item, (*path, index), marks, seen)
+            _build(loader, item, (*path, index), _mark(item), marks, seen)
             for index, item in enumerate(node.value)
         ]
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
-        key_marks: dict[str, tuple[int, int]] = {}
         for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise _YamlProblem(
-                    key_node, "merge keys (<<) are not supported", "write the keys out"
-                )
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise _YamlProblem(key_node, "a key must be a plain string")
-            key = loader.construct_object(key_node)
-            if not isinstance(key, str):
-                raise _YamlProblem(
-                    key_node,
-                    f"the key {key_node.value!r} was read as "
-                    f"{_PLAIN_TAGS.get(key_node.tag, 'a non-string')}",
-                    f'quote it: "{key_node.value}"',
-                )
+            key = _key(loader, key_node)
+            key_path = (*path, key)
             if key in out:
-                first = key_marks[key][0]
+                first = marks[key_path].line
                 raise _YamlProblem(key_node, f"duplicate key {key!r} (first at line {first})")
-            key_marks[key] = _mark(key_node)
-            out[key] = _build(loader, value_node, (*path, key), marks, seen)
             # A key's own line is the better place to point at than its value's.
-            marks[(*path, key)] = Mark(*key_marks[key], marks[(*path, key)].coerced)
+            out[key] = _build(loader, value_node, key_path, _mark(key_node), marks, seen)
         return out
     raise _YamlProblem(node, "unsupported YAML node")  # pragma: no cover
+
+
+def _key(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    """A mapping key, which must be a string."""
+    if node.tag == "tag:yaml.org,2002:merge":
+        raise _YamlProblem(node, "merge keys (<<) are not supported", "write the keys out")
+    if not isinstance(node, yaml.ScalarNode):
+        raise _YamlProblem(node, "a key must be a plain string")
+    if node.tag == _STR:
+        return str(node.value)
+    raise _YamlProblem(
+        node,
+        f"the key {node.value!r} was read as {_PLAIN_TAGS.get(node.tag, 'a non-string')}",
+        f'quote it: "{node.value}"',
+    )
 
 
 def read_yaml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
@@ -207,7 +213,7 @@ def read_yaml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
                 continue  # an empty document, as between two '---'
             marks: dict[Path_, Mark] = {}
             try:
-                data = _build(loader, node, (), marks, set())
+                data = _build(loader, node, (), _mark(node), marks, set())
             except _YamlProblem as problem:
                 line, column = _mark(problem.node)
                 return documents, [
@@ -394,7 +400,13 @@ def _diagnose(document: Document, model: type[BaseModel], error: Any) -> Diagnos
     elif kind == "missing":
         message = "required field is missing"
     mark = document.mark(path)
-    if mark is not None and mark.coerced is not None and document.marks.get(path) is mark:
+    wrong_type = kind.endswith("_type") or kind in ("enum", "literal_error")
+    if (
+        wrong_type
+        and mark is not None
+        and mark.coerced is not None
+        and document.marks.get(path) is mark
+    ):
         value = error.get("input")
         what = (
             "a boolean"

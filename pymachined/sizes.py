@@ -34,7 +34,7 @@ def parse_size(value: object) -> int:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string such as 500ms, 90s, 5m, 1h30m."""
+    """Seconds from a number or a string such as 500ms, 90s, 5m, 1h30m (bare: seconds)."""
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s or 5m, got a boolean")
     if isinstance(value, int | float):
@@ -46,6 +46,8 @@ def parse_duration(value: object) -> float:
     text = value.replace(" ", "")
     if not text:
         raise ValueError("empty duration")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)  # seconds, as systemd reads a bare number
     total = 0.0
     position = 0
     for match in _DURATION_PART.finditer(text):

@@ -84,7 +84,7 @@ def parse_unit(text: str) -> list[Entry]:
     section = ""
     pending = ""
     for raw in text.splitlines():
-        line = pending + raw if pending else raw.strip()
+        line = pending + raw.strip() if pending else raw.strip()
         if line.endswith("\\"):
             pending = line[:-1] + " "
             continue

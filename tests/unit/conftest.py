@@ -1,0 +1,20 @@
+"""Unit tests need neither root nor a subprocess: pymachine's one subprocess
+helper raises if any unit test reaches it."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import pytest
+
+from pymachined import run
+
+
+@pytest.fixture(autouse=True)
+def no_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make run.run fail loudly in unit tests."""
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError(f"unit test tried to run a command: {args!r}")
+
+    monkeypatch.setattr(run, "run", refuse)

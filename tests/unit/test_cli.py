@@ -1,0 +1,121 @@
+"""The CLI in-process: exit codes, output for people, JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from pymachined import cli
+
+
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["pymachine", *args])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    out, err = capsys.readouterr()
+    code = done.value.code
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def test_validate_examples(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(monkeypatch, capsys, "validate", str(repo / "specs"))
+    assert (code, err) == (0, "")
+    assert out.startswith("ok: 2 machines")
+
+
+def test_validate_reports_file_line_field_and_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "web.yaml"
+    spec.write_text("name: web\ncommand: [x]\nresourcse:\n  memory: 1G\n")
+    code, out, err = run_cli(monkeypatch, capsys, "validate", str(spec))
+    assert code == 1
+    assert out == ""
+    assert err.splitlines()[0] == (
+        f"error: {spec}:3:1: resourcse: unknown field 'resourcse' (hint: did you mean 'resources'?)"
+    )
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "web.yaml"
+    spec.write_text("name: Web\ncommand: [x]\n")
+    code, _, err = run_cli(monkeypatch, capsys, "--debug", "validate", str(spec))
+    assert code == 1
+    assert "Traceback" in err
+
+
+def test_usage_errors_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(monkeypatch, capsys, "no-such-command")[0] == 2
+    assert run_cli(monkeypatch, capsys, "validate")[0] == 2
+    assert run_cli(monkeypatch, capsys, "--bogus")[0] == 2
+
+
+def test_version(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "--version")
+    assert (code, out) == (0, "pymachine 0.1.0\n")
+
+
+def test_render_prints_both_files(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "render", str(repo / "specs"), "hello")
+    assert code == 0
+    assert "### /etc/systemd/nspawn/hello.nspawn" in out
+    assert "### /etc/systemd/system/pymachine-hello.service" in out
+
+
+def test_render_under_root(
+    repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("PYMACHINE_ROOT", str(tmp_path))
+    code, out, _ = run_cli(monkeypatch, capsys, "render", str(repo / "specs"), "hello")
+    assert code == 0
+    assert f"### {tmp_path}/etc/systemd/nspawn/hello.nspawn" in out
+    assert not any(tmp_path.iterdir()), "render must not write anything"
+
+
+def test_render_unknown_machine_exits_1(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(monkeypatch, capsys, "render", str(repo / "specs"), "nope")
+    assert code == 1
+    assert "error: no machine named 'nope'" in err
+    assert "hint: machines declared: base, hello" in err
+
+
+def test_schema_accepts_the_examples_and_rejects_typos(
+    repo: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    code, out, _ = run_cli(monkeypatch, capsys, "schema")
+    assert code == 0
+    schema = json.loads(out)
+    validator = jsonschema.Draft202012Validator(schema)
+    documents: list[object] = []
+    for path in sorted((repo / "specs").iterdir()) + sorted((repo / "machines").iterdir()):
+        if path.suffix == ".toml":
+            documents.append(tomllib.loads(path.read_text()))
+        elif path.suffix in (".yaml", ".yml"):
+            documents.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    assert len(documents) >= 5
+    for document in documents:
+        validator.validate(document)
+    assert not validator.is_valid({"name": "x", "command": ["y"], "resourcse": {}})

@@ -1,0 +1,173 @@
+"""Rendering: golden files pin the output; a round trip pins the meaning."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pymachined import units
+from pymachined.layout import Layout
+from pymachined.render import RenderedFile, environment, machine_files
+from pymachined.validate import SpecSet, load_set
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "spec.yaml").is_file())
+
+
+def _load(repo: Path, spec: Path) -> SpecSet:
+    return load_set([spec], repo / "machines")
+
+
+def _render(repo: Path, spec_set: SpecSet, name: str) -> list[RenderedFile]:
+    return machine_files(spec_set.machines[name], Layout(), repo / "templates")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden(repo: Path, case: str) -> None:
+    spec_set = _load(repo, GOLDEN / case / "spec.yaml")
+    for name in spec_set.machines:
+        for rendered in _render(repo, spec_set, name):
+            golden = GOLDEN / case / rendered.path.name
+            if os.environ.get("PYMACHINE_UPDATE_GOLDEN") == "1":
+                golden.write_text(rendered.content)
+            assert golden.is_file(), f"missing golden file {golden} (PYMACHINE_UPDATE_GOLDEN=1)"
+            assert rendered.content == golden.read_text(), f"{golden} differs from the rendering"
+
+
+def _triples(content: str, *, exec_keys: bool) -> set[tuple[str, str, str | tuple[str, ...]]]:
+    """(section, key, value) with word lists split as systemd splits them."""
+    out: set[tuple[str, str, str | tuple[str, ...]]] = set()
+    for entry in units.parse_unit(content):
+        value = units.unescape_specifiers(entry.value) if exec_keys else entry.value
+        if entry.key in ("ExecStart", "Parameters", "Environment", "Requires"):
+            words = units.split_words(value, exec_line=entry.key == "ExecStart")
+            out.add((entry.section, entry.key, tuple(words)))
+        else:
+            out.add((entry.section, entry.key, value))
+    return out
+
+
+def test_round_trip_nspawn_file(repo: Path) -> None:
+    spec_set = _load(repo, GOLDEN / "full" / "spec.yaml")
+    nspawn, _ = _render(repo, spec_set, "web")
+    assert _triples(nspawn.content, exec_keys=False) == {
+        ("Exec", "Boot", "no"),
+        (
+            "Exec",
+            "Parameters",
+            (
+                "sh",
+                "-c",
+                'echo "100% of $HOME" {{7*7}} \\back\\slash; exec sleep infinity',
+                "two words",
+            ),
+        ),
+        ("Exec", "Environment", ("GREETING=hello world",)),
+        ("Exec", "Environment", ("PERCENT=50%",)),
+        ("Exec", "Environment", ('QUOTE=say "hi"',)),
+        ("Exec", "Environment", ("TEMPLATE={{ 7*7 }}",)),
+        ("Exec", "User", "www-data"),
+        ("Exec", "WorkingDirectory", "/srv/www"),
+        ("Exec", "Hostname", "web"),
+        ("Exec", "PrivateUsers", "pick"),
+        ("Exec", "Capability", "CAP_NET_ADMIN"),
+        ("Exec", "DropCapability", "CAP_MKNOD CAP_SYS_CHROOT"),
+        ("Exec", "NoNewPrivileges", "yes"),
+        ("Exec", "SystemCallFilter", "@mount"),
+        ("Exec", "SystemCallFilter", "~kexec_load bpf"),
+        ("Files", "ReadOnly", "yes"),
+        ("Files", "PrivateUsersOwnership", "auto"),
+        ("Files", "BindReadOnly", "/srv/data:/data"),
+        ("Files", "Bind", "/srv/cache dir:/cache"),
+        ("Files", "TemporaryFileSystem", "/tmp"),
+        ("Files", "TemporaryFileSystem", f"/run:size={64 * 1024 * 1024}"),
+        ("Network", "Private", "yes"),
+        ("Network", "VirtualEthernet", "no"),
+    }
+
+
+def test_round_trip_unit_file(repo: Path) -> None:
+    spec_set = _load(repo, GOLDEN / "full" / "spec.yaml")
+    _, service = _render(repo, spec_set, "web")
+    assert _triples(service.content, exec_keys=True) == {
+        ("Unit", "Description", "pymachine machine web"),
+        ("Unit", "Documentation", "man:systemd-nspawn(1)"),
+        ("Unit", "PartOf", "machines.target"),
+        ("Unit", "Before", "machines.target"),
+        ("Unit", "After", "network.target systemd-resolved.service pymachine-db.service"),
+        ("Unit", "Requires", ("pymachine-db.service",)),
+        ("Unit", "RequiresMountsFor", "/var/lib/pymachine/machines/web"),
+        (
+            "Service",
+            "ExecStart",
+            (
+                "/usr/bin/systemd-nspawn",
+                "--quiet",
+                "--keep-unit",
+                "--register=yes",
+                "--machine=web",
+                "--directory=/var/lib/pymachine/machines/web/rootfs",
+                "--network-namespace-path=/run/netns/pm-web",
+            ),
+        ),
+        ("Service", "Type", "notify"),
+        ("Service", "KillMode", "mixed"),
+        ("Service", "Delegate", "yes"),
+        ("Service", "Slice", "machine.slice"),
+        ("Service", "RestartForceExitStatus", "133"),
+        ("Service", "SuccessExitStatus", "133"),
+        ("Service", "Restart", "always"),
+        ("Service", "TimeoutStopSec", "30s"),
+        ("Service", "MemoryMax", str(512 * 1024 * 1024)),
+        ("Service", "MemoryHigh", str(256 * 1024 * 1024)),
+        ("Service", "CPUQuota", "150%"),
+        ("Service", "TasksMax", "128"),
+        ("Service", "CPUWeight", "200"),
+        ("Service", "IOWeight", "50"),
+        ("Install", "WantedBy", "machines.target"),
+    }
+
+
+def test_every_file_carries_the_owner_marker(repo: Path) -> None:
+    for case in CASES:
+        spec_set = _load(repo, GOLDEN / case / "spec.yaml")
+        for name in spec_set.machines:
+            for rendered in _render(repo, spec_set, name):
+                assert rendered.content.startswith("# pymachine-owner:")
+
+
+def test_user_text_is_never_a_template(repo: Path) -> None:
+    spec_set = _load(repo, GOLDEN / "full" / "spec.yaml")
+    nspawn, _ = _render(repo, spec_set, "web")
+    assert "{{ 7*7 }}" in nspawn.content
+    assert "49" not in nspawn.content
+
+
+def test_a_value_without_a_filter_is_refused(repo: Path) -> None:
+    template = environment(repo / "templates").from_string("Key={{ value }}\n")
+    with pytest.raises(units.UnsafeValue, match="without the unit or nspawn filter"):
+        template.render(value="plain")
+    assert template.render(value=True) == "Key=yes\n"
+
+
+def test_undefined_names_are_errors(repo: Path) -> None:
+    import jinja2
+
+    template = environment(repo / "templates").from_string("Key={{ missing | unit }}\n")
+    with pytest.raises(jinja2.UndefinedError):
+        template.render()
+
+
+def test_render_respects_root(repo: Path, tmp_path: Path) -> None:
+    from pathlib import PurePosixPath
+
+    spec_set = _load(repo, GOLDEN / "minimal" / "spec.yaml")
+    layout = Layout(PurePosixPath(tmp_path))
+    files = machine_files(spec_set.machines["minimal"], layout, repo / "templates")
+    assert [f.path for f in files] == [
+        PurePosixPath(tmp_path) / "etc/systemd/nspawn/minimal.nspawn",
+        PurePosixPath(tmp_path) / "etc/systemd/system/pymachine-minimal.service",
+    ]
+    assert f"--directory={tmp_path}/var/lib/pymachine/machines/minimal/rootfs" in files[1].content
