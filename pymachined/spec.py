@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -71,19 +72,24 @@ def check_name(value: str) -> str:
 
 Name = Annotated[StrictStr, AfterValidator(check_name)]
 
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
-)
+
+def matching(pattern: str, what: str) -> Callable[[str], str]:
+    """A validator accepting strings that match pattern entirely, else '... is not {what}'."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if compiled.fullmatch(value) is None:
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return check
 
 
-def check_hostname(value: str) -> str:
-    """A DNS host name made of RFC 1123 labels."""
-    if _HOSTNAME.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a valid host name")
-    return value
-
-
-Hostname = Annotated[StrictStr, AfterValidator(check_hostname)]
+_DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+Hostname = Annotated[
+    StrictStr,
+    AfterValidator(matching(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*", "a valid host name")),
+]
 
 FORBIDDEN_PATHS = ("/", "/proc", "/sys", "/dev")
 FORBIDDEN_TREES = ("/proc", "/sys")
@@ -120,55 +126,33 @@ def check_mount_path(value: str) -> str:
 
 MountPath = Annotated[StrictStr, AfterValidator(check_mount_path)]
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def check_env_name(value: str) -> str:
-    """An environment variable name."""
-    if _ENV_NAME.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a valid environment variable name")
-    return value
-
-
-EnvName = Annotated[StrictStr, AfterValidator(check_env_name)]
-
-_LABEL_KEY = re.compile(
-    r"([a-z0-9]([a-z0-9.-]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
-)
-
-
-def check_label_key(value: str) -> str:
-    """A label key as Kubernetes spells them: optional ``prefix/`` and a name."""
-    if _LABEL_KEY.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a valid label key")
-    return value
-
-
-LabelKey = Annotated[StrictStr, AfterValidator(check_label_key)]
-
-_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+)?")
-
-
-def check_package(value: str) -> str:
-    """A Debian package name, with an optional ``:arch`` and ``=version``."""
-    if _PACKAGE.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a valid Debian package name")
-    return value
-
-
-PackageName = Annotated[StrictStr, AfterValidator(check_package)]
-
-_MODE = re.compile(r"0?[0-7]{3}")
-
-
-def check_mode(value: str) -> str:
-    """A file mode as an octal string, such as '0644'."""
-    if _MODE.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not an octal file mode such as '0644'")
-    return value
-
-
-Mode = Annotated[StrictStr, AfterValidator(check_mode)]
+EnvName = Annotated[
+    StrictStr,
+    AfterValidator(matching(r"[A-Za-z_][A-Za-z0-9_]*", "a valid environment variable name")),
+]
+# A label key as Kubernetes spells them: an optional ``prefix/`` and a name.
+LabelKey = Annotated[
+    StrictStr,
+    AfterValidator(
+        matching(
+            r"([a-z0-9]([a-z0-9.-]*[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?",
+            "a valid label key",
+        )
+    ),
+]
+# A Debian package name, with an optional ``:arch`` and ``=version``.
+PackageName = Annotated[
+    StrictStr,
+    AfterValidator(
+        matching(
+            r"[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?(=[A-Za-z0-9.+~:-]+)?",
+            "a valid Debian package name",
+        )
+    ),
+]
+Mode = Annotated[
+    StrictStr, AfterValidator(matching(r"0?[0-7]{3}", "an octal file mode such as '0644'"))
+]
 
 Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=int | str)]
 Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=float | str)]
@@ -237,17 +221,10 @@ def check_capability(value: str) -> str:
 
 Capability = Annotated[StrictStr, AfterValidator(check_capability)]
 
-_SYSCALL = re.compile(r"@?[a-z0-9_-]+")
-
-
-def check_syscall(value: str) -> str:
-    """A system call name or a systemd syscall group such as ``@mount``."""
-    if _SYSCALL.fullmatch(value) is None:
-        raise ValueError(f"{value!r} is not a system call or @group name")
-    return value
-
-
-Syscall = Annotated[StrictStr, AfterValidator(check_syscall)]
+# A system call name or a systemd syscall group such as ``@mount``.
+Syscall = Annotated[
+    StrictStr, AfterValidator(matching(r"@?[a-z0-9_-]+", "a system call or @group name"))
+]
 
 
 class RootfsMode(StrEnum):
