@@ -87,6 +87,8 @@ def format_path(path: Path_) -> str:
     """('ports', 0, 'host') -> 'ports[0].host'."""
     out = ""
     for part in path:
+        if part == "[key]":  # pydantic's marker for a problem with a mapping's key
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -120,9 +122,9 @@ def discover(path: Path) -> list[Path]:
 
 
 class _YamlProblem(Exception):
-    def __init__(self, node: yaml.Node, message: str, hint: str | None = None) -> None:
+    def __init__(self, at: tuple[int, int], message: str, hint: str | None = None) -> None:
         super().__init__(message)
-        self.node = node
+        self.at = at
         self.message = message
         self.hint = hint
 
@@ -154,7 +156,8 @@ def _build(
     """Construct a Python value from a YAML node, recording where each value
     stands (``at``: the line and column to report for it)."""
     if id(node) in seen:
-        raise _YamlProblem(node, "anchors and aliases are not supported", "write the value out")
+        # The node itself stands where its anchor is; ``at`` is where it is reused.
+        raise _YamlProblem(at, "aliases are not supported", "write the value out")
     seen.add(id(node))
     if isinstance(node, yaml.ScalarNode):
         if node.tag == _STR:  # the common case, without the constructor's overhead
@@ -162,13 +165,18 @@ def _build(
             return node.value
         coerced = node.value if not node.style and node.tag in _PLAIN_TAGS else None
         marks[path] = Mark(at[0], at[1], coerced)
-        return loader.construct_object(node)
+        try:
+            return loader.construct_object(node)
+        except (ValueError, KeyError, yaml.constructor.ConstructorError) as exc:
+            raise _YamlProblem(at, f"cannot read {node.value!r} as {node.tag}: {exc}") from exc
     marks[path] = Mark(at[0], at[1])
     if len(path) >= MAX_DEPTH:
-        raise _YamlProblem(node, f"nested more than {MAX_DEPTH} levels deep")
+        raise _YamlProblem(at, f"nested more than {MAX_DEPTH} levels deep")
     if isinstance(node, yaml.SequenceNode):
         return [
-            _build(loader, item, (*path, index), _mark(item), marks, seen)
+            _build(
+                loader, item, (*path, index), at if id(item) in seen else _mark(item), marks, seen
+            )
             for index, item in enumerate(node.value)
         ]
     if isinstance(node, yaml.MappingNode):
@@ -178,23 +186,25 @@ def _build(
             key_path = (*path, key)
             if key in out:
                 first = marks[key_path].line
-                raise _YamlProblem(key_node, f"duplicate key {key!r} (first at line {first})")
+                raise _YamlProblem(
+                    _mark(key_node), f"duplicate key {key!r} (first at line {first})"
+                )
             # A key's own line is the better place to point at than its value's.
             out[key] = _build(loader, value_node, key_path, _mark(key_node), marks, seen)
         return out
-    raise _YamlProblem(node, "unsupported YAML node")  # pragma: no cover
+    raise _YamlProblem(at, "unsupported YAML node")  # pragma: no cover
 
 
 def _key(loader: yaml.SafeLoader, node: yaml.Node) -> str:
     """A mapping key, which must be a string."""
     if node.tag == "tag:yaml.org,2002:merge":
-        raise _YamlProblem(node, "merge keys (<<) are not supported", "write the keys out")
+        raise _YamlProblem(_mark(node), "merge keys (<<) are not supported", "write the keys out")
     if not isinstance(node, yaml.ScalarNode):
-        raise _YamlProblem(node, "a key must be a plain string")
+        raise _YamlProblem(_mark(node), "a key must be a plain string")
     if node.tag == _STR:
         return str(node.value)
     raise _YamlProblem(
-        node,
+        _mark(node),
         f"the key {node.value!r} was read as {_PLAIN_TAGS.get(node.tag, 'a non-string')}",
         f'quote it: "{node.value}"',
     )
@@ -203,6 +213,7 @@ def _key(loader: yaml.SafeLoader, node: yaml.Node) -> str:
 def read_yaml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
     """Documents of a YAML stream; each non-empty document is one declaration."""
     documents: list[Document] = []
+    problems: list[Diagnostic] = []
     loader = _YAML_LOADER(text)
     try:
         while loader.check_node():
@@ -215,22 +226,29 @@ def read_yaml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
             try:
                 data = _build(loader, node, (), _mark(node), marks, set())
             except _YamlProblem as problem:
-                line, column = _mark(problem.node)
-                return documents, [
-                    Diagnostic(file, line, column, "", problem.message, problem.hint)
-                ]
+                line, column = problem.at
+                problems.append(Diagnostic(file, line, column, "", problem.message, problem.hint))
+                continue
             documents.append(Document(file, data, marks))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = f"invalid YAML: {exc.problem or exc.context}"
         if mark is None:
-            return documents, [Diagnostic(file, None, None, "", message)]
-        return documents, [Diagnostic(file, mark.line + 1, mark.column + 1, "", message)]
+            problems.append(Diagnostic(file, None, None, "", message))
+        else:
+            problems.append(Diagnostic(file, mark.line + 1, mark.column + 1, "", message))
+    except yaml.reader.ReaderError as exc:
+        before = text[: exc.position]
+        line = before.count("\n") + 1
+        column = exc.position - (before.rfind("\n") + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        message = f"invalid YAML: unacceptable character #x{code:04x}: {exc.reason}"
+        problems.append(Diagnostic(file, line, column, "", message))
     except yaml.YAMLError as exc:
-        return documents, [Diagnostic(file, None, None, "", f"invalid YAML: {exc}")]
+        problems.append(Diagnostic(file, None, None, "", f"invalid YAML: {exc}"))
     finally:
         loader.dispose()
-    return documents, []
+    return documents, problems
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +290,11 @@ def _toml_marks(text: str) -> dict[Path_, Mark]:
                 if header.group(1) == "[[" and is_last:
                     counters[key] = counters.get(key, -1) + 1
                     resolved.append(counters[key])
+                    # A new element starts its own nested arrays of tables afresh.
+                    for other in [
+                        k for k in counters if len(k) > len(key) and k[: len(key)] == key
+                    ]:
+                        del counters[other]
                 elif key in counters:
                     resolved.append(counters[key])
             current = tuple(resolved)
@@ -323,19 +346,30 @@ def read_toml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
                 )
             )
             continue
+        if not all(isinstance(table, dict) for table in tables):
+            mark = marks.get((kind,))
+            problems.append(
+                Diagnostic(
+                    file,
+                    mark.line if mark else None,
+                    mark.column if mark else None,
+                    kind,
+                    f"expected [[{kind}]] tables, not a list of values",
+                )
+            )
+            continue
         for index, table in enumerate(tables):
             prefix = (kind, index)
             own = {p[2:]: m for p, m in marks.items() if p[:2] == prefix}
-            body = dict(table) if isinstance(table, dict) else table
-            if isinstance(body, dict):
-                if body.get("kind", kind) != kind:
-                    problems.append(
-                        Document(file, body, own).diagnostic(
-                            ("kind",), f"kind {body['kind']!r} inside [[{kind}]]"
-                        )
+            body = dict(table)
+            if body.get("kind", kind) != kind:
+                problems.append(
+                    Document(file, body, own).diagnostic(
+                        ("kind",), f"kind {body['kind']!r} inside [[{kind}]]"
                     )
-                    continue
-                body["kind"] = kind
+                )
+                continue
+            body["kind"] = kind
             documents.append(Document(file, body, own))
     return documents, problems
 
@@ -348,6 +382,8 @@ def _model_at(model: type[BaseModel], path: Path_) -> type[BaseModel] | None:
     """The model class that describes the value at path, if any."""
     current: Any = model
     for part in path:
+        if part == "[key]":  # pydantic's marker for a problem with a mapping's key
+            continue
         if isinstance(part, int):
             current = _unwrap(current, element=True)
             continue
@@ -380,6 +416,14 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
+def _what(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null" if value is None else "a date"
+
+
 def _diagnose(document: Document, model: type[BaseModel], error: Any) -> Diagnostic:
     """A pydantic error as a Diagnostic with a message and hint a person can act on."""
     path: Path_ = tuple(error["loc"])
@@ -400,25 +444,20 @@ def _diagnose(document: Document, model: type[BaseModel], error: Any) -> Diagnos
     elif kind == "missing":
         message = "required field is missing"
     mark = document.mark(path)
-    wrong_type = kind.endswith("_type") or kind in ("enum", "literal_error")
     if (
-        wrong_type
+        kind not in ("extra_forbidden", "missing")
         and mark is not None
         and mark.coerced is not None
         and document.marks.get(path) is mark
     ):
         value = error.get("input")
-        what = (
-            "a boolean"
-            if isinstance(value, bool)
-            else "a number"
-            if isinstance(value, int | float)
-            else "a date"
-            if value is not None
-            else "null"
-        )
-        message = f"{message} (YAML read {mark.coerced!r} as {what})"
-        hint = f'quote it: "{mark.coerced}"'
+        surprising = kind.endswith("_type") or kind in ("enum", "literal_error")
+        if surprising or str(value) != mark.coerced:
+            if mark.coerced == "":
+                message = f"{message} (YAML read an empty value as null)"
+            else:
+                message = f"{message} (YAML read {mark.coerced!r} as {_what(value)})"
+                hint = f'quote it: "{mark.coerced}"'
     return document.diagnostic(path, message, hint)
 
 
@@ -461,7 +500,7 @@ def read_documents(file: Path) -> tuple[list[Document], list[Diagnostic]]:
     except OSError as exc:
         return [], [Diagnostic(file, None, None, "", f"cannot read: {exc.strerror}")]
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         return [], [Diagnostic(file, line, None, "", "file is not valid UTF-8")]

@@ -155,6 +155,7 @@ Mode = Annotated[
 ]
 
 Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=int | str)]
+PositiveSize = Annotated[Size, Field(gt=0)]
 Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=float | str)]
 
 # The capabilities systemd-nspawn knows (capability(7)), without the CAP_ prefix.
@@ -302,7 +303,7 @@ class Tmpfs(Model):
     """A tmpfs mounted in the machine, such as /tmp on a read-only root."""
 
     path: MountPath
-    size: Size | None = None
+    size: PositiveSize | None = None
 
 
 TmpfsItem = Annotated[Tmpfs, BeforeValidator(_parse_tmpfs, json_schema_input_type=str | Tmpfs)]
@@ -368,9 +369,9 @@ PortItem = Annotated[Port, BeforeValidator(_parse_port, json_schema_input_type=s
 class Resources(Model):
     """Resource limits of a machine's cgroup."""
 
-    memory: Size | None = None
-    memory_soft: Size | None = None
-    cpus: Annotated[float, Field(gt=0, le=1024, strict=False)] | None = None
+    memory: PositiveSize | None = None
+    memory_soft: PositiveSize | None = None
+    cpus: Annotated[float, Field(gt=0, le=1024, strict=True, allow_inf_nan=False)] | None = None
     pids: Annotated[StrictInt, Field(ge=1, le=4194304)] | None = None
     cpu_weight: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     io_weight: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
@@ -543,13 +544,32 @@ class Machine(Model):
         return value
 
 
+def _parse_subnet(value: Any) -> Any:
+    """A subnet must be its network address; say which one was meant if not."""
+    if isinstance(value, str):
+        try:
+            ipaddress.ip_network(value)
+        except ValueError as exc:
+            try:
+                loose = ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a subnet such as 10.0.0.0/24") from exc
+            raise ValueError(f"{value} has host bits set (did you mean {loose}?)") from exc
+    return value
+
+
 class Network(Model):
     """``kind: network``: a bridge with a subnet that machines attach to."""
 
     kind: Literal["network"]
     name: Name
-    subnet: ipaddress.IPv4Network
-    subnet6: ipaddress.IPv6Network | None = None
+    subnet: Annotated[
+        ipaddress.IPv4Network, BeforeValidator(_parse_subnet, json_schema_input_type=str)
+    ]
+    subnet6: (
+        Annotated[ipaddress.IPv6Network, BeforeValidator(_parse_subnet, json_schema_input_type=str)]
+        | None
+    ) = None
     gateway: ipaddress.IPv4Address | None = None
     bridge: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,15}$")] | None = None
     nat: StrictBool = True
@@ -611,9 +631,14 @@ class Image(Model):
         parent = info.data.get("from_")
         if value is not None and parent is not None:
             raise ValueError("set either from (another image) or bootstrap, not both")
-        if value is None and parent is None and "name" in info.data:
+        if value is None and parent is None and "from_" in info.data:
             raise ValueError("missing: set bootstrap (debootstrap options) or from (another image)")
-        if parent is not None and parent == info.data.get("name"):
+        return value
+
+    @field_validator("from_")
+    @classmethod
+    def _not_from_itself(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value == info.data.get("name"):
             raise ValueError("an image cannot be built from itself")
         return value
 
