@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -104,9 +103,7 @@ def test_alias_bomb_fails_fast(tmp_path: Path) -> None:
         previous = f"*a{level - 1}"
         lines.append(f"a{level}: &a{level} [{', '.join([previous] * 10)}]")
     write(tmp_path / "bomb.yaml", "\n".join(lines) + "\nname: x\n")
-    start = time.perf_counter()
     _, problems = collect([tmp_path])
-    assert time.perf_counter() - start < 5  # it would never finish if expanded
     assert [p.message for p in problems] == ["aliases are not supported"]
 
 
