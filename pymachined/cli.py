@@ -105,11 +105,17 @@ def validate(paths: PathsArg) -> None:
     """Check spec files and report every problem with its file, line and field."""
     spec_set = _spec_set(paths)
     files = len({located.document.file for located in spec_set.sources.values()})
-    typer.echo(
-        f"ok: {len(spec_set.machines)} machines, {len(spec_set.networks)} networks, "
-        f"{len(spec_set.sources) - len(spec_set.machines) - len(spec_set.networks)} images "
-        f"in {files} files"
-    )
+    images = len(spec_set.sources) - len(spec_set.machines) - len(spec_set.networks)
+    counts = [
+        _plural(len(spec_set.machines), "machine"),
+        _plural(len(spec_set.networks), "network"),
+        _plural(images, "image"),
+    ]
+    typer.echo(f"ok: {', '.join(counts)} in {_plural(files, 'file')}")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @app.command()

@@ -109,13 +109,17 @@ def nspawn_context(machine: Machine) -> dict[str, Any]:
         "hostname": machine.hostname,
         "private_users": "pick" if security.private_users else "no",
         "users_ownership": "auto" if security.private_users else "off",
-        "capability_add": " ".join(sorted(security.capabilities.add)),
-        "capability_drop": " ".join(sorted(security.capabilities.drop)),
+        "capability_add": " ".join(sorted(set(security.capabilities.add))),
+        "capability_drop": " ".join(sorted(set(security.capabilities.drop))),
         "no_new_privileges": security.no_new_privileges,
         "syscall_filter": filters,
         "read_only": machine.read_only,
         "binds": [
-            {"spec": f"{b.source}:{b.target}", "read_only": b.read_only} for b in machine.binds
+            {
+                "spec": f"{units.nspawn_path(b.source)}:{units.nspawn_path(b.target)}",
+                "read_only": b.read_only,
+            }
+            for b in machine.binds
         ],
         "tmpfs": [
             t.path + (f":size={t.size}" if t.size is not None else "") for t in machine.tmpfs
@@ -140,6 +144,12 @@ def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:
     return argv
 
 
+def _timespan(seconds: float) -> str:
+    """A systemd time span: whole seconds as "30s", anything finer in ms."""
+    millis = round(seconds * 1000)
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
+
+
 def service_context(machine: Machine, layout: Layout) -> dict[str, Any]:
     """The values of a machine's systemd unit, as plain data."""
     resources = machine.resources
@@ -150,10 +160,12 @@ def service_context(machine: Machine, layout: Layout) -> dict[str, Any]:
         "machine_dir": str(layout.machine_dir(machine.name)),
         "exec_start": nspawn_exec_argv(machine, layout),
         "restart": machine.restart.value,
-        "stop_timeout": f"{machine.stop_timeout:g}s",
+        "autostart": machine.autostart,
+        "stop_timeout": _timespan(machine.stop_timeout),
         "memory_max": resources.memory,
         "memory_high": resources.memory_soft,
-        "cpu_quota": f"{resources.cpus * 100:g}%" if resources.cpus is not None else None,
+        # CPUQuota= expands no specifiers: an int percentage, so no filter is needed.
+        "cpu_quota": max(1, round(resources.cpus * 100)) if resources.cpus is not None else None,
         "tasks_max": resources.pids,
         "cpu_weight": resources.cpu_weight,
         "io_weight": resources.io_weight,

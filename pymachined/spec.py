@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     StrictBool,
     StrictInt,
     StrictStr,
@@ -265,7 +266,7 @@ class Protocol(StrEnum):
 class Model(BaseModel):
     """Base for every spec model: strict about unknown keys, immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _parse_bind(value: Any) -> Any:
@@ -360,7 +361,7 @@ class Port(Model):
     host: PortNumber
     machine: PortNumber
     protocol: Protocol = Protocol.TCP
-    host_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    host_ip: IPvAnyAddress | None = None
 
 
 PortItem = Annotated[Port, BeforeValidator(_parse_port, json_schema_input_type=str | Port)]
@@ -457,6 +458,14 @@ NetworkRef = Annotated[StrictStr, AfterValidator(_check_network_ref)]
 # The three kinds
 
 
+def _refuse_repeats(values: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value} is listed twice")
+        seen.add(value)
+
+
 class Machine(Model):
     """``kind: machine``: a systemd-nspawn machine."""
 
@@ -482,7 +491,7 @@ class Machine(Model):
     resources: Resources = Field(default_factory=Resources)
     security: Security = Field(default_factory=Security)
     restart: RestartPolicy = RestartPolicy.ON_FAILURE
-    stop_timeout: Duration = 10.0
+    stop_timeout: Annotated[Duration, Field(gt=0)] = 10.0
     autostart: StrictBool = True
     state: MachineState = MachineState.RUNNING
     depends_on: list[Name] = Field(default_factory=list)
@@ -504,6 +513,18 @@ class Machine(Model):
             raise ValueError("user applies to a command; a booted machine runs systemd as root")
         return value
 
+    @field_validator("tmpfs")
+    @classmethod
+    def _tmpfs_paths_differ(cls, value: list[Tmpfs]) -> list[Tmpfs]:
+        _refuse_repeats([t.path for t in value], "tmpfs path")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _file_paths_differ(cls, value: list[File]) -> list[File]:
+        _refuse_repeats([f.path for f in value], "file path")
+        return value
+
     @field_validator("binds")
     @classmethod
     def _targets_differ(cls, value: list[Bind], info: ValidationInfo) -> list[Bind]:
@@ -521,7 +542,7 @@ class Machine(Model):
     def _address_needs_network(
         cls, value: ipaddress.IPv4Address | None, info: ValidationInfo
     ) -> ipaddress.IPv4Address | None:
-        network = info.data.get("network", "host")
+        network = info.data.get("network")  # absent if it failed its own check
         if value is not None and network in ("host", "none"):
             raise ValueError(f"an address needs a declared network, not network: {network}")
         return value
@@ -529,7 +550,7 @@ class Machine(Model):
     @field_validator("ports")
     @classmethod
     def _ports_need_network(cls, value: list[Port], info: ValidationInfo) -> list[Port]:
-        network = info.data.get("network", "host")
+        network = info.data.get("network")  # absent if it failed its own check
         if value and network in ("host", "none"):
             raise ValueError(f"port forwards need a declared network, not network: {network}")
         return value
@@ -573,6 +594,15 @@ class Network(Model):
     gateway: ipaddress.IPv4Address | None = None
     bridge: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,15}$")] | None = None
     nat: StrictBool = True
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in ("host", "none"):
+            raise ValueError(
+                f"{value!r} is reserved: machines use network: {value} without a declaration"
+            )
+        return value
 
     @field_validator("subnet")
     @classmethod
@@ -624,6 +654,12 @@ class Image(Model):
     packages: list[PackageName] = Field(default_factory=list)
     script: Annotated[StrictStr, Field(max_length=1024 * 1024)] | None = None
     files: list[File] = Field(default_factory=list)
+
+    @field_validator("files")
+    @classmethod
+    def _file_paths_differ(cls, value: list[File]) -> list[File]:
+        _refuse_repeats([f.path for f in value], "file path")
+        return value
 
     @field_validator("bootstrap")
     @classmethod

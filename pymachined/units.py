@@ -39,9 +39,30 @@ def _quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _nspawn_quote(word: str) -> str:
+    """One word of an .nspawn word list. There a backslash is an ordinary
+    character and quotes only group, so a word is put in whichever quote it does
+    not contain, or built from pieces that each are."""
+    _refuse_control(word)
+    if _PLAIN_WORD.fullmatch(word):
+        return word
+    if '"' not in word:
+        return f'"{word}"'
+    if "'" not in word:
+        return f"'{word}'"
+    return '"' + word.replace('"', '"\'"\'"') + '"'
+
+
 def nspawn_words(words: Iterable[str]) -> str:
-    """Words for an .nspawn setting (no specifiers are expanded in .nspawn files)."""
-    return " ".join(_quote(str(w)) for w in words)
+    """Words for an .nspawn setting (Parameters=, Environment=). nspawn expands no
+    specifiers or variables there and treats backslashes literally."""
+    return " ".join(_nspawn_quote(str(w)) for w in words)
+
+
+def nspawn_path(path: str) -> str:
+    """A path inside Bind=/BindReadOnly=, where backslash escapes ':' and itself."""
+    _refuse_control(path)
+    return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def unit_value(value: object) -> str:
@@ -116,9 +137,10 @@ def unescape_specifiers(value: str) -> str:
     return "".join(out)
 
 
-def split_words(value: str, *, exec_line: bool = False) -> list[str]:
+def split_words(value: str, *, exec_line: bool = False, escapes: bool = True) -> list[str]:
     """Words of a setting as systemd splits them: quotes removed, backslash
-    escapes resolved, and on Exec lines ``$$`` -> ``$``."""
+    escapes resolved (unless escapes=False, as in .nspawn word lists), and on
+    Exec lines ``$$`` -> ``$``."""
     words: list[str] = []
     index = 0
     length = len(value)
@@ -133,7 +155,7 @@ def split_words(value: str, *, exec_line: bool = False) -> list[str]:
             char = value[index]
             if quote is None and char in " \t":
                 break
-            if char == "\\" and index + 1 < length:
+            if escapes and char == "\\" and index + 1 < length:
                 word.append(value[index + 1])
                 index += 2
                 continue

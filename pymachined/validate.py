@@ -223,7 +223,7 @@ def _check_machines(spec_set: SpecSet, state_dirs: Sequence[PurePosixPath]) -> l
         if network is not None and machine.address is not None:
             problems += _check_address(spec_set, located, machine, network, addresses)
         for index, port in enumerate(machine.ports):
-            bind = str(port.host_ip) if port.host_ip else "*"
+            bind = "*" if port.host_ip is None or port.host_ip.is_unspecified else str(port.host_ip)
             key = (bind, port.host, port.protocol.value)
             clash = [
                 owner

@@ -279,7 +279,7 @@ def test_a_file_of_exactly_4_mib_is_read(
     spec.write_bytes(_padded_spec(MAX_FILE_BYTES))
     code, out, err = run_cli(monkeypatch, capsys, "validate", str(spec))
     assert (code, err) == (0, "")
-    assert out.startswith("ok: 1 machines")
+    assert out.startswith("ok: 1 machine,")
 
 
 def good_specs() -> list[Path]:

@@ -40,9 +40,12 @@ def _triples(content: str, *, exec_keys: bool) -> set[tuple[str, str, str | tupl
     """(section, key, value) with word lists split as systemd splits them."""
     out: set[tuple[str, str, str | tuple[str, ...]]] = set()
     for entry in units.parse_unit(content):
-        value = units.unescape_specifiers(entry.value) if exec_keys else entry.value
+        expands = exec_keys and entry.key != "CPUQuota"  # CPUQuota= expands no specifiers
+        value = units.unescape_specifiers(entry.value) if expands else entry.value
         if entry.key in ("ExecStart", "Parameters", "Environment", "Requires"):
-            words = units.split_words(value, exec_line=entry.key == "ExecStart")
+            words = units.split_words(
+                value, exec_line=entry.key == "ExecStart", escapes=exec_keys
+            )
             out.add((entry.section, entry.key, tuple(words)))
         else:
             out.add((entry.section, entry.key, value))

@@ -22,7 +22,7 @@ def test_exec_words_round_trip(words: list[str]) -> None:
 
 @given(st.lists(safe_text, min_size=1, max_size=6))
 def test_nspawn_words_round_trip(words: list[str]) -> None:
-    assert units.split_words(units.nspawn_words(words)) == words
+    assert units.split_words(units.nspawn_words(words), escapes=False) == words
 
 
 @pytest.mark.parametrize(
@@ -98,3 +98,24 @@ def test_unescape_specifiers_refuses_unknown_specifier() -> None:
 def test_split_words_unterminated_quote() -> None:
     with pytest.raises(ValueError, match="unterminated"):
         units.split_words('"open')
+
+
+@pytest.mark.parametrize(
+    ("word", "written"),
+    [
+        ("plain", "plain"),
+        ("two words", '"two words"'),
+        ("back\\slash", '"back\\slash"'),
+        ('say "hi"', "'say \"hi\"'"),
+        ("it's", '"it\'s"'),
+        ("it's \"x\"", '"it\'s "\'"\'"x"\'"\'""'),
+        ("tail\\", '"tail\\"'),
+    ],
+)
+def test_nspawn_quoting_never_uses_backslash_escapes(word: str, written: str) -> None:
+    assert units.nspawn_words([word]) == written
+
+
+def test_nspawn_path_escapes_backslash_and_colon() -> None:
+    assert units.nspawn_path("/srv/a\\b") == "/srv/a\\\\b"
+    assert units.nspawn_path("/srv/a:b") == "/srv/a\\:b"

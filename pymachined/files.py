@@ -1,0 +1,187 @@
+"""Careful file operations: atomic writes, kernel-held locks, and tree removal
+that never crosses into a mounted filesystem.
+
+These touch the host; the rules they keep are in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pymachined import run
+from pymachined.errors import PymachineError
+from pymachined.parsers import mounts_under, parse_mountinfo
+
+
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    """Write path as a whole or not at all: temp file, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        Path(temp).replace(path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            Path(temp).unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """atomic_write of data as indented, sorted JSON."""
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation in directory path durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked(
+    path: Path,
+    *,
+    timeout: float | None = None,
+    waiting: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold an exclusive flock on path (held by the kernel: it dies with the
+    process). Says who holds it through waiting() while it waits; raises after
+    timeout seconds if given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            if waiting is not None:
+                waiting(f"waiting for {path} (held by {holder})")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise PymachineError(
+                            f"timed out after {timeout:g} s waiting for {path}, held by {holder}",
+                            hint="wait for the other pymachine to finish, or raise the timeout",
+                        ) from None
+                    time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def mounts() -> list[Path]:
+    """Every mount point of this process's mount namespace."""
+    text = Path("/proc/self/mountinfo").read_text()
+    return [Path(m.target) for m in parse_mountinfo(text)]
+
+
+def unmount_under(root: Path) -> None:
+    """Unmount everything mounted at or below root, deepest first."""
+    text = Path("/proc/self/mountinfo").read_text()
+    from pathlib import PurePosixPath
+
+    for target in mounts_under(parse_mountinfo(text), PurePosixPath(root.resolve())):
+        run.run(["umount", "--", str(target)])
+
+
+def remove_tree(root: Path) -> None:
+    """Remove root and everything below it, after unmounting what is mounted there.
+
+    Never crosses into another filesystem: if something is still mounted below
+    root, the removal stops with an error instead of deleting the mount's
+    content."""
+    if not root.exists() and not root.is_symlink():
+        return
+    unmount_under(root)
+    top = os.lstat(root)
+    if not stat.S_ISDIR(top.st_mode):
+        root.unlink()
+        return
+    _remove_dir(root, top.st_dev)
+
+
+def _remove_dir(path: Path, device: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _remove_children(fd, path, device)
+    finally:
+        os.close(fd)
+    path.rmdir()
+
+
+def _remove_children(fd: int, where: Path, device: int) -> None:
+    for name in os.listdir(fd):
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            if info.st_dev != device:
+                raise PymachineError(
+                    f"refusing to remove {where / name}: another filesystem is mounted there",
+                    hint=f"unmount it (umount {where / name}) and try again",
+                )
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                _remove_children(child, where / name, device)
+            finally:
+                os.close(child)
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise PymachineError(f"{where / name} is busy (a mount point?)") from exc
+                raise
+        else:
+            os.unlink(name, dir_fd=fd)
+
+
+def tree_usage(root: Path, seen: set[tuple[int, int]] | None = None) -> int:
+    """Bytes of disk used by the files below root (hard links counted once, other
+    filesystems not entered)."""
+    if not root.exists():
+        return 0
+    seen = set() if seen is None else seen
+    device = os.lstat(root).st_dev
+    total = 0
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            info = entry.stat(follow_symlinks=False)
+            if info.st_dev != device:
+                continue
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += info.st_blocks * 512
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(Path(entry.path))
+    return total

@@ -1,0 +1,151 @@
+"""Parsers of host facts: text in, values out. Pure.
+
+Each parser takes the text of a file or a command's output; reading it is the
+caller's business. Tests feed them recorded text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+# ---------------------------------------------------------------------------
+# APT sources
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """One `deb` source: a mirror URI with its suites and components."""
+
+    uri: str
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+
+
+def parse_sources_list(text: str) -> list[AptSource]:
+    """`deb` lines of a one-line-style sources.list (deb-src and comments skipped)."""
+    out: list[AptSource] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        line = re.sub(r"\[[^\]]*\]", " ", line)  # options such as [arch=amd64]
+        words = line.split()
+        if len(words) >= 3 and words[0] == "deb":
+            out.append(AptSource(words[1], (words[2],), tuple(words[3:])))
+    return out
+
+
+def parse_deb822_sources(text: str) -> list[AptSource]:
+    """`Types: deb` stanzas of a deb822 .sources file (disabled ones skipped)."""
+    out: list[AptSource] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = ""
+        for raw in stanza.splitlines():
+            if raw.startswith("#"):
+                continue
+            if raw[:1] in (" ", "\t") and key:
+                fields[key] += " " + raw.strip()
+                continue
+            key, sep, value = raw.partition(":")
+            if sep:
+                key = key.strip().lower()
+                fields[key] = value.strip()
+        if "deb" not in fields.get("types", "").split():
+            continue
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        suites = tuple(fields.get("suites", "").split())
+        components = tuple(fields.get("components", "").split())
+        out.extend(AptSource(uri, suites, components) for uri in fields.get("uris", "").split())
+    return out
+
+
+def debian_mirror(sources: list[AptSource]) -> str | None:
+    """The host's Debian archive mirror: the first source carrying a plain release
+    suite (not -security, -updates or -backports) with component main."""
+    for source in sources:
+        plain = [s for s in source.suites if "-" not in s and "/" not in s]
+        if plain and "main" in source.components and source.uri.startswith(("http", "file")):
+            return source.uri.rstrip("/")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Mounts
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    target: PurePosixPath
+    fstype: str
+    source: str
+    options: str
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The mounts of a /proc/PID/mountinfo text, in order."""
+    mounts = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        left, sep, right = line.partition(" - ")
+        if not sep:
+            raise ValueError(f"not a mountinfo line: {line!r}")
+        fields = left.split()
+        fstype, source, options = [*right.split(), "", "", ""][:3]
+        mounts.append(
+            Mount(
+                mount_id=int(fields[0]),
+                parent_id=int(fields[1]),
+                target=PurePosixPath(_unescape_mountinfo(fields[4])),
+                fstype=fstype,
+                source=_unescape_mountinfo(source),
+                options=options,
+            )
+        )
+    return mounts
+
+
+def mounts_under(mounts: list[Mount], root: PurePosixPath) -> list[PurePosixPath]:
+    """Mount points at or below root, deepest first (the order to unmount them)."""
+    found = {m.target for m in mounts if m.target == root or root in m.target.parents}
+    return sorted(found, key=lambda p: (len(p.parts), str(p)), reverse=True)
+
+
+# ---------------------------------------------------------------------------
+# Build progress
+
+
+_PHASES = (
+    ("Retrieving Release", "resolving"),
+    ("Validating Packages", "resolving"),
+    ("Resolving dependencies", "resolving"),
+    ("Checking component", "resolving"),
+    ("Found additional", "resolving"),
+    ("Retrieving", "downloading"),
+    ("Validating", "downloading"),
+    ("Extracting", "unpacking"),
+    ("Installing", "unpacking"),
+    ("Unpacking", "unpacking"),
+    ("Configuring", "configuring"),
+    ("Base system installed", "configuring"),
+)
+
+
+def parse_build_phase(line: str) -> str | None:
+    """The build phase a line of debootstrap output announces, if any."""
+    text = line.removeprefix("I: ").strip()
+    for prefix, phase in _PHASES:
+        if text.startswith(prefix):
+            return phase
+    return None
