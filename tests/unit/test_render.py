@@ -43,9 +43,7 @@ def _triples(content: str, *, exec_keys: bool) -> set[tuple[str, str, str | tupl
         expands = exec_keys and entry.key != "CPUQuota"  # CPUQuota= expands no specifiers
         value = units.unescape_specifiers(entry.value) if expands else entry.value
         if entry.key in ("ExecStart", "Parameters", "Environment", "Requires"):
-            words = units.split_words(
-                value, exec_line=entry.key == "ExecStart", escapes=exec_keys
-            )
+            words = units.split_words(value, exec_line=entry.key == "ExecStart", escapes=exec_keys)
             out.add((entry.section, entry.key, tuple(words)))
         else:
             out.add((entry.section, entry.key, value))

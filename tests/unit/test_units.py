@@ -108,7 +108,7 @@ def test_split_words_unterminated_quote() -> None:
         ("back\\slash", '"back\\slash"'),
         ('say "hi"', "'say \"hi\"'"),
         ("it's", '"it\'s"'),
-        ("it's \"x\"", '"it\'s "\'"\'"x"\'"\'""'),
+        ('it\'s "x"', '"it\'s "\'"\'"x"\'"\'""'),
         ("tail\\", '"tail\\"'),
     ],
 )
