@@ -11,8 +11,9 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,6 +22,7 @@ from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 
 if TYPE_CHECKING:
+    from pymachined.images import ImageStore
     from pymachined.validate import SpecSet
 
 app = typer.Typer(
@@ -149,6 +151,238 @@ def render(
             typer.echo()
         typer.echo(f"### {rendered.path}")
         typer.echo(rendered.content, nl=False)
+
+
+# ---------------------------------------------------------------------------
+# Output
+
+
+class Format(StrEnum):
+    """How read commands print."""
+
+    TABLE = "table"
+    JSON = "json"
+
+
+OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table or json.")]
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], fmt: Format) -> None:
+    """rows as JSON, or as an aligned table of columns."""
+    if fmt is Format.JSON:
+        import json
+
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    texts = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(t[i]) for t in texts)]) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for text in texts:
+        typer.echo("  ".join(t.ljust(w) for t, w in zip(text, widths, strict=True)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------
+# Images
+
+image_app = typer.Typer(help="Build, list and remove images.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+
+def _store() -> ImageStore:
+    from pymachined.images import ImageStore
+    from pymachined.resources import data_dir
+
+    return ImageStore(options.layout, data_dir("templates"))
+
+
+@image_app.command("build")
+def image_build(
+    target: Annotated[
+        str, typer.Argument(help="An image name, or a spec file or directory to build for.")
+    ],
+    specs: Annotated[
+        list[Path] | None,
+        typer.Option("--specs", "-f", help="Spec files or directories declaring images."),
+    ] = None,
+) -> None:
+    """Build an image (and its parents), or every image a spec path needs."""
+    from pymachined.recipes import layers, machine_layers
+
+    store = _store()
+    salts = store.salts()
+    path = Path(target)
+    if path.exists():
+        spec_set = _spec_set([path, *(specs or [])])
+        declared = sorted(name for kind, name in spec_set.sources if kind == "image")
+        plans = [layers(spec_set, name, salts) for name in declared]
+        plans += [machine_layers(spec_set, m, salts) for m in spec_set.machines.values()]
+        if not plans:
+            raise PymachineError(f"{target} declares no images or machines")
+    else:
+        spec_set = _spec_set(list(specs or []))
+        if target not in spec_set.images:
+            known = ", ".join(sorted(spec_set.images))
+            raise PymachineError(f"unknown image {target!r}", hint=f"images: {known}")
+        plans = [layers(spec_set, target, salts)]
+    for plan in plans:
+        top = store.ensure(plan)[0]
+        typer.echo(f"{top.name} {top.key}")
+
+
+@image_app.command("ls")
+def image_ls(output: OutputOption = Format.TABLE) -> None:
+    """List built images: name, key, size, when built, which machines use them."""
+    from pymachined import rootfs
+    from pymachined.files import tree_usage
+
+    store = _store()
+    users = rootfs.users(options.layout)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": record.name,
+            "key": record.key,
+            "parent": record.parent,
+            "size": tree_usage(record.tree),
+            "built": record.built,
+            "used_by": users.get(record.key, []),
+        }
+        for record in store.records()
+    ]
+    if output is Format.TABLE:
+        for row in rows:
+            row["size"] = _human(row["size"])
+    _print_rows(rows, ["name", "key", "size", "built", "used_by"], output)
+
+
+def _resolve_images(store: ImageStore, names: list[str]) -> list[str]:
+    records = store.records()
+    keys: list[str] = []
+    for name in names:
+        found = [r.key for r in records if name in (r.key, r.name)]
+        if not found:
+            raise PymachineError(f"no image {name!r} in the cache", hint="see pymachine image ls")
+        keys += found
+    return keys
+
+
+@image_app.command("rm")
+def image_rm(
+    names: Annotated[list[str], typer.Argument(help="Image names or keys.")],
+) -> None:
+    """Remove images no machine uses."""
+    from pymachined import rootfs
+
+    store = _store()
+    users = rootfs.users(options.layout)
+    keys = _resolve_images(store, names)
+    children = {r.parent: r.key for r in store.records() if r.parent}
+    for key in keys:
+        if users.get(key):
+            raise PymachineError(
+                f"image {key} is used by {', '.join(users[key])}",
+                hint="remove those machines first",
+            )
+        if key in children and children[key] not in keys:
+            raise PymachineError(
+                f"image {key} is the parent of image {children[key]}",
+                hint=f"remove {children[key]} too",
+            )
+    for key in sorted(keys, key=lambda k: len(store.chain(k)), reverse=True):
+        store.remove(key)
+        typer.echo(f"removed {key}")
+
+
+@image_app.command("prune")
+def image_prune(
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+) -> None:
+    """Remove every image no machine uses (listed first)."""
+    from pymachined import rootfs
+
+    store = _store()
+    users = rootfs.users(options.layout)
+    records = store.records()
+    unused = [r for r in records if not users.get(r.key)]
+    if not unused:
+        typer.echo("no unused images")
+        return
+    for record in unused:
+        typer.echo(f"unused: {record.name} {record.key}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise PymachineError("not removing without confirmation", hint="add --yes")
+        typer.confirm(f"remove {len(unused)} images?", abort=True)
+    for record in sorted(unused, key=lambda r: len(store.chain(r.key)), reverse=True):
+        store.remove(record.key)
+        typer.echo(f"removed {record.key}")
+
+
+@app.command()
+def df(output: OutputOption = Format.TABLE) -> None:
+    """Disk used by images and by machines' own layers, shared and unique."""
+    from pymachined import rootfs
+    from pymachined.files import tree_usage
+
+    layout = options.layout
+    store = _store()
+    users = rootfs.users(layout)
+    rows: list[dict[str, Any]] = []
+    for record in store.records():
+        size = tree_usage(record.tree)
+        rows.append(
+            {
+                "type": "image",
+                "name": record.name,
+                "key": record.key,
+                "size": size,
+                "users": len(users.get(record.key, [])),
+            }
+        )
+    machines = Path(layout.machines_dir)
+    for entry in sorted(machines.iterdir()) if machines.is_dir() else []:
+        root = rootfs.read(layout, entry.name)
+        if root is None:
+            continue
+        own = entry / ("rootfs" if root.mode.value == "copy" else "upper")
+        rows.append(
+            {
+                "type": "machine",
+                "name": entry.name,
+                "key": root.layers[0],
+                "size": tree_usage(own),
+                "users": 1,
+            }
+        )
+    if output is Format.TABLE:
+        images = sum(r["size"] for r in rows if r["type"] == "image")
+        shared = sum(r["size"] for r in rows if r["type"] == "image" and r["users"])
+        own = sum(r["size"] for r in rows if r["type"] == "machine")
+        typer.echo(
+            f"images: {_human(images)} ({_human(shared)} in use, "
+            f"{_human(images - shared)} reclaimable by image prune)"
+        )
+        typer.echo(f"machines' own layers: {_human(own)}")
+        typer.echo()
+        for row in rows:
+            row["size"] = _human(row["size"])
+    _print_rows(rows, ["type", "name", "key", "size", "users"], output)
 
 
 def _report(error: PymachineError) -> int:

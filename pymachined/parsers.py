@@ -139,6 +139,11 @@ _PHASES = (
     ("Unpacking", "unpacking"),
     ("Configuring", "configuring"),
     ("Base system installed", "configuring"),
+    # apt-get, in derived layers
+    ("Reading package lists", "resolving"),
+    ("Get:", "downloading"),
+    ("Preparing to unpack", "unpacking"),
+    ("Setting up", "configuring"),
 )
 
 

@@ -1,20 +1,47 @@
-"""Image recipes in canonical form, and the content keys derived from them. Pure.
+"""Image recipes in canonical form, the layers they make, and their content keys. Pure.
 
 A key names an image tree by everything that decides its content: the recipe
-itself, its parent's key, and whatever the builder adds (the bootstrap script's
-text, the tool and its version), passed in by the caller.
+itself, its parent's key, and the salt the builder adds for the kind of layer
+(the bootstrap tool and its version, the mirror, the text of the build
+scripts), passed in by the caller.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pymachined.errors import PymachineError
-from pymachined.spec import Image
+from pymachined.spec import Image, Machine
 from pymachined.validate import SpecSet
 
 KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Salts:
+    """What the builder adds to a layer's key, by kind of layer."""
+
+    bootstrap: str
+    derive: str
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One image layer to build or reuse: a base from debootstrap, or a layer on
+    top of its parent."""
+
+    key: str
+    name: str
+    recipe: Image
+    parent: str | None
+
+    @property
+    def is_base(self) -> bool:
+        """Whether the layer is bootstrapped rather than derived."""
+        return self.recipe.bootstrap is not None
 
 
 def canonical(image: Image) -> str:
@@ -25,8 +52,16 @@ def canonical(image: Image) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def image_key(spec_set: SpecSet, name: str, salt: str = "") -> str:
-    """The content key of an image: a hash of its recipe, its parent's key and salt."""
+def _key(parent: str | None, image: Image, salt: str) -> str:
+    digest = hashlib.sha256()
+    for part in (parent or "", canonical(image), salt):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:KEY_LENGTH]
+
+
+def layers(spec_set: SpecSet, name: str, salts: Salts) -> list[Layer]:
+    """The layers of an image, base first."""
     chain: list[Image] = []
     current: str | None = name
     while current is not None:
@@ -37,21 +72,31 @@ def image_key(spec_set: SpecSet, name: str, salt: str = "") -> str:
             raise PymachineError(f"image {name!r} builds from itself")
         chain.append(image)
         current = image.from_
-    key = ""
+    out: list[Layer] = []
+    parent: str | None = None
     for image in reversed(chain):
-        digest = hashlib.sha256()
-        for part in (key, canonical(image), salt):
-            digest.update(part.encode())
-            digest.update(b"\0")
-        key = digest.hexdigest()[:KEY_LENGTH]
-    return key
-
-
-def image_chain(spec_set: SpecSet, name: str) -> list[str]:
-    """The image and its ancestors, nearest first: the overlay's lower layers in order."""
-    out: list[str] = []
-    current: str | None = name
-    while current is not None and current not in out:
-        out.append(current)
-        current = spec_set.images[current].from_
+        salt = salts.bootstrap if image.bootstrap is not None else salts.derive
+        key = _key(parent, image, salt)
+        out.append(Layer(key, image.name, image, parent))
+        parent = key
     return out
+
+
+def packages_image(base: str, packages: Sequence[str]) -> Image:
+    """The derived image that adds a machine's packages to its image."""
+    wanted = sorted(set(packages))
+    suffix = hashlib.sha256(" ".join(wanted).encode()).hexdigest()[:8]
+    return Image.model_validate(
+        {"kind": "image", "name": f"{base[:50]}-pkg-{suffix}", "from": base, "packages": wanted}
+    )
+
+
+def machine_layers(spec_set: SpecSet, machine: Machine, salts: Salts) -> list[Layer]:
+    """The layers of a machine's root, base first: its image, and a layer with its
+    packages if it declares any."""
+    base = layers(spec_set, machine.image, salts)
+    if not machine.packages:
+        return base
+    extra = packages_image(machine.image, machine.packages)
+    top = Layer(_key(base[-1].key, extra, salts.derive), extra.name, extra, base[-1].key)
+    return [*base, top]

@@ -8,6 +8,7 @@ template, never compiled as one.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -53,10 +54,16 @@ def _nspawn_filter(value: Any) -> Escaped:
     if isinstance(value, list | tuple):
         return Escaped(units.nspawn_words(value))
     text = str(value)
-    units._refuse_control(text)
+    units.refuse_control(text)
     if text.endswith("\\"):
         raise units.UnsafeValue(f"refusing a trailing backslash in an .nspawn file: {text!r}")
     return Escaped(text)
+
+
+def _sh_filter(value: Any) -> Escaped:
+    """Shell words for the build scripts, each quoted for sh."""
+    words = value if isinstance(value, list | tuple) else [value]
+    return Escaped(" ".join(shlex.quote(units.refuse_control(str(w))) for w in words))
 
 
 @cache
@@ -73,6 +80,7 @@ def environment(template_dir: Path) -> jinja2.Environment:
     )
     env.filters["unit"] = _unit_filter
     env.filters["nspawn"] = _nspawn_filter
+    env.filters["sh"] = _sh_filter
     return env
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from pymachined.errors import CommandError, PymachineError
 
-log = logging.getLogger("pymachine.run")
+logger = logging.getLogger("pymachine.run")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ def run(
 ) -> Completed:
     """Run argv to completion, capturing output; raise CommandError on failure if check."""
     argv = [str(a) for a in argv]
-    log.debug("+ %s", shlex.join(argv))
+    logger.debug("+ %s", shlex.join(argv))
     try:
         proc = subprocess.run(  # noqa: S603 - argv list, never a shell
             argv,
@@ -63,3 +65,44 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr)
     return done
+
+
+def stream(
+    argv: Sequence[str],
+    *,
+    log: TextIO,
+    on_line: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run argv with stdout and stderr merged, each line appended to log and passed
+    to on_line as it arrives; raise CommandError (with the last lines) on failure."""
+    argv = [str(a) for a in argv]
+    logger.debug("+ %s", shlex.join(argv))
+    log.write(f"+ {shlex.join(argv)}\n")
+    log.flush()
+    tail: deque[str] = deque(maxlen=20)
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list, never a shell
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=dict(env) if env is not None else None,
+        )
+    except FileNotFoundError as exc:
+        raise PymachineError(
+            f"{argv[0]}: command not found",
+            hint="install it (see the README's quick start for the packages pymachine needs)",
+        ) from exc
+    assert proc.stdout is not None
+    with proc:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            tail.append(line.rstrip("\n"))
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+    if proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, "\n".join(tail))

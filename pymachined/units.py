@@ -21,9 +21,10 @@ class UnsafeValue(ValueError):
     """A value that cannot be written into a unit file safely."""
 
 
-def _refuse_control(value: str) -> str:
+def refuse_control(value: str) -> str:
+    """value, unless it holds a control character (which no rendered file may)."""
     if _CONTROL.search(value):
-        raise UnsafeValue(f"refusing to write a control character into a unit file: {value!r}")
+        raise UnsafeValue(f"refusing to write a control character into a rendered file: {value!r}")
     return value
 
 
@@ -33,7 +34,7 @@ _PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./$~-]+")
 def _quote(word: str) -> str:
     """One word as systemd reads it back: bare when that is unambiguous, else in
     double quotes with backslash and double quote escaped."""
-    _refuse_control(word)
+    refuse_control(word)
     if _PLAIN_WORD.fullmatch(word):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -43,7 +44,7 @@ def _nspawn_quote(word: str) -> str:
     """One word of an .nspawn word list. There a backslash is an ordinary
     character and quotes only group, so a word is put in whichever quote it does
     not contain, or built from pieces that each are."""
-    _refuse_control(word)
+    refuse_control(word)
     if _PLAIN_WORD.fullmatch(word):
         return word
     if '"' not in word:
@@ -61,14 +62,14 @@ def nspawn_words(words: Iterable[str]) -> str:
 
 def nspawn_path(path: str) -> str:
     """A path inside Bind=/BindReadOnly=, where backslash escapes ':' and itself."""
-    _refuse_control(path)
+    refuse_control(path)
     return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def unit_value(value: object) -> str:
     """A single unit-file value: % specifiers escaped, control characters refused,
     no trailing backslash (which would continue the line)."""
-    text = _refuse_control(str(value)).replace("%", "%%")
+    text = refuse_control(str(value)).replace("%", "%%")
     if text.endswith("\\"):
         raise UnsafeValue(f"refusing a trailing backslash in a unit file: {value!r}")
     return text

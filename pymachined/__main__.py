@@ -1,0 +1,5 @@
+"""``python -m pymachined``: the pymachine CLI."""
+
+from pymachined.cli import main
+
+main()

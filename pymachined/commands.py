@@ -1,0 +1,109 @@
+"""Command lines pymachine runs, built as argv lists. Pure.
+
+Every function returns a list for run.py; none runs anything. User-supplied
+operands come after ``--`` wherever the tool accepts it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import PurePosixPath
+
+from pymachined.spec import Bootstrap
+
+DEBOOTSTRAP = "debootstrap"
+NSPAWN = "systemd-nspawn"
+
+
+def isolated_argv(argv: Sequence[str]) -> list[str]:
+    """argv in private mount and PID namespaces that die with pymachine.
+
+    setpriv makes unshare get SIGKILL when its parent (pymachine) dies; unshare
+    then kills its child, which is PID 1 of the new PID namespace, so the kernel
+    kills every process in it; the mount namespace, and every mount made in it
+    (debootstrap's /proc and /sys in the target), goes with its last process."""
+    return [
+        "setpriv",
+        "--pdeathsig",
+        "KILL",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--",
+        *argv,
+    ]
+
+
+def debootstrap_argv(bootstrap: Bootstrap, target: PurePosixPath, mirror: str) -> list[str]:
+    """debootstrap of a recipe into target. debootstrap takes no ``--``; the suite
+    and mirror are validated in the spec and cannot start with '-'."""
+    argv = [DEBOOTSTRAP, f"--variant={bootstrap.variant}"]
+    if bootstrap.components != ["main"]:
+        argv.append(f"--components={','.join(bootstrap.components)}")
+    if bootstrap.include:
+        argv.append(f"--include={','.join(bootstrap.include)}")
+    if bootstrap.exclude:
+        argv.append(f"--exclude={','.join(bootstrap.exclude)}")
+    return [*argv, bootstrap.suite, str(target), mirror]
+
+
+def nspawn_run_argv(
+    root: PurePosixPath,
+    command: Sequence[str],
+    *,
+    binds_ro: Sequence[tuple[PurePosixPath, PurePosixPath]] = (),
+    network: bool = True,
+) -> list[str]:
+    """Run command in root with systemd-nspawn for a build step: not registered
+    with machined, in the caller's unit, the host's DNS copied in."""
+    argv = [
+        NSPAWN,
+        "--quiet",
+        "--register=no",
+        "--keep-unit",
+        "--as-pid2",
+        "--resolv-conf=copy-host",
+        "--timezone=off",
+        f"--directory={root}",
+        "--setenv=DEBIAN_FRONTEND=noninteractive",
+        "--setenv=LC_ALL=C",
+    ]
+    if not network:
+        argv.append("--private-network")
+    argv += [f"--bind-ro={source}:{target}" for source, target in binds_ro]
+    return [*argv, "--", *command]
+
+
+def overlay_mount_argv(
+    lowers: Sequence[PurePosixPath],
+    target: PurePosixPath,
+    upper: PurePosixPath | None = None,
+    work: PurePosixPath | None = None,
+) -> list[str]:
+    """Mount an overlay of lowers (topmost first) at target; read-only without upper."""
+    options = [f"lowerdir={':'.join(str(p) for p in lowers)}"]
+    if upper is not None and work is not None:
+        options += [f"upperdir={upper}", f"workdir={work}"]
+    else:
+        options.append("ro")
+    return ["mount", "-t", "overlay", "-o", ",".join(options), "--", "pymachine", str(target)]
+
+
+def tmpfs_mount_argv(target: PurePosixPath, mode: str = "0700") -> list[str]:
+    """Mount a tmpfs at target."""
+    return ["mount", "-t", "tmpfs", "-o", f"mode={mode}", "--", "pymachine", str(target)]
+
+
+def umount_argv(target: PurePosixPath) -> list[str]:
+    """Unmount target."""
+    return ["umount", "--", str(target)]
+
+
+def copy_tree_argv(source: PurePosixPath, target: PurePosixPath) -> list[str]:
+    """Copy a tree with owners, modes, links, xattrs; reflinks where the filesystem can."""
+    return ["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(target)]

@@ -1,0 +1,147 @@
+"""Machine roots made from image layers: overlay (the default), copy, ephemeral.
+
+Overlay: the image layers are read-only lower directories; the machine writes
+to its own upper directory, so deletions are whiteouts and the image never
+changes. Copy: a full copy (reflinks where the filesystem has them). Ephemeral:
+an overlay whose upper directory lives on a tmpfs and is gone at unmount.
+A root is removed only after everything mounted under it is unmounted, and the
+removal never crosses into another filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pymachined import commands, files, run
+from pymachined.errors import PymachineError
+from pymachined.images import ImageRecord, ImageStore
+from pymachined.layout import Layout
+from pymachined.parsers import parse_mountinfo
+from pymachined.spec import RootfsMode
+
+RECORD = "rootfs.json"
+
+
+@dataclass(frozen=True)
+class Root:
+    """A machine's root: how it is made and from which layers (topmost first)."""
+
+    name: str
+    mode: RootfsMode
+    layers: tuple[str, ...]
+
+
+def _dir(layout: Layout, name: str) -> Path:
+    return Path(layout.machine_dir(name))
+
+
+def read(layout: Layout, name: str) -> Root | None:
+    """The root record of a machine, or None if it has no root."""
+    path = _dir(layout, name) / RECORD
+    try:
+        data = json.loads(path.read_text())
+        return Root(name, RootfsMode(data["mode"]), tuple(data["layers"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as exc:
+        raise PymachineError(
+            f"root record {path} is unreadable: {exc}",
+            hint=f"remove the machine's root with: pymachine destroy {name}",
+        ) from exc
+
+
+def create(layout: Layout, name: str, mode: RootfsMode, chain: list[ImageRecord]) -> Root:
+    """Make a machine's root directories from an image chain (topmost first); the
+    record is written last, so a root without one is never taken as complete."""
+    base = _dir(layout, name)
+    base.mkdir(parents=True, exist_ok=True)
+    rootfs = base / "rootfs"
+    if mode is RootfsMode.COPY:
+        _copy(base, chain)
+    else:
+        rootfs.mkdir(exist_ok=True)
+        if mode is RootfsMode.OVERLAY:
+            (base / "upper").mkdir(exist_ok=True)
+            (base / "work").mkdir(exist_ok=True)
+    root = Root(name, mode, tuple(r.key for r in chain))
+    files.atomic_write_json(base / RECORD, {"mode": mode.value, "layers": list(root.layers)})
+    return root
+
+
+def _copy(base: Path, chain: list[ImageRecord]) -> None:
+    partial = base / "rootfs.partial"
+    files.remove_tree(partial)
+    partial.mkdir()
+    if len(chain) == 1:
+        source = chain[0].tree
+        run.run(commands.copy_tree_argv(PurePosixPath(source), PurePosixPath(partial)))
+    else:
+        view = base / "rootfs.view"
+        view.mkdir(exist_ok=True)
+        lowers = [PurePosixPath(r.tree) for r in chain]
+        run.run(commands.overlay_mount_argv(lowers, PurePosixPath(view)))
+        try:
+            run.run(commands.copy_tree_argv(PurePosixPath(view), PurePosixPath(partial)))
+        finally:
+            files.unmount_under(view)
+        view.rmdir()
+    partial.rename(base / "rootfs")
+
+
+def is_mounted(path: Path) -> bool:
+    """Whether something is mounted exactly at path."""
+    text = Path("/proc/self/mountinfo").read_text()
+    target = PurePosixPath(path.resolve())
+    return any(m.target == target for m in parse_mountinfo(text))
+
+
+def mount(layout: Layout, store: ImageStore, root: Root) -> Path:
+    """Assemble the root at machines/NAME/rootfs (idempotent); return that path."""
+    base = _dir(layout, root.name)
+    rootfs = base / "rootfs"
+    if root.mode is RootfsMode.COPY or is_mounted(rootfs):
+        return rootfs
+    lowers = [PurePosixPath(r.tree) for r in store.chain(root.layers[0])]
+    if root.mode is RootfsMode.EPHEMERAL:
+        scratch = base / "ephemeral"
+        scratch.mkdir(exist_ok=True)
+        if not is_mounted(scratch):
+            run.run(commands.tmpfs_mount_argv(PurePosixPath(scratch)))
+        upper, work = scratch / "upper", scratch / "work"
+    else:
+        upper, work = base / "upper", base / "work"
+    upper.mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    run.run(
+        commands.overlay_mount_argv(
+            lowers, PurePosixPath(rootfs), PurePosixPath(upper), PurePosixPath(work)
+        )
+    )
+    return rootfs
+
+
+def unmount(layout: Layout, name: str) -> None:
+    """Unmount everything under a machine's directory (an ephemeral layer is gone)."""
+    base = _dir(layout, name)
+    if base.exists():
+        files.unmount_under(base)
+
+
+def remove(layout: Layout, name: str) -> None:
+    """Remove a machine's root after unmounting everything under it."""
+    files.remove_tree(_dir(layout, name))
+
+
+def users(layout: Layout) -> dict[str, list[str]]:
+    """Image keys and the machines whose roots use them."""
+    out: dict[str, list[str]] = {}
+    machines = Path(layout.machines_dir)
+    if not machines.is_dir():
+        return out
+    for entry in sorted(machines.iterdir()):
+        root = read(layout, entry.name) if entry.is_dir() else None
+        for key in root.layers if root else ():
+            out.setdefault(key, []).append(entry.name)
+    return out
