@@ -298,3 +298,52 @@ def test_removing_a_root_spares_a_bind_mounted_host_directory(
     assert (host / "data").read_text() == "keep me\n"
     assert not Path(cache_layout.machine_dir(name)).exists()
     assert mounted_under(Path(cache_layout.machine_dir(name))) == []
+
+
+# ---------------------------------------------------------------------------
+# The image commands
+
+
+def test_image_ls_rm_prune_and_df(
+    tmp_path: Path, slim_image: ImageRecord, cache_store: ImageStore
+) -> None:
+    import json
+
+    root = tmp_path / "host"
+    layout = Layout(PurePosixPath(root))
+    images = Path(layout.images_dir)
+    images.mkdir(parents=True)
+    # This host's cache holds a copy of the slim image, so nothing here touches
+    # the shared test cache.
+    subprocess.run(["cp", "-a", "--reflink=auto", str(slim_image.path), str(images)], check=True)
+    store = ImageStore(layout, REPO / "templates", Progress())
+    rootfs.create(layout, "user", RootfsMode.OVERLAY, store.chain(slim_image.key))
+
+    listed = json.loads(pymachine(root, "image", "ls", "-o", "json", check=True).stdout)
+    assert [(i["name"], i["key"], i["used_by"]) for i in listed] == [
+        ("debian-bookworm-slim", slim_image.key, ["user"])
+    ]
+    assert listed[0]["size"] > 50 * 1024 * 1024
+
+    refused = pymachine(root, "image", "rm", "debian-bookworm-slim")
+    assert refused.returncode == 1
+    assert f"error: image {slim_image.key} is used by user" in refused.stderr
+    kept = pymachine(root, "image", "prune", "--yes", check=True)
+    assert kept.stdout == "no unused images\n"
+
+    usage = json.loads(pymachine(root, "df", "-o", "json", check=True).stdout)
+    assert {(u["type"], u["name"]) for u in usage} == {
+        ("image", "debian-bookworm-slim"),
+        ("machine", "user"),
+    }
+
+    rootfs.remove(layout, "user")
+    asked = pymachine(root, "image", "prune")  # no terminal and no --yes: lists, removes nothing
+    assert asked.returncode == 1
+    assert f"unused: debian-bookworm-slim {slim_image.key}" in asked.stdout
+    assert "add --yes" in asked.stderr
+    assert store.get(slim_image.key) is not None
+    pruned = pymachine(root, "image", "prune", "--yes", check=True)
+    assert f"removed {slim_image.key}" in pruned.stdout
+    assert store.records() == []
+    assert [p.name for p in images.iterdir() if not p.name.startswith(".")] == []
