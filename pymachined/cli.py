@@ -22,7 +22,13 @@ from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from pymachined.actions import Action
+    from pymachined.desired import Desired
     from pymachined.images import ImageStore
+    from pymachined.reconcile import Reconciler
+    from pymachined.records import MachineRecord
     from pymachined.validate import SpecSet
 
 app = typer.Typer(
@@ -196,6 +202,206 @@ def _human(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------
+# Reconciling
+
+
+SupervisorOption = Annotated[
+    str,
+    typer.Option(
+        "--supervisor",
+        envvar="PYMACHINE_SUPERVISOR",
+        help="auto (systemd if it is PID 1, else pymachined), builtin or systemd.",
+    ),
+]
+PruneOption = Annotated[
+    bool, typer.Option("--prune", help="Remove recorded machines no spec declares.")
+]
+
+
+def _reconciler(supervisor: str) -> Reconciler:
+    from pymachined.reconcile import Reconciler, choose_supervisor
+    from pymachined.resources import data_dir
+
+    layout = options.layout
+    return Reconciler(
+        layout, _store(), choose_supervisor(layout, supervisor), data_dir("templates")
+    )
+
+
+def _host_lock(timeout: float | None) -> AbstractContextManager[None]:
+    from pymachined.files import locked
+
+    path = Path(options.layout.run_dir) / "apply.lock"
+    return locked(path, timeout=timeout, waiting=lambda m: typer.echo(m, err=True))
+
+
+def _planned(
+    reconciler: Reconciler, paths: list[Path], prune: bool
+) -> tuple[dict[str, Desired], list[Action]]:
+    spec_set = _spec_set(paths)
+    if prune and not spec_set.machines:
+        raise PymachineError(
+            f"{', '.join(map(str, paths))} declares no machines; refusing to prune them all",
+            hint="check the path; to remove every machine, use pymachine destroy",
+        )
+    return reconciler.plan(spec_set, prune=prune)
+
+
+def _show_plan(actions: list[Action], fmt: Format) -> None:
+    if fmt is Format.JSON:
+        import json
+
+        typer.echo(json.dumps([a.as_json() for a in actions], indent=2))
+    elif not actions:
+        typer.echo("nothing to do: the host matches the specs")
+    else:
+        for action in actions:
+            typer.echo(f"  {action.describe()}")
+
+
+@app.command()
+def plan(
+    paths: PathsArg,
+    prune: PruneOption = False,
+    output: OutputOption = Format.TABLE,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """Show what apply would do; exit 0 if the host matches the specs, 2 if not."""
+    reconciler = _reconciler(supervisor)
+    _, actions = _planned(reconciler, paths, prune)
+    _show_plan(actions, output)
+    raise typer.Exit(2 if actions else 0)
+
+
+@app.command()
+def apply(
+    paths: PathsArg,
+    prune: PruneOption = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan only.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    lock_timeout: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds waiting for the lock.")
+    ] = None,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """Make the host match the specs: build, create, start, restart, stop, remove."""
+    reconciler = _reconciler(supervisor)
+    with _host_lock(lock_timeout):
+        desired, actions = _planned(reconciler, paths, prune)
+        _show_plan(actions, Format.TABLE)
+        if not actions or dry_run:
+            return
+        if not yes and sys.stdin.isatty():
+            typer.confirm("apply these changes?", abort=True)
+        reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
+    typer.echo(f"applied {_plural(len(actions), 'change')}")
+
+
+def _uptime(started: float | None) -> str | None:
+    if started is None:
+        return None
+    import time
+
+    seconds = int(time.time() - started)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@app.command("ls")
+def list_machines(
+    output: OutputOption = Format.TABLE, supervisor: SupervisorOption = "auto"
+) -> None:
+    """List machines: name, state, image, address, uptime, restarts."""
+    from pymachined.state import StateStore
+
+    reconciler = _reconciler(supervisor)
+    statuses = reconciler.supervisor.status()
+    names = {r.key: r.name for r in reconciler.images.records()}
+    rows: list[dict[str, Any]] = []
+    for name, record in StateStore(options.layout).all().items():
+        status = statuses.get(name)
+        state = status.state.value if status else ("created" if record.run is None else "exited")
+        running = status is not None and status.pid is not None
+        rows.append(
+            {
+                "name": name,
+                "state": state,
+                "image": names.get(record.layers[0], record.layers[0]) if record.layers else None,
+                "address": record.address,
+                "uptime": _uptime(status.started) if running and status else None,
+                "restarts": status.restarts if status else 0,
+                "exit_code": status.exit_code if status else None,
+                "pid": status.pid if status else None,
+            }
+        )
+    _print_rows(rows, ["name", "state", "image", "address", "uptime", "restarts"], output)
+
+
+def _known(name: str) -> MachineRecord:
+    from pymachined.state import StateStore
+
+    record = StateStore(options.layout).get(name)
+    if record is None:
+        raise PymachineError(f"no machine named {name!r}", hint="see pymachine ls")
+    return record
+
+
+NameArg = Annotated[str, typer.Argument(help="The machine.")]
+
+
+@app.command()
+def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """Start a machine with the configuration it was last applied with."""
+    from pymachined import rootfs
+    from pymachined.execute import resume_run_spec
+
+    record = _known(name)
+    reconciler = _reconciler(supervisor)
+    root = rootfs.read(options.layout, name)
+    if root is None:
+        raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
+    rootfs.mount(options.layout, reconciler.images, root)
+    reconciler.supervisor.start(resume_run_spec(record))
+    typer.echo(f"started {name}")
+
+
+@app.command()
+def stop(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """Stop a machine (apply starts it again if its spec says state: running)."""
+    _known(name)
+    status = _reconciler(supervisor).supervisor.stop(name)
+    typer.echo(f"stopped {name} (exit code {status.exit_code})")
+
+
+@app.command()
+def restart(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """Stop and start a machine."""
+    stop(name, supervisor)
+    start(name, supervisor)
+
+
+@app.command()
+def destroy(
+    name: NameArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """Stop a machine and remove its root, files and record."""
+    from pymachined.execute import remove_machine
+    from pymachined.state import StateStore
+
+    _known(name)
+    if not yes and sys.stdin.isatty():
+        typer.confirm(f"destroy {name} and everything written in it?", abort=True)
+    reconciler = _reconciler(supervisor)
+    with _host_lock(None):
+        remove_machine(options.layout, StateStore(options.layout), reconciler.supervisor, name)
+    typer.echo(f"destroyed {name}")
 
 
 # ---------------------------------------------------------------------------

@@ -1,26 +1,339 @@
-"""pymachined: the supervisor for hosts without systemd as PID 1, and the GitOps agent.
+"""pymachined: the supervisor for hosts without systemd as PID 1.
 
-The supervisor arrives with the reconciler; until then this entry point only
-says what it will be.
+One process, one event loop: a Unix socket for requests (one JSON line in, one
+JSON line out), and a pidfd per running machine that becomes readable when the
+machine's systemd-nspawn exits. Each machine's spec and state is kept in
+``<run>/supervisor/<name>.json`` (atomically rewritten on every change), so a
+new pymachined adopts the machines an earlier one started without restarting
+them: it checks that the recorded pid still runs and started when recorded.
+Machines are started in their own sessions and outlive pymachined.
+
+Restart policies: ``no``, ``on-failure`` (a non-zero or unknown exit code),
+``always``; with backoff from 0.2 s doubling to 10 s, reset by 10 s of running.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess  # for the Popen type of children
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-USAGE = """\
-usage: pymachined [--help]
+from pymachined import files, run
+from pymachined.errors import PymachineError
+from pymachined.layout import Layout
+from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status
 
-pymachined supervises pymachine's machines on hosts where systemd is not PID 1,
-and runs the GitOps reconcile loop. `pymachine apply` starts it when needed.
-"""
+log = logging.getLogger("pymachined")
+
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 10.0
+HEALTHY_AFTER = 10.0
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of a process in clock ticks since boot (field 22 of
+    /proc/PID/stat), or None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+@dataclass
+class Machine:
+    """One supervised machine: its spec and what became of it."""
+
+    spec: RunSpec
+    wanted: str = "running"
+    state: RunState = RunState.CREATED
+    pid: int | None = None
+    pid_start: int | None = None
+    started: float | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    failures: int = 0
+    forgotten: bool = False
+    restart_at: float | None = None
+    kill_at: float | None = None
+    pidfd: int | None = field(default=None, repr=False)
+    child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def status(self) -> Status:
+        """The machine's status as the interface reports it."""
+        return Status(
+            self.spec.name, self.state, self.pid, self.started, self.exit_code, self.restarts
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """What is kept on disk."""
+        return {
+            "spec": self.spec.as_json(),
+            "wanted": self.wanted,
+            "state": self.state.value,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "started": self.started,
+            "exit_code": self.exit_code,
+            "restarts": self.restarts,
+        }
+
+
+class Daemon:
+    """The builtin supervisor's event loop."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.run_dir = Path(layout.run_dir)
+        self.records = self.run_dir / "supervisor"
+        self.machines: dict[str, Machine] = {}
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+
+    # -- persistence -------------------------------------------------------
+
+    def save(self, machine: Machine) -> None:
+        files.atomic_write_json(self.records / f"{machine.spec.name}.json", machine.as_json())
+
+    def adopt(self) -> None:
+        """Take over the machines recorded by an earlier pymachined."""
+        self.records.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.records.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                machine = Machine(
+                    spec=RunSpec.from_json(data["spec"]),
+                    wanted=data.get("wanted", "running"),
+                    state=RunState(data.get("state", "created")),
+                    pid=data.get("pid"),
+                    pid_start=data.get("pid_start"),
+                    started=data.get("started"),
+                    exit_code=data.get("exit_code"),
+                    restarts=int(data.get("restarts", 0)),
+                )
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("ignoring unreadable supervisor record %s: %s", path, exc)
+                continue
+            self.machines[machine.spec.name] = machine
+            alive = (
+                machine.pid is not None
+                and machine.pid_start is not None
+                and process_start_time(machine.pid) == machine.pid_start
+            )
+            if alive and machine.pid is not None:
+                log.info("adopted %s (pid %d)", machine.spec.name, machine.pid)
+                self._watch(machine, machine.pid)
+            elif machine.state in (RunState.RUNNING, RunState.RESTARTING):
+                # It ended while nobody watched: its exit code is unknown.
+                self._exited(machine, None)
+
+    # -- running -----------------------------------------------------------
+
+    def _watch(self, machine: Machine, pid: int) -> None:
+        machine.pidfd = os.pidfd_open(pid)
+        self.selector.register(machine.pidfd, selectors.EVENT_READ, machine)
+
+    def launch(self, machine: Machine) -> None:
+        """Start a machine's process now."""
+        spec = machine.spec
+        Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
+            output.write(f"-- pymachined: starting {spec.name}\n".encode())
+            output.flush()
+            child = run.spawn(spec.argv, output)
+        machine.child = child
+        machine.pid = child.pid
+        machine.pid_start = process_start_time(child.pid)
+        machine.started = time.time()
+        machine.state = RunState.RUNNING
+        machine.exit_code = None
+        machine.restart_at = None
+        self._watch(machine, child.pid)
+        self.save(machine)
+        log.info("started %s (pid %d)", spec.name, child.pid)
+
+    def _reap(self, machine: Machine) -> int | None:
+        if machine.pidfd is not None:
+            self.selector.unregister(machine.pidfd)
+            os.close(machine.pidfd)
+            machine.pidfd = None
+        if machine.child is not None:
+            code = machine.child.wait()
+            machine.child = None
+            return code if code >= 0 else 128 - code
+        return None  # adopted: not our child, so its exit code is lost
+
+    def _exited(self, machine: Machine, code: int | None) -> None:
+        ran = time.time() - (machine.started or time.time())
+        machine.exit_code = code
+        machine.pid = None
+        machine.pid_start = None
+        machine.kill_at = None
+        policy = machine.spec.restart
+        again = machine.wanted == "running" and (
+            policy == "always" or (policy == "on-failure" and code != 0)
+        )
+        if again:
+            machine.failures = 0 if ran > HEALTHY_AFTER else machine.failures + 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, machine.failures - 1))
+            machine.state = RunState.RESTARTING
+            machine.restart_at = time.monotonic() + delay
+            log.info("%s exited (%s); restarting in %.1f s", machine.spec.name, code, delay)
+        else:
+            machine.state = RunState.EXITED
+            log.info("%s exited (%s)", machine.spec.name, code)
+        if machine.forgotten:
+            self._drop(machine.spec.name)
+        else:
+            self.save(machine)
+
+    def _drop(self, name: str) -> None:
+        self.machines.pop(name, None)
+        (self.records / f"{name}.json").unlink(missing_ok=True)
+
+    def on_exit(self, machine: Machine) -> None:
+        """A machine's process ended."""
+        self._exited(machine, self._reap(machine))
+
+    def tick(self) -> None:
+        """Restarts and kills that are due."""
+        now = time.monotonic()
+        for machine in list(self.machines.values()):
+            if machine.restart_at is not None and now >= machine.restart_at:
+                machine.restarts += 1
+                self.launch(machine)
+            if machine.kill_at is not None and now >= machine.kill_at and machine.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(machine.pid, signal.SIGKILL)
+                machine.kill_at = None
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            t for m in self.machines.values() for t in (m.restart_at, m.kill_at) if t is not None
+        ]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    # -- requests ----------------------------------------------------------
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request: status, start, stop, forget."""
+        op = request.get("op")
+        if op == "status":
+            return {"machines": [m.status().as_json() for m in self.machines.values()]}
+        if op == "ping":
+            return {"pid": os.getpid()}
+        name = str(request.get("name", ""))
+        if op == "start":
+            spec = RunSpec.from_json(request["spec"])
+            machine = self.machines.get(spec.name)
+            if machine is not None and machine.pid is not None:
+                return {"error": f"{spec.name} is running; stop it first"}
+            machine = Machine(spec, restarts=machine.restarts if machine else 0)
+            self.machines[spec.name] = machine
+            self.launch(machine)
+            return {"status": machine.status().as_json()}
+        machine = self.machines.get(name)
+        if machine is None:
+            return {"error": f"no machine {name!r} is supervised"}
+        if op in ("stop", "forget"):
+            machine.wanted = "stopped"
+            machine.restart_at = None
+            if machine.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(machine.pid, signal.SIGTERM)
+                machine.kill_at = time.monotonic() + machine.spec.stop_timeout
+            elif machine.state is RunState.RESTARTING:
+                machine.state = RunState.EXITED
+            machine.forgotten = op == "forget"
+            if machine.forgotten and machine.pid is None:
+                self._drop(name)
+            else:
+                self.save(machine)
+            return {"status": machine.status().as_json()}
+        return {"error": f"unknown request {op!r}"}
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        path = self.run_dir / SOCKET
+        path.unlink(missing_ok=True)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        path.chmod(0o600)
+        server.listen(16)
+        self.selector.register(server, selectors.EVENT_READ, None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        self.adopt()
+        log.info("pymachined %d serving %s", os.getpid(), path)
+        while not self.stopping:
+            for key, _ in self.selector.select(self.next_deadline()):
+                if key.data is None:
+                    self._answer(server)
+                else:
+                    self.on_exit(key.data)
+            self.tick()
+        server.close()
+        path.unlink(missing_ok=True)
+
+    def _answer(self, server: socket.socket) -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.settimeout(5)
+            try:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                reply = self.handle(json.loads(data))
+            except Exception as exc:  # a bad request must not stop the supervisor
+                log.exception("request failed")
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps(reply).encode() + b"\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the usage; exit 0 for --help, 2 otherwise."""
-    args = sys.argv[1:] if argv is None else argv
-    sys.stdout.write(USAGE)
-    return 0 if args in (["--help"], ["-h"]) else 2
+    """Run pymachined in the foreground."""
+    parser = argparse.ArgumentParser(
+        prog="pymachined",
+        description="Supervise pymachine's machines on hosts without systemd as PID 1. "
+        "`pymachine apply` starts it when needed.",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path(os.environ.get("PYMACHINE_ROOT", "/")),
+        help="keep all state under this directory instead of /",
+    )
+    parser.add_argument("--debug", action="store_true", help="log every event")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s pymachined: %(message)s",
+        stream=sys.stderr,
+    )
+    layout = Layout(PurePosixPath(args.root.resolve()))
+    run_dir = Path(layout.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with files.locked(run_dir / "pymachined.lock", timeout=0):
+            Daemon(layout).serve()
+    except PymachineError as error:
+        print(f"pymachined: {error.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -185,3 +185,38 @@ def tree_usage(root: Path, seen: set[tuple[int, int]] | None = None) -> int:
             if stat.S_ISDIR(info.st_mode):
                 stack.append(Path(entry.path))
     return total
+
+
+def write_in_root(root: Path, path: str, content: str, mode: int) -> None:
+    """Write content at the absolute path inside root, atomically, never following
+    a symlink: a path through a symlink is refused, so nothing is written
+    outside root whatever the root holds."""
+    parts = [p for p in path.split("/") if p]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for index, part in enumerate(parts[:-1]):
+            where = "/" + "/".join(parts[: index + 1])
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except (NotADirectoryError, OSError) as exc:
+                raise PymachineError(
+                    f"cannot write {path} in the machine: {where} is a symlink or not a directory",
+                    hint="name the file by its real path inside the machine",
+                ) from exc
+            os.close(fd)
+            fd = child
+        name = parts[-1]
+        temp = f".{name}.pymachine-tmp"
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode, dir_fd=fd)
+        try:
+            os.write(out, content.encode())
+            os.fchmod(out, mode)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 from pymachined import commands, files, run
 from pymachined.errors import CommandError, PymachineError
+from pymachined.faults import crash_point
 from pymachined.layout import Layout
 from pymachined.parsers import (
     debian_mirror,
@@ -301,6 +302,7 @@ class ImageStore:
                     self._build_in(layer, staging, log)
                 shutil.rmtree(staging / "build", ignore_errors=True)
                 files.atomic_write_json(staging / RECORD, self._record(layer).as_json())
+                crash_point("build")
                 staging.rename(self.path(layer.key))
                 files.fsync_dir(self.root)
             except BaseException as exc:

@@ -136,6 +136,51 @@ def nspawn_context(machine: Machine) -> dict[str, Any]:
     }
 
 
+def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
+    """The systemd-nspawn command line pymachined runs a machine with: the same
+    settings as its .nspawn file (from the same context), as options, since a
+    file under --root is not where nspawn looks for settings."""
+    context = nspawn_context(machine)
+    argv = [
+        NSPAWN_BINARY,
+        "--quiet",
+        "--register=no",
+        "--keep-unit",
+        "--console=pipe",
+        f"--machine={machine.name}",
+        f"--directory={layout.rootfs(machine.name)}",
+        f"--private-users={context['private_users']}",
+        f"--private-users-ownership={context['users_ownership']}",
+    ]
+    argv += [f"--setenv={assignment}" for assignment in context["environment"]]
+    if context["user"]:
+        argv.append(f"--user={context['user']}")
+    if context["workdir"]:
+        argv.append(f"--chdir={context['workdir']}")
+    if context["hostname"]:
+        argv.append(f"--hostname={context['hostname']}")
+    if context["capability_add"]:
+        argv.append(f"--capability={context['capability_add'].replace(' ', ',')}")
+    if context["capability_drop"]:
+        argv.append(f"--drop-capability={context['capability_drop'].replace(' ', ',')}")
+    if context["no_new_privileges"]:
+        argv.append("--no-new-privileges=yes")
+    argv += [f"--system-call-filter={f}" for f in context["syscall_filter"]]
+    if context["read_only"]:
+        argv.append("--read-only")
+    for bind in context["binds"]:
+        argv.append(f"--bind-ro={bind['spec']}" if bind["read_only"] else f"--bind={bind['spec']}")
+    argv += [f"--tmpfs={t}" for t in context["tmpfs"]]
+    if machine.network == "none":
+        argv.append("--private-network")
+    elif machine.network != "host":
+        argv.append(f"--network-namespace-path={netns_path(machine.name)}")
+    if machine.boot:
+        argv += ["--boot", "--kill-signal=SIGRTMIN+3"]
+        return argv
+    return [*argv, "--", *context["parameters"]]
+
+
 def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:
     """The systemd-nspawn command line of a machine's unit; its settings come from
     the .nspawn file nspawn reads from the trusted /etc/systemd/nspawn."""

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from pymachined.errors import CommandError, PymachineError
 
@@ -106,3 +106,21 @@ def stream(
                 on_line(line.rstrip("\n"))
     if proc.returncode != 0:
         raise CommandError(argv, proc.returncode, "\n".join(tail))
+
+
+def spawn(argv: Sequence[str], output: BinaryIO) -> subprocess.Popen[bytes]:
+    """Start argv in its own session, detached from pymachine's terminal, its
+    stdout and stderr appended to output; the caller watches it."""
+    argv = [str(a) for a in argv]
+    logger.debug("+ %s &", shlex.join(argv))
+    try:
+        return subprocess.Popen(  # noqa: S603 - argv list, never a shell
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except FileNotFoundError as exc:
+        raise PymachineError(f"{argv[0]}: command not found") from exc

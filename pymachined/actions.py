@@ -1,0 +1,100 @@
+"""Actions: what apply does to the host, as frozen data. Pure.
+
+Each action names its machine and why it is needed; ``describe()`` is the line
+``plan`` prints and ``as_json()`` the object ``plan -o json`` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a plan."""
+
+    verb: ClassVar[str] = "act on"
+    machine: str
+    reason: str
+
+    @property
+    def kind(self) -> str:
+        """The action's type name, as in the JSON form."""
+        return type(self).__name__
+
+    def describe(self) -> str:
+        """One line for people."""
+        return f"{self.verb} {self.machine}: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The action as JSON."""
+        return {"action": self.kind, "machine": self.machine, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class BuildImage(Action):
+    """Build the image layers a machine needs."""
+
+    verb: ClassVar[str] = "build image for"
+    image: str = ""
+    key: str = ""
+
+    def describe(self) -> str:
+        return f"build image {self.image} ({self.key}) for {self.machine}: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {**super().as_json(), "image": self.image, "key": self.key}
+
+
+@dataclass(frozen=True)
+class CreateMachine(Action):
+    """Make a machine's root and record."""
+
+    verb: ClassVar[str] = "create"
+
+
+@dataclass(frozen=True)
+class ReplaceRoot(Action):
+    """Make a machine's root again from a different image (its writes are lost)."""
+
+    verb: ClassVar[str] = "replace the root of"
+
+
+@dataclass(frozen=True)
+class WriteFiles(Action):
+    """Write a machine's rendered files."""
+
+    verb: ClassVar[str] = "write files of"
+    paths: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {**super().as_json(), "paths": list(self.paths)}
+
+
+@dataclass(frozen=True)
+class StartMachine(Action):
+    """Start a machine."""
+
+    verb: ClassVar[str] = "start"
+
+
+@dataclass(frozen=True)
+class RestartMachine(Action):
+    """Stop and start a machine whose configuration changed."""
+
+    verb: ClassVar[str] = "restart"
+
+
+@dataclass(frozen=True)
+class StopMachine(Action):
+    """Stop a machine."""
+
+    verb: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class RemoveMachine(Action):
+    """Stop a machine no spec declares and remove its root, files and record."""
+
+    verb: ClassVar[str] = "remove"

@@ -1,0 +1,86 @@
+"""Desired state: what each declared machine should be on this host. Pure.
+
+Everything that, when it changes, needs the machine restarted goes into its
+configuration hash: the command line it runs with, its restart policy and
+stop timeout, its image layers, and the files written into its root. Labels,
+``state``, ``autostart`` and ``depends_on`` do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymachined.layout import Layout
+from pymachined.recipes import Layer, Salts, machine_layers
+from pymachined.render import RenderedFile, machine_files, nspawn_run_argv
+from pymachined.spec import Machine
+from pymachined.supervise.base import RunSpec
+from pymachined.validate import SpecSet
+
+
+@dataclass(frozen=True)
+class Desired:
+    """One declared machine, resolved for this host."""
+
+    machine: Machine
+    layers: tuple[Layer, ...]
+    files: tuple[RenderedFile, ...]
+    run: RunSpec
+    config_hash: str
+
+    @property
+    def name(self) -> str:
+        """The machine's name."""
+        return self.machine.name
+
+    @property
+    def layer_keys(self) -> tuple[str, ...]:
+        """The image layers, topmost first (as a root records them)."""
+        return tuple(layer.key for layer in reversed(self.layers))
+
+
+def file_hash(content: str | bytes) -> str:
+    """The hash pymachine records for a file it writes."""
+    raw = content.encode() if isinstance(content, str) else content
+    return hashlib.sha256(raw).hexdigest()
+
+
+def console_log(layout: Layout, name: str) -> Path:
+    """Where a machine's output goes under pymachined."""
+    return Path(layout.machine_dir(name)) / "console.log"
+
+
+def desire(
+    spec_set: SpecSet, layout: Layout, template_dir: Path, salts: Salts
+) -> dict[str, Desired]:
+    """The desired state of every declared machine, by name."""
+    out = {}
+    for name, machine in spec_set.machines.items():
+        layers = tuple(machine_layers(spec_set, machine, salts))
+        run = RunSpec(
+            name=name,
+            argv=tuple(nspawn_run_argv(machine, layout)),
+            restart=machine.restart.value,
+            log=str(console_log(layout, name)),
+            stop_timeout=machine.stop_timeout,
+        )
+        config = {
+            "argv": list(run.argv),
+            "restart": run.restart,
+            "stop_timeout": run.stop_timeout,
+            "layers": [layer.key for layer in layers],
+            "rootfs": machine.rootfs.value,
+            "files": [f.model_dump(mode="json") for f in machine.files],
+        }
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        out[name] = Desired(
+            machine=machine,
+            layers=layers,
+            files=tuple(machine_files(machine, layout, template_dir)),
+            run=run,
+            config_hash=digest,
+        )
+    return out

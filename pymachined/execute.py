@@ -1,0 +1,195 @@
+"""Executing a plan: each action changes the host and then the state store.
+
+The order of writes makes every step safe to interrupt: a root is complete
+before its record names it, a record is removed only after everything it
+owned is gone, and files are written atomically. A new apply after a crash
+observes what is there and plans the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pymachined import files, rootfs
+from pymachined.actions import (
+    Action,
+    BuildImage,
+    CreateMachine,
+    RemoveMachine,
+    ReplaceRoot,
+    RestartMachine,
+    StartMachine,
+    StopMachine,
+    WriteFiles,
+)
+from pymachined.desired import Desired, file_hash
+from pymachined.errors import PymachineError
+from pymachined.faults import crash_point
+from pymachined.images import ImageStore
+from pymachined.layout import Layout
+from pymachined.records import MachineRecord
+from pymachined.render import MARKER
+from pymachined.state import StateStore
+from pymachined.supervise.base import RunSpec, Supervisor
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Executor:
+    """Carries out actions against one host."""
+
+    layout: Layout
+    images: ImageStore
+    state: StateStore
+    supervisor: Supervisor
+    desired: Mapping[str, Desired]
+    say: Callable[[str], None] = lambda text: None
+
+    def run(self, actions: Sequence[Action]) -> None:
+        """Every action, in order; the first failure stops the run."""
+        for action in actions:
+            self.say(action.describe())
+            handler = getattr(self, f"_{action.kind}")
+            handler(action)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _record(self, name: str) -> MachineRecord:
+        record = self.state.get(name)
+        if record is None:
+            raise PymachineError(f"machine {name} has no state record")
+        return record
+
+    def _event(self, record: MachineRecord, event: str) -> MachineRecord:
+        updated = record.with_event(f"{_now()} {event}")
+        self.state.put(updated)
+        return updated
+
+    def _claim_directory(self, name: str) -> None:
+        """A machine directory may be reused only if pymachine made it."""
+        base = Path(self.layout.machine_dir(name))
+        if not base.exists():
+            return
+        ours = (base / rootfs.RECORD).exists() or self.state.path(name).exists()
+        if not ours and any(base.iterdir()):
+            raise PymachineError(
+                f"{base} exists and was not made by pymachine",
+                hint="move it away or rename the machine; pymachine never deletes it",
+            )
+
+    def _make_root(self, want: Desired) -> None:
+        chain = self.images.chain(want.layer_keys[0])
+        rootfs.create(self.layout, want.name, want.machine.rootfs, chain)
+        mounted = rootfs.mount(
+            self.layout, self.images, rootfs.Root(want.name, want.machine.rootfs, want.layer_keys)
+        )
+        for file in want.machine.files:
+            files.write_in_root(mounted, file.path, file.content, int(file.mode, 8))
+
+    # -- actions -------------------------------------------------------------
+
+    def _BuildImage(self, action: BuildImage) -> None:
+        self.images.ensure(self.desired[action.machine].layers)
+
+    def _CreateMachine(self, action: CreateMachine) -> None:
+        want = self.desired[action.machine]
+        self._claim_directory(want.name)
+        self._make_root(want)
+        crash_point("create")
+        record = self.state.get(want.name) or MachineRecord(
+            name=want.name, config_hash="", layers=want.layer_keys, created=_now()
+        )
+        self._event(replace(record, layers=want.layer_keys), "created")
+
+    def _ReplaceRoot(self, action: ReplaceRoot) -> None:
+        want = self.desired[action.machine]
+        self.supervisor.stop(want.name)
+        rootfs.unmount(self.layout, want.name)
+        base = Path(self.layout.machine_dir(want.name))
+        for part in ("rootfs", "upper", "work", "ephemeral", rootfs.RECORD):
+            files.remove_tree(base / part)
+        self._make_root(want)
+        self._event(replace(self._record(want.name), layers=want.layer_keys), "root replaced")
+
+    def _WriteFiles(self, action: WriteFiles) -> None:
+        want = self.desired[action.machine]
+        record = self._record(want.name)
+        hashes = dict(record.files)
+        for rendered in want.files:
+            if str(rendered.path) in action.paths:
+                files.atomic_write(Path(rendered.path), rendered.content, rendered.mode)
+            hashes[str(rendered.path)] = file_hash(rendered.content)
+        crash_point("files")
+        self._event(replace(record, files=hashes), f"files written ({action.reason})")
+
+    def _start(self, want: Desired, event: str) -> None:
+        root = rootfs.read(self.layout, want.name)
+        if root is None:
+            raise PymachineError(f"machine {want.name} has no root")
+        rootfs.mount(self.layout, self.images, root)
+        self.supervisor.start(want.run)
+        crash_point("start")
+        record = replace(
+            self._record(want.name), config_hash=want.config_hash, run=want.run.as_json()
+        )
+        self._event(record, event)
+
+    def _StartMachine(self, action: StartMachine) -> None:
+        self._start(self.desired[action.machine], "started")
+
+    def _RestartMachine(self, action: RestartMachine) -> None:
+        want = self.desired[action.machine]
+        self.supervisor.stop(want.name)
+        self._start(want, f"restarted ({action.reason})")
+
+    def _StopMachine(self, action: StopMachine) -> None:
+        self.supervisor.stop(action.machine)
+        self._event(self._record(action.machine), "stopped")
+
+    def _RemoveMachine(self, action: RemoveMachine) -> None:
+        remove_machine(self.layout, self.state, self.supervisor, action.machine)
+
+
+def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, name: str) -> None:
+    """Stop a machine and remove its files, root and record, the record last, so
+    an interrupted removal is finished by the next one."""
+    record = state.get(name)
+    if record is None:
+        raise PymachineError(f"no machine {name!r} in pymachine's inventory")
+    supervisor.forget(name)
+    for path in record.files:
+        _remove_owned_file(Path(path))
+    crash_point("remove")
+    rootfs.unmount(layout, name)
+    base = Path(layout.machine_dir(name))
+    for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        if entry.name != state.path(name).name:
+            files.remove_tree(entry)
+    state.delete(name)
+    with contextlib.suppress(FileNotFoundError):
+        base.rmdir()
+
+
+def _remove_owned_file(path: Path) -> None:
+    """Remove a rendered file only if it still carries pymachine's owner marker."""
+    try:
+        with path.open() as handle:
+            first = handle.readline()
+    except FileNotFoundError:
+        return
+    if first.startswith(f"# {MARKER}"):
+        path.unlink()
+
+
+def resume_run_spec(record: MachineRecord) -> RunSpec:
+    """The run spec a machine last started with, for start/restart by name."""
+    if record.run is None:
+        raise PymachineError(f"machine {record.name} was never started", hint="run pymachine apply")
+    return RunSpec.from_json(record.run)

@@ -1,0 +1,46 @@
+"""Observed state: what is on the host, read from the state store, the roots,
+the rendered files and the supervisor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from pymachined import rootfs
+from pymachined.desired import Desired, file_hash
+from pymachined.layout import Layout
+from pymachined.plan import Observed
+from pymachined.state import StateStore
+from pymachined.supervise.base import Status
+
+
+def _hash_of(path: Path) -> str | None:
+    try:
+        return file_hash(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def observe(
+    layout: Layout,
+    store: StateStore,
+    desired: Mapping[str, Desired],
+    statuses: Mapping[str, Status],
+) -> dict[str, Observed]:
+    """Observed state of every declared or recorded machine, by name."""
+    records = store.all()
+    names: Iterable[str] = sorted(set(desired) | set(records))
+    out = {}
+    for name in names:
+        root = rootfs.read(layout, name)
+        has_root = root is not None and Path(layout.rootfs(name)).is_dir()
+        want = desired.get(name)
+        paths = [Path(f.path) for f in want.files] if want else []
+        out[name] = Observed(
+            name=name,
+            record=records.get(name),
+            root=root.layers if root is not None and has_root else None,
+            files={str(p): _hash_of(p) for p in paths},
+            status=statuses.get(name),
+        )
+    return out

@@ -1,0 +1,131 @@
+"""Planning: desired state and observed state in, ordered actions out. Pure.
+
+``plan`` decides what changed and what to do about it, and nothing else: it
+reads no file, starts no process, and gives the same actions for the same
+inputs. Starts follow ``depends_on`` (dependencies first); stops and removals
+go the other way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pymachined.actions import (
+    Action,
+    BuildImage,
+    CreateMachine,
+    RemoveMachine,
+    ReplaceRoot,
+    RestartMachine,
+    StartMachine,
+    StopMachine,
+    WriteFiles,
+)
+from pymachined.desired import Desired, file_hash
+from pymachined.records import MachineRecord
+from pymachined.spec import MachineState
+from pymachined.supervise.base import RunState, Status
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What is on the host for one machine name."""
+
+    name: str
+    record: MachineRecord | None = None
+    root: tuple[str, ...] | None = None  # the layers of its root, if it has one
+    files: Mapping[str, str | None] = field(default_factory=dict)  # path -> hash on disk
+    status: Status | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether its supervisor runs it (or is about to restart it)."""
+        return self.status is not None and self.status.state in (
+            RunState.RUNNING,
+            RunState.RESTARTING,
+        )
+
+
+def start_order(desired: Mapping[str, Desired]) -> list[str]:
+    """Machine names with every dependency before its dependents, ties by name."""
+    done: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in desired:
+            return
+        seen.add(name)
+        for dependency in sorted(desired[name].machine.depends_on):
+            visit(dependency)
+        done.append(name)
+
+    for name in sorted(desired):
+        visit(name)
+    return done
+
+
+def _file_actions(want: Desired, seen: Observed) -> list[Action]:
+    stale = []
+    for rendered in want.files:
+        path = str(rendered.path)
+        current = seen.files.get(path)
+        if current != file_hash(rendered.content):
+            stale.append(path)
+    if not stale:
+        return []
+    if seen.record is None:
+        reason = "new machine"
+    else:
+        missing = [p for p in stale if seen.files.get(p) is None]
+        reason = f"{missing[0]} is missing" if missing else f"{stale[0]} differs from the spec"
+    return [WriteFiles(want.name, reason, tuple(stale))]
+
+
+def plan(
+    desired: Mapping[str, Desired],
+    observed: Mapping[str, Observed],
+    built: Iterable[str],
+    *,
+    prune: bool = False,
+) -> list[Action]:
+    """The actions that make observed into desired. ``built`` are the image keys
+    already in the cache; ``prune`` removes recorded machines no spec declares."""
+    built = set(built)
+    actions: list[Action] = []
+    stopping: list[Action] = []
+    queued_builds: set[str] = set()
+    for name in start_order(desired):
+        want = desired[name]
+        seen = observed.get(name, Observed(name))
+        top = want.layers[-1]
+        if top.key not in built and top.key not in queued_builds:
+            missing = [layer for layer in want.layers if layer.key not in built]
+            actions.append(
+                BuildImage(name, f"{len(missing)} layer(s) not in the cache", top.name, top.key)
+            )
+            queued_builds.add(top.key)
+        recreated = False
+        if seen.record is None or seen.root is None:
+            reason = "new machine" if seen.record is None else "its root is missing"
+            actions.append(CreateMachine(name, reason))
+            recreated = True
+        elif seen.root != want.layer_keys:
+            actions.append(ReplaceRoot(name, "its image changed"))
+            recreated = True
+        actions += _file_actions(want, seen)
+        wants_running = want.machine.state is MachineState.RUNNING
+        if wants_running and not seen.running:
+            actions.append(StartMachine(name, "not running"))
+        elif wants_running and recreated:
+            actions.append(RestartMachine(name, "its root was made again"))
+        elif wants_running and seen.record and seen.record.config_hash != want.config_hash:
+            actions.append(RestartMachine(name, "its configuration changed"))
+        elif not wants_running and seen.running:
+            stopping.append(StopMachine(name, "state: stopped"))
+    # Stop dependents before what they depend on.
+    actions += reversed(stopping)
+    if prune:
+        gone = sorted(n for n in observed if n not in desired and observed[n].record is not None)
+        actions += [RemoveMachine(n, "no spec declares it") for n in reversed(gone)]
+    return actions

@@ -1,0 +1,61 @@
+"""The state store: one record per machine in ``<state>/machines/<name>/state.json``,
+written atomically. Only a machine with a readable record that says
+``owner: pymachine`` is ever pruned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pymachined import files
+from pymachined.errors import StateError
+from pymachined.layout import Layout
+from pymachined.records import MachineRecord, parse_record
+
+RECORD = "state.json"
+
+
+class StateStore:
+    """Machine records under ``<state>/machines/<name>/state.json``."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def path(self, name: str) -> Path:
+        """Where a machine's record lives."""
+        return Path(self.layout.machine_dir(name)) / RECORD
+
+    def get(self, name: str) -> MachineRecord | None:
+        """A machine's record, None if it has none; StateError if it is unreadable."""
+        path = self.path(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+        return parse_record(text, path)
+
+    def names(self) -> list[str]:
+        """Machines that have a record (the inventory)."""
+        machines = Path(self.layout.machines_dir)
+        if not machines.is_dir():
+            return []
+        return sorted(p.parent.name for p in machines.glob(f"*/{RECORD}"))
+
+    def all(self) -> dict[str, MachineRecord]:
+        """Every record, by machine name."""
+        out = {}
+        for name in self.names():
+            record = self.get(name)
+            if record is not None:
+                out[name] = record
+        return out
+
+    def put(self, record: MachineRecord) -> None:
+        """Write a record atomically."""
+        files.atomic_write_json(self.path(record.name), record.as_json())
+
+    def delete(self, name: str) -> None:
+        """Forget a machine (its directory is removed separately)."""
+        self.path(name).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Supervisors: ``base`` (the interface and its data), ``builtin`` (pymachined)."""

@@ -1,0 +1,112 @@
+"""The supervisor interface: what runs machines and restarts them by policy.
+
+Two backends stand behind it: systemd where it is PID 1, and pymachined (the
+builtin supervisor) everywhere else. Both keep the same states and restart
+semantics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+SOCKET = "pymachined.sock"
+"""pymachined's socket, in the run directory."""
+
+
+class RunState(StrEnum):
+    """A supervised machine's state."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    EXITED = "exited"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """How to run one machine: its command line, restart policy and log."""
+
+    name: str
+    argv: tuple[str, ...]
+    restart: str
+    log: str
+    stop_timeout: float
+
+    def as_json(self) -> dict[str, Any]:
+        """The spec as sent to and kept by the supervisor."""
+        return {
+            "name": self.name,
+            "argv": list(self.argv),
+            "restart": self.restart,
+            "log": self.log,
+            "stop_timeout": self.stop_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSpec:
+        """The spec from its JSON form."""
+        return cls(
+            name=str(data["name"]),
+            argv=tuple(data["argv"]),
+            restart=str(data["restart"]),
+            log=str(data["log"]),
+            stop_timeout=float(data["stop_timeout"]),
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the supervisor says of one machine."""
+
+    name: str
+    state: RunState
+    pid: int | None = None
+    started: float | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        """The status in its JSON form."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "started": self.started,
+            "exit_code": self.exit_code,
+            "restarts": self.restarts,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Status:
+        """The status from its JSON form."""
+        return cls(
+            name=str(data["name"]),
+            state=RunState(data["state"]),
+            pid=data.get("pid"),
+            started=data.get("started"),
+            exit_code=data.get("exit_code"),
+            restarts=int(data.get("restarts", 0)),
+        )
+
+
+class Supervisor(Protocol):
+    """Runs machines, restarts them by policy, and says how they are."""
+
+    def status(self) -> dict[str, Status]:
+        """Every machine the supervisor knows, by name."""
+        ...
+
+    def start(self, spec: RunSpec) -> Status:
+        """Start a machine (replacing any earlier spec of the same name)."""
+        ...
+
+    def stop(self, name: str) -> Status:
+        """Stop a machine and keep it stopped."""
+        ...
+
+    def forget(self, name: str) -> None:
+        """Stop a machine if it runs, and drop it."""
+        ...

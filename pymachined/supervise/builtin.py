@@ -1,0 +1,112 @@
+"""The client of pymachined, the builtin supervisor: requests over its socket,
+and starting it when it is not running."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pymachined import run
+from pymachined.errors import PymachineError
+from pymachined.layout import Layout
+from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status
+
+START_TIMEOUT = 10.0
+
+
+class BuiltinSupervisor:
+    """Machines supervised by pymachined."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.run_dir = Path(layout.run_dir)
+        self.socket = self.run_dir / SOCKET
+
+    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(30)
+            connection.connect(str(self.socket))
+            connection.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply: dict[str, Any] = json.loads(data)
+        if "error" in reply:
+            raise PymachineError(f"pymachined: {reply['error']}")
+        return reply
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send one request, starting pymachined first if it does not answer."""
+        try:
+            return self._send(request)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.start_daemon()
+            return self._send(request)
+
+    def running(self) -> bool:
+        """Whether pymachined answers."""
+        try:
+            self._send({"op": "ping"})
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        return True
+
+    def start_daemon(self) -> None:
+        """Start pymachined in the background and wait until it answers."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "pymachined.daemon", "--root", str(self.layout.root)]
+        with (self.run_dir / "pymachined.log").open("ab") as output:
+            daemon = run.spawn(argv, output)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.running():
+                return
+            if daemon.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise PymachineError(
+            "pymachined did not start",
+            hint=f"see {self.run_dir / 'pymachined.log'}",
+        )
+
+    def status(self) -> dict[str, Status]:
+        """Every supervised machine, by name (nothing if pymachined is not running)."""
+        if not self.running():
+            return {}
+        reply = self._send({"op": "status"})
+        return {m["name"]: Status.from_json(m) for m in reply["machines"]}
+
+    def start(self, spec: RunSpec) -> Status:
+        """Start a machine."""
+        return Status.from_json(self.request({"op": "start", "spec": spec.as_json()})["status"])
+
+    def _wait_stopped(self, name: str, timeout: float) -> Status | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status().get(name)
+            if status is None or status.pid is None:
+                return status
+            if time.monotonic() > deadline:
+                raise PymachineError(f"{name} did not stop within {timeout:g} s")
+            time.sleep(0.05)
+
+    def stop(self, name: str) -> Status:
+        """Stop a machine and wait until its process is gone."""
+        reply = self.request({"op": "stop", "name": name})
+        timeout = float(reply.get("stop_timeout", 0)) or 30.0
+        status = self._wait_stopped(name, timeout + 10)
+        return status or Status(name, RunState.EXITED)
+
+    def forget(self, name: str) -> None:
+        """Stop a machine if needed and drop it from pymachined."""
+        if name not in self.status():
+            return
+        self.request({"op": "forget", "name": name})
+        self._wait_stopped(name, 60)
