@@ -185,7 +185,7 @@ def assert_reported(case: Case, code: int, out: str, err: str) -> None:
         assert text not in err
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(_params()))
 def test_bad_spec(
     case: Case, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,187 @@
+"""Planning is pure: desired and observed state in, actions out. Each case also
+checks that planning again, with what the actions produce, plans nothing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from pymachined.actions import Action
+from pymachined.desired import Desired, desire, file_hash
+from pymachined.layout import Layout
+from pymachined.plan import Observed, plan, start_order
+from pymachined.recipes import Salts
+from pymachined.records import MachineRecord
+from pymachined.supervise.base import RunState, Status
+from pymachined.validate import load_set
+
+SALTS = Salts(bootstrap="debootstrap 1.0 http://mirror", derive="layer")
+LAYOUT = Layout(PurePosixPath("/srv/host"))
+
+SPECS = """\
+name: db
+image: debian-bookworm-slim
+command: [sleep, infinity]
+---
+name: web
+image: debian-bookworm-slim
+packages: [curl]
+command: [sleep, infinity]
+depends_on: [db]
+environment: {MODE: prod}
+---
+name: cache
+image: debian-bookworm-slim
+command: [sleep, infinity]
+depends_on: [web]
+"""
+
+
+def desired_from(repo: Path, tmp_path: Path, text: str = SPECS) -> dict[str, Desired]:
+    spec = tmp_path / "specs.yaml"
+    spec.write_text(text)
+    spec_set = load_set([spec], repo / "machines")
+    return desire(spec_set, LAYOUT, repo / "templates", SALTS)
+
+
+def converged(desired: dict[str, Desired]) -> tuple[dict[str, Observed], set[str]]:
+    """What the host looks like after a successful apply of desired."""
+    observed = {}
+    for name, want in desired.items():
+        record = MachineRecord(
+            name=name,
+            config_hash=want.config_hash,
+            layers=want.layer_keys,
+            files={str(f.path): file_hash(f.content) for f in want.files},
+            run=want.run.as_json(),
+        )
+        observed[name] = Observed(
+            name=name,
+            record=record,
+            root=want.layer_keys,
+            files=dict(record.files),
+            status=Status(name, RunState.RUNNING, pid=100),
+        )
+    built = {layer.key for want in desired.values() for layer in want.layers}
+    return observed, built
+
+
+def kinds(actions: list[Action]) -> list[tuple[str, str]]:
+    return [(a.kind, a.machine) for a in actions]
+
+
+def test_a_fresh_host_gets_everything_in_dependency_order(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    actions = plan(desired, {}, built=[])
+    assert kinds(actions) == [
+        ("BuildImage", "db"),
+        ("CreateMachine", "db"),
+        ("WriteFiles", "db"),
+        ("StartMachine", "db"),
+        ("BuildImage", "web"),
+        ("CreateMachine", "web"),
+        ("WriteFiles", "web"),
+        ("StartMachine", "web"),
+        ("CreateMachine", "cache"),
+        ("WriteFiles", "cache"),
+        ("StartMachine", "cache"),
+    ]
+    observed, built = converged(desired)
+    assert plan(desired, observed, built) == []
+
+
+def test_start_order_puts_dependencies_first(repo: Path, tmp_path: Path) -> None:
+    assert start_order(desired_from(repo, tmp_path)) == ["db", "web", "cache"]
+
+
+def test_an_environment_change_restarts_only_that_machine(repo: Path, tmp_path: Path) -> None:
+    before = desired_from(repo, tmp_path)
+    observed, built = converged(before)
+    after = desired_from(repo, tmp_path, SPECS.replace("MODE: prod", "MODE: test"))
+    actions = plan(after, observed, built)
+    assert kinds(actions) == [("WriteFiles", "web"), ("RestartMachine", "web")]
+    assert actions[1].reason == "its configuration changed"
+    observed, built = converged(after)
+    assert plan(after, observed, built) == []
+
+
+def test_labels_and_autostart_do_not_restart(repo: Path, tmp_path: Path) -> None:
+    before = desired_from(repo, tmp_path)
+    observed, built = converged(before)
+    after = desired_from(
+        repo, tmp_path, SPECS.replace("name: db\n", "name: db\nlabels: {tier: data}\n")
+    )
+    assert [a.kind for a in plan(after, observed, built)] == []
+
+
+def test_drift_is_repaired(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    unit = str(desired["db"].files[1].path)
+    edited = dict(observed["db"].files, **{unit: "hand-edited"})
+    observed["db"] = replace(observed["db"], files=edited)
+    observed["web"] = replace(observed["web"], status=Status("web", RunState.EXITED, exit_code=1))
+    observed["cache"] = replace(observed["cache"], root=None)
+    actions = plan(desired, observed, built)
+    assert kinds(actions) == [
+        ("WriteFiles", "db"),
+        ("StartMachine", "web"),
+        ("CreateMachine", "cache"),
+        ("RestartMachine", "cache"),
+    ]
+    assert actions[0].reason == f"{unit} differs from the spec"
+    assert actions[3].reason == "its root was made again"
+
+
+def test_an_image_change_replaces_the_root(repo: Path, tmp_path: Path) -> None:
+    before = desired_from(repo, tmp_path)
+    observed, built = converged(before)
+    after = desired_from(repo, tmp_path, SPECS.replace("packages: [curl]", "packages: [wget]"))
+    actions = plan(after, observed, built)
+    assert kinds(actions) == [
+        ("BuildImage", "web"),
+        ("ReplaceRoot", "web"),
+        ("RestartMachine", "web"),
+    ]
+
+
+def test_state_stopped_stops_dependents_first(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    stopped = desired_from(repo, tmp_path, SPECS.replace("command", "state: stopped\ncommand"))
+    actions = plan(stopped, observed, built)
+    assert kinds(actions) == [
+        ("StopMachine", "cache"),
+        ("StopMachine", "web"),
+        ("StopMachine", "db"),
+    ]
+    stopped_host = {
+        n: replace(o, status=Status(n, RunState.EXITED, exit_code=0)) for n, o in observed.items()
+    }
+    assert plan(stopped, stopped_host, built) == []
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_undeclared_machines_go_only_with_prune(repo: Path, tmp_path: Path, prune: bool) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    only_db = {"db": desired["db"]}
+    actions = plan(only_db, observed, built, prune=prune)
+    expected = [("RemoveMachine", "web"), ("RemoveMachine", "cache")] if prune else []
+    assert sorted(kinds(actions)) == sorted(expected)
+
+
+def test_machines_without_a_record_are_never_pruned() -> None:
+    handmade = {"mine": Observed("mine", record=None, root=("abc",))}
+    assert plan({}, handmade, built=[], prune=True) == []
+
+
+def test_plan_as_json_names_action_machine_and_reason(repo: Path, tmp_path: Path) -> None:
+    actions = plan(desired_from(repo, tmp_path), {}, built=[])
+    first = actions[0].as_json()
+    assert first["action"] == "BuildImage"
+    assert first["machine"] == "db"
+    assert first["reason"] == "1 layer(s) not in the cache"
+    assert len(first["key"]) == 16
