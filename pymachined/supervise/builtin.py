@@ -77,9 +77,13 @@ class BuiltinSupervisor:
         )
 
     def status(self) -> dict[str, Status]:
-        """Every supervised machine, by name (nothing if pymachined is not running)."""
+        """Every supervised machine, by name. If pymachined is not running but has
+        machines on record (it was killed, or the host rebooted), it is started,
+        and adopts or restarts them."""
         if not self.running():
-            return {}
+            if not any((self.run_dir / "supervisor").glob("*.json")):
+                return {}
+            self.start_daemon()
         reply = self._send({"op": "status"})
         return {m["name"]: Status.from_json(m) for m in reply["machines"]}
 

@@ -1,0 +1,316 @@
+"""apply, plan, ls and the pymachined supervisor against real systemd-nspawn (as root).
+
+Each test gets its own host root; the image cache is shared with the other
+integration tests (the root's images directory links to it), so only the
+first run on a machine builds images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pymachined.faults import STEPS
+from pymachined.images import ImageRecord
+from pymachined.layout import Layout
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Host:
+    """A host root for one test, and the CLI pointed at it."""
+
+    root: Path
+    specs: Path
+    prefix: str
+
+    def pymachine(
+        self, *args: str, env: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pymachined", "--root", str(self.root), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            check=False,
+            timeout=600,
+        )
+        if check and result.returncode != 0:
+            pytest.fail(f"pymachine {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+        return result
+
+    def declare(self, text: str) -> None:
+        """Replace the specs with text (machine names get the test's prefix)."""
+        for old in self.specs.glob("*.yaml"):
+            old.unlink()
+        (self.specs / "machines.yaml").write_text(text.replace("@", self.prefix))
+
+    def apply(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return self.pymachine("apply", str(self.specs), "--yes", *args, **kwargs)
+
+    def machines(self) -> dict[str, dict[str, Any]]:
+        rows = json.loads(self.pymachine("ls", "-o", "json").stdout)
+        return {row["name"].removeprefix(self.prefix): row for row in rows}
+
+    def wait_for(self, check: Callable[[dict[str, dict[str, Any]]], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if check(self.machines()):
+                return
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {what}: {self.machines()}")
+
+    def mounts(self) -> list[str]:
+        text = Path("/proc/self/mountinfo").read_text()
+        points = [line.split()[4] for line in text.splitlines()]
+        return [p for p in points if p.startswith(f"{self.root}/")]
+
+    def daemon_pid(self) -> int:
+        return int((self.root / "run/pymachine/pymachined.lock").read_text().split()[1])
+
+
+@pytest.fixture
+def host(tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord) -> Iterator[Host]:
+    root = tmp_path / "host"
+    state = root / "var/lib/pymachine"
+    state.mkdir(parents=True)
+    (state / "images").symlink_to(Path(cache_layout.images_dir))
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    test_host = Host(root, specs, f"t{uuid.uuid4().hex[:6]}-")
+    yield test_host
+    for name in test_host.machines():
+        test_host.pymachine("destroy", "--yes", test_host.prefix + name, check=False)
+    lock = root / "run/pymachine/pymachined.lock"
+    if lock.exists() and lock.read_text().strip():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(test_host.daemon_pid(), signal.SIGTERM)
+    assert test_host.mounts() == []
+
+
+TWO = """\
+name: "@a"
+image: debian-bookworm-slim
+command: [sh, -c, "echo started; exec sleep infinity"]
+network: none
+restart: always
+environment: {GREETING: hello}
+---
+name: "@b"
+image: debian-bookworm-slim
+command: [sh, -c, "exec sleep infinity"]
+network: none
+restart: "no"
+"""
+
+
+def rendered_mtimes(host: Host) -> dict[str, int]:
+    found = {}
+    for pattern in (
+        "etc/systemd/nspawn/*",
+        "etc/systemd/system/*",
+        "var/lib/pymachine/machines/*/state.json",
+    ):
+        for path in host.root.glob(pattern):
+            found[str(path)] = path.stat().st_mtime_ns
+    return found
+
+
+def test_apply_then_reapply_changes_nothing(host: Host) -> None:
+    host.declare(TWO)
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 2
+    first = host.apply()
+    assert "applied" in first.stdout
+    host.wait_for(lambda m: all(r["state"] == "running" for r in m.values()), "both running")
+    before = host.machines()
+    mtimes = rendered_mtimes(host)
+    assert len(mtimes) == 6
+
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 0
+    assert planned.stdout == "nothing to do: the host matches the specs\n"
+    again = host.apply()
+    assert again.stdout == "nothing to do: the host matches the specs\n"
+    after = host.machines()
+    assert {n: r["pid"] for n, r in after.items()} == {n: r["pid"] for n, r in before.items()}
+    assert rendered_mtimes(host) == mtimes
+    log = host.root / f"var/lib/pymachine/machines/{host.prefix}a/console.log"
+    assert "started" in log.read_text()
+
+
+def test_a_change_restarts_only_that_machine(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    host.wait_for(lambda m: all(r["pid"] for r in m.values()), "both running")
+    before = host.machines()
+    host.declare(TWO.replace("GREETING: hello", "GREETING: bonjour"))
+    planned = json.loads(host.pymachine("plan", str(host.specs), "-o", "json", check=False).stdout)
+    assert [(p["action"], p["machine"]) for p in planned] == [
+        ("WriteFiles", f"{host.prefix}a"),
+        ("RestartMachine", f"{host.prefix}a"),
+    ]
+    host.apply()
+    host.wait_for(lambda m: m["a"]["pid"] not in (None, before["a"]["pid"]), "a restarted")
+    assert host.machines()["b"]["pid"] == before["b"]["pid"]
+    nspawn = host.root / f"etc/systemd/nspawn/{host.prefix}a.nspawn"
+    assert "GREETING=bonjour" in nspawn.read_text()
+
+
+def test_prune_removes_only_what_pymachine_owns(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    handmade = host.root / "var/lib/pymachine/machines/handmade"
+    handmade.mkdir(parents=True)
+    (handmade / "keep").write_text("mine\n")
+    foreign_unit = host.root / f"etc/systemd/system/pymachine-{host.prefix}zz.service"
+    foreign_unit.write_text("[Unit]\nDescription=not pymachine's\n")
+
+    empty = host.specs.parent / "empty"
+    empty.mkdir()
+    refused = host.pymachine("apply", str(empty), "--prune", "--yes", check=False)
+    assert refused.returncode == 1
+    assert "refusing to prune" in refused.stderr
+    assert set(host.machines()) == {"a", "b"}
+
+    host.declare(TWO.split("---\n")[0])
+    host.apply("--prune")
+    assert set(host.machines()) == {"a"}
+    b_dir = host.root / f"var/lib/pymachine/machines/{host.prefix}b"
+    assert not b_dir.exists()
+    assert not (host.root / f"etc/systemd/nspawn/{host.prefix}b.nspawn").exists()
+    assert not (host.root / f"etc/systemd/system/pymachine-{host.prefix}b.service").exists()
+    assert (handmade / "keep").read_text() == "mine\n"
+    assert foreign_unit.exists()
+
+
+def test_restart_policies(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    host.wait_for(lambda m: all(r["pid"] for r in m.values()), "both running")
+    before = host.machines()
+    os.kill(before["a"]["pid"], signal.SIGKILL)
+    os.kill(before["b"]["pid"], signal.SIGKILL)
+    host.wait_for(
+        lambda m: (
+            m["a"]["restarts"] == 1 and m["a"]["state"] == "running" and m["b"]["state"] == "exited"
+        ),
+        "a restarted and b exited",
+    )
+    after = host.machines()
+    assert after["a"]["pid"] != before["a"]["pid"]
+    assert after["b"]["exit_code"] == 128 + signal.SIGKILL
+    assert after["b"]["restarts"] == 0
+
+
+def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    host.wait_for(lambda m: all(r["pid"] for r in m.values()), "both running")
+    before = host.machines()
+    daemon = host.daemon_pid()
+    os.kill(daemon, signal.SIGKILL)
+    time.sleep(0.5)
+    for row in before.values():
+        os.kill(row["pid"], 0)  # still alive
+    after = host.machines()  # starts a new pymachined, which adopts them
+    assert host.daemon_pid() != daemon
+    assert {n: (r["pid"], r["state"]) for n, r in after.items()} == {
+        n: (r["pid"], "running") for n, r in before.items()
+    }
+    os.kill(after["a"]["pid"], signal.SIGKILL)  # the new pymachined restarts it
+    host.wait_for(lambda m: m["a"]["restarts"] == 1 and m["a"]["pid"], "a restarted")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_kill_9_at_every_step_then_apply_converges(host: Host, step: str) -> None:
+    image = f"""\
+kind: image
+name: "@img"
+from: debian-bookworm-slim
+files: [{{path: /etc/test-marker, content: "{host.prefix}"}}]
+---
+"""
+    specs = image + TWO.replace("image: debian-bookworm-slim", 'image: "@img"')
+    if step == "remove":
+        host.declare(specs)
+        host.apply()
+        specs = image + TWO.split("---\n")[0].replace("debian-bookworm-slim", '"@img"')
+    host.declare(specs)
+    crashed = host.apply("--prune", env={"PYMACHINE_CRASH_AT": step}, check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    host.apply("--prune")
+    planned = host.pymachine("plan", str(host.specs), "--prune", check=False)
+    assert planned.returncode == 0, planned.stdout
+    expected = {"a"} if step == "remove" else {"a", "b"}
+    host.wait_for(
+        lambda m: set(m) == expected and all(r["state"] == "running" for r in m.values()),
+        "converged",
+    )
+    overlays = [p for p in host.mounts() if p.endswith("/rootfs")]
+    assert sorted(overlays) == sorted(
+        str(host.root / f"var/lib/pymachine/machines/{host.prefix}{n}/rootfs") for n in expected
+    )
+    images = host.root / "var/lib/pymachine/images"
+    assert list(images.glob(".staging-*")) == []
+
+
+def test_two_applies_at_once_end_as_one(host: Host) -> None:
+    host.declare(TWO)
+    argv = [sys.executable, "-m", "pymachined", "--root", str(host.root)]
+    runs = [
+        subprocess.Popen(
+            [*argv, "apply", str(host.specs), "--yes"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs
+    applied = [out for out, _ in outs if "applied" in out]
+    idle = [out for out, _ in outs if out == "nothing to do: the host matches the specs\n"]
+    assert (len(applied), len(idle)) == (1, 1), outs
+    assert any("waiting for" in err for _, err in outs)
+    machines = host.machines()
+    assert set(machines) == {"a", "b"}
+    assert len(list((host.root / "var/lib/pymachine/machines").iterdir())) == 2
+
+
+def test_the_quick_start_examples_run(host: Host) -> None:
+    specs = host.specs
+    for path in (REPO / "specs").iterdir():
+        (specs / path.name).write_text(path.read_text())
+    host.apply()
+    rows = {r["name"]: r for r in json.loads(host.pymachine("ls", "-o", "json").stdout)}
+    assert set(rows) == {"base", "hello"}
+    deadline = time.monotonic() + 60
+    page = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=2) as response:
+                page = response.read().decode()
+                break
+        except OSError:
+            time.sleep(0.5)
+    assert "hello from a pymachine machine" in page
+    rows = {r["name"]: r for r in json.loads(host.pymachine("ls", "-o", "json").stdout)}
+    assert [rows[n]["state"] for n in ("base", "hello")] == ["running", "running"]
+    for name in ("base", "hello"):
+        host.pymachine("destroy", "--yes", name)
