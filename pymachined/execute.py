@@ -9,7 +9,9 @@ observes what is there and plans the rest.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,12 +54,60 @@ class Executor:
     desired: Mapping[str, Desired]
     say: Callable[[str], None] = lambda text: None
 
+    parallel: int = 8
+
     def run(self, actions: Sequence[Action]) -> None:
-        """Every action, in order; the first failure stops the run."""
+        """Every action. Each machine's builds, creation, files and start run in
+        order, machines in parallel (a bounded pool) once their dependencies are
+        done; stops and removals follow, one by one, in plan order. The first
+        failure stops what has not begun."""
+        forward: dict[str, list[Action]] = {}
+        backward: list[Action] = []
         for action in actions:
-            self.say(action.describe())
-            handler = getattr(self, f"_{action.kind}")
-            handler(action)
+            if isinstance(action, StopMachine | RemoveMachine):
+                backward.append(action)
+            else:
+                forward.setdefault(action.machine, []).append(action)
+        self._run_forward(forward)
+        for action in backward:
+            self._one(action)
+
+    def _one(self, action: Action) -> None:
+        self.say(action.describe())
+        handler = getattr(self, f"_{action.kind}")
+        handler(action)
+
+    def _run_forward(self, work: dict[str, list[Action]]) -> None:
+        if not work:
+            return
+        failed = threading.Event()
+        futures: dict[str, Future[None]] = {}
+
+        def machine_task(name: str, steps: list[Action], needs: list[Future[None]]) -> None:
+            for dependency in needs:
+                dependency.result()  # re-raises a dependency's failure
+            for step in steps:
+                if failed.is_set():
+                    return
+                try:
+                    self._one(step)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        # Submitted in plan order, which puts dependencies first: a task only
+        # waits for tasks submitted before it, so the pool cannot deadlock.
+        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            for name, steps in work.items():
+                want = self.desired.get(name)
+                deps = want.machine.depends_on if want else []
+                needs = [futures[d] for d in deps if d in futures]
+                futures[name] = pool.submit(machine_task, name, steps, needs)
+        errors = [f.exception() for f in futures.values() if f.exception() is not None]
+        if errors:
+            first = errors[0]
+            assert first is not None
+            raise first
 
     # -- helpers -------------------------------------------------------------
 
@@ -85,7 +135,8 @@ class Executor:
             )
 
     def _make_root(self, want: Desired) -> None:
-        chain = self.images.chain(want.layer_keys[0])
+        # ensure, not chain: another machine's thread may still be building it.
+        chain = self.images.ensure(want.layers)
         rootfs.create(self.layout, want.name, want.machine.rootfs, chain)
         mounted = rootfs.mount(
             self.layout, self.images, rootfs.Root(want.name, want.machine.rootfs, want.layer_keys)

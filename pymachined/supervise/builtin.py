@@ -84,7 +84,7 @@ class BuiltinSupervisor:
             if not any((self.run_dir / "supervisor").glob("*.json")):
                 return {}
             self.start_daemon()
-        reply = self._send({"op": "status"})
+        reply = self.request({"op": "status"})
         return {m["name"]: Status.from_json(m) for m in reply["machines"]}
 
     def start(self, spec: RunSpec) -> Status:

@@ -1,0 +1,210 @@
+"""Benchmarks of the reconciler, each with a baseline measured in the same run. As root.
+
+- plan of 100 and of 1,000 declared machines (pure planning, in-process): the
+  cost must grow no worse than linearly;
+- creating and starting 20 command machines from a cached image with
+  `pymachine apply`, beside a bare loop that mounts the same overlays and
+  starts the same systemd-nspawn commands;
+- a no-op `pymachine apply` with 100 running machines, beside `python -c pass`;
+- pymachined's resident memory while it supervises 50 machines.
+
+    .venv/bin/python bench/apply.py [--root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+
+from pymachined.desired import desire
+from pymachined.images import ImageStore, Progress
+from pymachined.layout import Layout
+from pymachined.plan import plan
+from pymachined.recipes import layers
+from pymachined.validate import load_set
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = """\
+name: m{index:04d}
+image: debian-bookworm-slim
+command: [sleep, infinity]
+network: none
+restart: always
+environment: {{INDEX: "{index}"}}
+"""
+
+
+def write_specs(directory: Path, count: int) -> None:
+    """count command machines in one file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.yaml"):
+        old.unlink()
+    (directory / "machines.yaml").write_text(
+        "---\n".join(SPEC.format(index=i) for i in range(count))
+    )
+
+
+def cli(root: Path, *args: str) -> float:
+    """Seconds one pymachine command takes (it must succeed)."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "pymachined", "--root", str(root), *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
+def bench_plan(store: ImageStore, layout: Layout) -> None:
+    salts = store.salts()
+    per_machine = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in (100, 1000):
+            write_specs(Path(tmp), count)
+            samples = []
+            for _ in range(5):
+                start = time.perf_counter()
+                spec_set = load_set([Path(tmp)], REPO / "machines")
+                desired = desire(spec_set, layout, REPO / "templates", salts)
+                plan(desired, {}, built=[])
+                samples.append(time.perf_counter() - start)
+            seconds = statistics.median(samples)
+            per_machine[count] = seconds / count
+            print(f"plan of {count:>5} machines      {seconds * 1000:>9.1f} ms")
+    growth = per_machine[1000] / per_machine[100]
+    print(f"cost per machine, 1000 vs 100: {growth:.2f}x (target: <= ~1, linear)")
+
+
+def bench_start(root: Path, store: ImageStore, layout: Layout, count: int) -> None:
+    specs = root / "bench-specs"
+    write_specs(specs, count)
+    ours = cli(root, "apply", str(specs), "--yes")
+    catalog = load_set([], REPO / "machines")
+    chain = store.ensure(layers(catalog, "debian-bookworm-slim", store.salts()))
+    lowers = ":".join(str(r.tree) for r in chain)
+    bare_dir = Path(tempfile.mkdtemp(dir=root))
+    processes = []
+    start = time.perf_counter()
+    for index in range(count):
+        base = bare_dir / f"b{index}"
+        for part in ("upper", "work", "rootfs"):
+            (base / part).mkdir(parents=True)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "-o",
+                f"lowerdir={lowers},upperdir={base}/upper,workdir={base}/work",
+                "bare",
+                str(base / "rootfs"),
+            ],
+            check=True,
+        )
+        log = (base / "console.log").open("ab")
+        processes.append(
+            subprocess.Popen(
+                [
+                    "systemd-nspawn",
+                    "--quiet",
+                    "--register=no",
+                    "--keep-unit",
+                    "--console=pipe",
+                    f"--machine=bare{index}",
+                    f"--directory={base / 'rootfs'}",
+                    "--private-network",
+                    "--",
+                    "sleep",
+                    "infinity",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    bare = time.perf_counter() - start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        process.wait()
+    for index in range(count):
+        subprocess.run(["umount", str(bare_dir / f"b{index}" / "rootfs")], check=True)
+    shutil.rmtree(bare_dir)
+    print(
+        f"create+start {count} machines: apply {ours:.2f} s, bare nspawn loop {bare:.2f} s, "
+        f"ratio {ours / bare:.2f}x (target: <= 1.5x)"
+    )
+
+
+def bench_noop(root: Path, count: int) -> None:
+    specs = root / "bench-specs"
+    write_specs(specs, count)
+    cli(root, "apply", str(specs), "--yes")
+    baseline = statistics.median([cli_time([sys.executable, "-c", "pass"]) for _ in range(5)])
+    noop = statistics.median([cli(root, "apply", str(specs), "--yes") for _ in range(5)])
+    print(
+        f"no-op apply with {count} running machines: {noop:.2f} s "
+        f"({noop / baseline:.0f}x python -c pass at {baseline * 1000:.0f} ms; target: < 1 s)"
+    )
+
+
+def cli_time(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True)
+    return time.perf_counter() - start
+
+
+def bench_memory(root: Path, count: int) -> None:
+    specs = root / "bench-specs"
+    write_specs(specs, count)
+    cli(root, "apply", str(specs), "--yes", "--prune")
+    pid = int((root / "run/pymachine/pymachined.lock").read_text().split()[1])
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+    print(f"pymachined with {count} machines: {rss / 1024:.1f} MiB resident (target: < 60 MB)")
+
+
+def cleanup(root: Path) -> None:
+    specs = root / "bench-specs"
+    write_specs(specs, 0)
+    (specs / "machines.yaml").write_text(
+        "name: keep\nimage: debian-bookworm-slim\ncommand: [sleep, infinity]\n"
+        "network: none\nstate: stopped\n"
+    )
+    cli(root, "apply", str(specs), "--yes", "--prune")
+    subprocess.run(
+        [sys.executable, "-m", "pymachined", "--root", str(root), "destroy", "--yes", "keep"],
+        check=False,
+    )
+    lock = root / "run/pymachine/pymachined.lock"
+    if lock.exists():
+        os.kill(int(lock.read_text().split()[1]), signal.SIGTERM)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=Path, default=Path("/var/tmp/pymachine-bench"))
+    args = parser.parse_args()
+    layout = Layout(PurePosixPath(args.root))
+    store = ImageStore(layout, REPO / "templates", Progress())
+    store.ensure(layers(load_set([], REPO / "machines"), "debian-bookworm-slim", store.salts()))
+    bench_plan(store, layout)
+    try:
+        bench_start(args.root, store, layout, 20)
+        bench_memory(args.root, 50)
+        bench_noop(args.root, 100)
+    finally:
+        cleanup(args.root)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
