@@ -271,6 +271,13 @@ class Daemon:
         path.chmod(0o600)
         server.listen(16)
         self.selector.register(server, selectors.EVENT_READ, None)
+        # A signal handler alone would not wake select(), which Python retries
+        # after EINTR: the signal also writes a byte to this socket pair.
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno())
+        self.selector.register(wake_read, selectors.EVENT_READ, "wake")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
         self.adopt()
@@ -279,6 +286,9 @@ class Daemon:
             for key, _ in self.selector.select(self.next_deadline()):
                 if key.data is None:
                     self._answer(server)
+                elif key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        wake_read.recv(4096)
                 else:
                     self.on_exit(key.data)
             self.tick()

@@ -99,8 +99,13 @@ def host(tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord) -> Itera
         test_host.pymachine("destroy", "--yes", test_host.prefix + name, check=False)
     lock = root / "run/pymachine/pymachined.lock"
     if lock.exists() and lock.read_text().strip():
+        daemon = test_host.daemon_pid()
         with contextlib.suppress(ProcessLookupError):
-            os.kill(test_host.daemon_pid(), signal.SIGTERM)
+            os.kill(daemon, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{daemon}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{daemon}").exists(), "pymachined ignored SIGTERM"
     assert test_host.mounts() == []
 
 
@@ -314,3 +319,78 @@ def test_the_quick_start_examples_run(host: Host) -> None:
     assert [rows[n]["state"] for n in ("base", "hello")] == ["running", "running"]
     for name in ("base", "hello"):
         host.pymachine("destroy", "--yes", name)
+
+
+def test_drift_is_detected_and_repaired(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    host.wait_for(lambda m: all(r["pid"] for r in m.values()), "both running")
+    nspawn = host.root / f"etc/systemd/nspawn/{host.prefix}a.nspawn"
+    unit = host.root / f"etc/systemd/system/pymachine-{host.prefix}b.service"
+    wanted = nspawn.read_text()
+    nspawn.write_text(wanted.replace("GREETING=hello", "GREETING=tampered"))
+    unit.unlink()
+    host.pymachine("stop", f"{host.prefix}b")
+    planned = json.loads(host.pymachine("plan", str(host.specs), "-o", "json", check=False).stdout)
+    assert [
+        (p["action"], p["machine"].removeprefix(host.prefix), p["reason"]) for p in planned
+    ] == [
+        ("WriteFiles", "a", f"{nspawn} differs from the spec"),
+        ("WriteFiles", "b", f"{unit} is missing"),
+        ("StartMachine", "b", "not running"),
+    ]
+    host.apply()
+    assert nspawn.read_text() == wanted
+    assert unit.exists()
+    host.wait_for(lambda m: m["b"]["state"] == "running", "b running again")
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+
+def test_a_deleted_root_is_made_again(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    name = f"{host.prefix}b"
+    host.pymachine("stop", name)
+    base = host.root / f"var/lib/pymachine/machines/{name}"
+    subprocess.run(["umount", str(base / "rootfs")], check=True)
+    for part in ("rootfs", "upper", "work", "rootfs.json"):
+        subprocess.run(["rm", "-rf", "--one-file-system", str(base / part)], check=True)
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert f"create {name}: its root is missing" in planned.stdout
+    host.apply()
+    host.wait_for(lambda m: m["b"]["state"] == "running", "b running again")
+    assert (base / "rootfs.json").exists()
+
+
+def test_an_unreadable_record_stops_apply_and_changes_nothing(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    record = host.root / f"var/lib/pymachine/machines/{host.prefix}a/state.json"
+    good = record.read_text()
+    record.write_text('{"version": 99, "owner": "pymachine"}')
+    host.declare(TWO.replace("GREETING: hello", "GREETING: changed"))
+    before = rendered_mtimes(host)
+    result = host.apply(check=False)
+    assert result.returncode == 1
+    assert f"error: state record {record} has version 99" in result.stderr
+    assert "hint:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert rendered_mtimes(host) == before
+    record.write_text("not json")
+    result = host.apply(check=False)
+    assert result.returncode == 1
+    assert "is not valid JSON" in result.stderr
+    record.write_text(good)  # so the fixture can clean up
+
+
+def test_a_held_lock_makes_apply_wait_or_give_up(host: Host) -> None:
+    from pymachined.files import locked
+
+    host.declare(TWO)
+    lock = host.root / "run/pymachine/apply.lock"
+    with locked(lock):
+        result = host.apply("--lock-timeout", "1", check=False)
+    assert result.returncode == 1
+    assert f"waiting for {lock} (held by pid {os.getpid()})" in result.stderr
+    assert "timed out after 1 s" in result.stderr
+    assert host.machines() == {}
