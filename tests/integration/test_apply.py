@@ -183,7 +183,8 @@ def test_prune_removes_only_what_pymachine_owns(host: Host) -> None:
     handmade = host.root / "var/lib/pymachine/machines/handmade"
     handmade.mkdir(parents=True)
     (handmade / "keep").write_text("mine\n")
-    foreign_unit = host.root / f"etc/systemd/system/pymachine-{host.prefix}zz.service"
+    # b's unit, rewritten by hand without the owner marker: not pymachine's to delete.
+    foreign_unit = host.root / f"etc/systemd/system/pymachine-{host.prefix}b.service"
     foreign_unit.write_text("[Unit]\nDescription=not pymachine's\n")
 
     empty = host.specs.parent / "empty"
@@ -199,9 +200,8 @@ def test_prune_removes_only_what_pymachine_owns(host: Host) -> None:
     b_dir = host.root / f"var/lib/pymachine/machines/{host.prefix}b"
     assert not b_dir.exists()
     assert not (host.root / f"etc/systemd/nspawn/{host.prefix}b.nspawn").exists()
-    assert not (host.root / f"etc/systemd/system/pymachine-{host.prefix}b.service").exists()
     assert (handmade / "keep").read_text() == "mine\n"
-    assert foreign_unit.exists()
+    assert foreign_unit.read_text() == "[Unit]\nDescription=not pymachine's\n"
 
 
 def test_restart_policies(host: Host) -> None:
