@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pymachined import __version__
-from pymachined.errors import PymachineError
+from pymachined.errors import PymachineError, UsageError
 from pymachined.layout import Layout
 
 if TYPE_CHECKING:
@@ -402,6 +402,121 @@ def destroy(
     with _host_lock(None):
         remove_machine(options.layout, StateStore(options.layout), reconciler.supervisor, name)
     typer.echo(f"destroyed {name}")
+
+
+# ---------------------------------------------------------------------------
+# Operating machines
+
+
+@app.command()
+def inspect(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """One JSON document: the spec as applied, the command line it runs with,
+    its state and exit code, root layers, address and supervisor process."""
+    import json
+
+    from pymachined import rootfs
+
+    record = _known(name)
+    status = _reconciler(supervisor).supervisor.status().get(name)
+    root = rootfs.read(options.layout, name)
+    document = {
+        "name": name,
+        "spec": record.spec,
+        "state": status.as_json() if status else None,
+        "run": record.run,
+        "root": {
+            "mode": root.mode.value if root else None,
+            "path": str(options.layout.rootfs(name)),
+            "layers": list(root.layers) if root else [],
+        },
+        "address": record.address,
+        "files": sorted(record.files),
+        "created": record.created,
+        "history": list(record.history),
+        "resources": (record.spec or {}).get("resources"),
+    }
+    typer.echo(json.dumps(document, indent=2))
+
+
+@app.command()
+def logs(
+    name: NameArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
+    ] = False,
+    lines: Annotated[
+        int | None, typer.Option("--tail", "-n", help="Only the last N lines.", min=0)
+    ] = None,
+) -> None:
+    """A machine's output (its console, as pymachined captured it)."""
+    import time
+    from collections import deque
+
+    from pymachined.desired import console_log
+
+    _known(name)
+    path = console_log(options.layout, name)
+    if not path.exists():
+        typer.echo(f"{name} has no output yet", err=True)
+        return
+    with path.open(errors="replace") as handle:
+        if lines is None:
+            for line in handle:
+                typer.echo(line, nl=False)
+        else:
+            for line in deque(handle, maxlen=lines):
+                typer.echo(line, nl=False)
+        while follow:
+            line = handle.readline()
+            if line:
+                typer.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
+
+
+def _leader(name: str, supervisor: str) -> int:
+    from pymachined.observe import leader_pid
+
+    _known(name)
+    status = _reconciler(supervisor).supervisor.status().get(name)
+    pid = leader_pid(status.pid) if status and status.pid else None
+    if pid is None:
+        raise PymachineError(f"machine {name} is not running", hint=f"pymachine start {name}")
+    return pid
+
+
+@app.command(
+    "exec", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True}
+)
+def exec_command(
+    name: NameArg,
+    command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """Run a command in a running machine; its exit code is pymachine's."""
+    from pymachined import commands, run
+
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("exec needs a command: pymachine exec NAME -- COMMAND...")
+    pid = _leader(name, supervisor)
+    record = _known(name)
+    environment = (record.spec or {}).get("environment", {})
+    env = [f"{k}={v}" for k, v in sorted(environment.items())]
+    env.append(f"TERM={os.environ.get('TERM', 'dumb')}")
+    raise typer.Exit(run.interactive(commands.nsenter_argv(pid, command, env)))
+
+
+@app.command()
+def shell(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """A login shell in a running machine."""
+    from pymachined import commands, run
+
+    pid = _leader(name, supervisor)
+    env = [f"TERM={os.environ.get('TERM', 'dumb')}", "HOME=/root"]
+    login = ["/bin/sh", "-c", "exec $(command -v bash || command -v sh) -l"]
+    raise typer.Exit(run.interactive(commands.nsenter_argv(pid, login, env)))
 
 
 # ---------------------------------------------------------------------------

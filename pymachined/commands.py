@@ -107,3 +107,21 @@ def umount_argv(target: PurePosixPath) -> list[str]:
 def copy_tree_argv(source: PurePosixPath, target: PurePosixPath) -> list[str]:
     """Copy a tree with owners, modes, links, xattrs; reflinks where the filesystem can."""
     return ["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(target)]
+
+
+def nsenter_argv(pid: int, command: Sequence[str], env: Sequence[str] = ()) -> list[str]:
+    """Run command inside every namespace of process pid, in its root and working
+    directory, with only the given environment (and a standard PATH)."""
+    return [
+        "nsenter",
+        f"--target={pid}",
+        "--all",
+        "--root",
+        "--wd",
+        "--",
+        "/usr/bin/env",
+        "-i",
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        *env,
+        *command,
+    ]

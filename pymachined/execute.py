@@ -188,7 +188,10 @@ class Executor:
         self.supervisor.start(want.run)
         crash_point("start")
         record = replace(
-            self._record(want.name), config_hash=want.config_hash, run=want.run.as_json()
+            self._record(want.name),
+            config_hash=want.config_hash,
+            run=want.run.as_json(),
+            spec=want.machine.model_dump(mode="json", by_alias=True),
         )
         self._event(record, event)
 

@@ -44,3 +44,15 @@ def observe(
             status=statuses.get(name),
         )
     return out
+
+
+def leader_pid(nspawn_pid: int) -> int | None:
+    """The machine's own PID 1 (as the host sees it): the child of its
+    systemd-nspawn process, or None if there is none yet."""
+    children: list[int] = []
+    for task in Path(f"/proc/{nspawn_pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return min(children) if children else None

@@ -28,6 +28,7 @@ class MachineRecord:
     files: dict[str, str] = field(default_factory=dict)
     address: str | None = None
     run: dict[str, Any] | None = None
+    spec: dict[str, Any] | None = None
     created: str = ""
     history: tuple[str, ...] = ()
 
@@ -46,6 +47,7 @@ class MachineRecord:
             "files": dict(sorted(self.files.items())),
             "address": self.address,
             "run": self.run,
+            "spec": self.spec,
             "created": self.created,
             "history": list(self.history),
         }
@@ -76,6 +78,7 @@ def parse_record(text: str, where: Path) -> MachineRecord:
             files=dict(data.get("files", {})),
             address=data.get("address"),
             run=data.get("run"),
+            spec=data.get("spec"),
             created=str(data.get("created", "")),
             history=tuple(data.get("history", ())),
         )

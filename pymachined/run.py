@@ -124,3 +124,13 @@ def spawn(argv: Sequence[str], output: BinaryIO) -> subprocess.Popen[bytes]:
         )
     except FileNotFoundError as exc:
         raise PymachineError(f"{argv[0]}: command not found") from exc
+
+
+def interactive(argv: Sequence[str]) -> int:
+    """Run argv with pymachine's own stdin, stdout and stderr; its exit code."""
+    argv = [str(a) for a in argv]
+    logger.debug("+ %s", shlex.join(argv))
+    try:
+        return subprocess.run(argv, check=False).returncode  # noqa: S603 - argv list
+    except FileNotFoundError as exc:
+        raise PymachineError(f"{argv[0]}: command not found") from exc

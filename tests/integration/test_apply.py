@@ -394,3 +394,70 @@ def test_a_held_lock_makes_apply_wait_or_give_up(host: Host) -> None:
     assert f"waiting for {lock} (held by pid {os.getpid()})" in result.stderr
     assert "timed out after 1 s" in result.stderr
     assert host.machines() == {}
+
+
+COUNTER = """\
+name: "@c"
+image: debian-bookworm-slim
+command: [sh, -c, "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]
+network: none
+environment: {GREETING: hello}
+"""
+
+
+def test_exec_logs_inspect_and_shell(host: Host) -> None:
+    host.declare(COUNTER)
+    host.apply()
+    name = f"{host.prefix}c"
+    host.wait_for(lambda m: m["c"]["pid"] is not None, "c running")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pymachined",
+            "--root",
+            str(host.root),
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; cat; cat /etc/debian_version >/dev/null; exit 7",
+        ],
+        input="from stdin\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (7, "hello\nfrom stdin\n")
+    shell = subprocess.run(
+        [sys.executable, "-m", "pymachined", "--root", str(host.root), "shell", name],
+        input="echo $HOME; exit 3\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (shell.returncode, shell.stdout) == (3, "/root\n")
+
+    time.sleep(1)
+    tail = host.pymachine("logs", name, "-n", "2").stdout.splitlines()
+    assert len(tail) == 2 and all(line.startswith("tick ") for line in tail)
+    assert "tick 0" in host.pymachine("logs", name).stdout
+
+    document = json.loads(host.pymachine("inspect", name).stdout)
+    assert document["spec"]["environment"] == {"GREETING": "hello"}
+    assert document["state"]["state"] == "running"
+    assert document["root"]["mode"] == "overlay"
+    assert document["run"]["argv"][0] == "/usr/bin/systemd-nspawn"
+
+    for command in (
+        ["exec", "nope", "--", "true"],
+        ["logs", "nope"],
+        ["inspect", "nope"],
+        ["shell", "nope"],
+        ["stop", "nope"],
+        ["destroy", "--yes", "nope"],
+    ):
+        unknown = host.pymachine(*command, check=False)
+        assert unknown.returncode == 1, command
+        assert "error: no machine named 'nope'" in unknown.stderr
