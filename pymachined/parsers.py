@@ -139,6 +139,12 @@ _PHASES = (
     ("Unpacking", "unpacking"),
     ("Configuring", "configuring"),
     ("Base system installed", "configuring"),
+    # mmdebstrap
+    ("running apt-get update", "resolving"),
+    ("downloading packages", "downloading"),
+    ("extracting archives", "unpacking"),
+    ("installing essential packages", "configuring"),
+    ("installing remaining packages", "configuring"),
     # apt-get, in derived layers
     ("Reading package lists", "resolving"),
     ("Get:", "downloading"),

@@ -638,7 +638,7 @@ class Bootstrap(Model):
     """What debootstrap makes a base image from."""
 
     suite: Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9-]{1,30}$")]
-    variant: Literal["minbase", "buildd", "fakechroot", "standard"] = "minbase"
+    variant: Literal["minbase", "buildd", "standard"] = "minbase"
     mirror: Annotated[StrictStr, Field(pattern=r"^(https?|file)://[^\s\x00-\x1f]+$")] | None = None
     components: list[Annotated[StrictStr, Field(pattern=r"^[a-z][a-z0-9-]*$")]] = Field(
         default_factory=lambda: ["main"]
