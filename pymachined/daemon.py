@@ -32,7 +32,7 @@ from typing import Any
 from pymachined import files, run
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
-from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status
+from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 
 log = logging.getLogger("pymachined")
 
@@ -300,13 +300,7 @@ class Daemon:
         with connection:
             connection.settimeout(5)
             try:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = connection.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                reply = self.handle(json.loads(data))
+                reply = self.handle(json.loads(read_line(connection)))
             except Exception as exc:  # a bad request must not stop the supervisor
                 log.exception("request failed")
                 reply = {"error": f"{type(exc).__name__}: {exc}"}

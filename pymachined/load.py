@@ -313,6 +313,15 @@ def _toml_marks(text: str) -> dict[Path_, Mark]:
     return marks
 
 
+def _table_problem(
+    file: Path, marks: dict[Path_, Mark], kind: str, message: str, hint: str | None = None
+) -> Diagnostic:
+    """A problem with a top-level TOML key or table, at its line."""
+    mark = marks.get((kind,)) or marks.get((kind, 0))
+    line, column = (mark.line, mark.column) if mark else (None, None)
+    return Diagnostic(file, line, column, kind, message, hint)
+
+
 def read_toml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
     """Declarations of a TOML file: one object with ``kind``, or arrays of tables
     ``[[machine]]``, ``[[network]]`` and ``[[image]]``."""
@@ -333,12 +342,10 @@ def read_toml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
         if kind not in KINDS or not isinstance(tables, list):
             close = difflib.get_close_matches(kind, list(KINDS), n=1)
             hint = f"did you mean [[{close[0]}]]?" if close else None
-            mark = marks.get((kind,)) or marks.get((kind, 0))
             problems.append(
-                Diagnostic(
+                _table_problem(
                     file,
-                    mark.line if mark else None,
-                    mark.column if mark else None,
+                    marks,
                     kind,
                     "expected `kind = ...` at the top, or arrays of tables "
                     "[[machine]], [[network]] or [[image]]",
@@ -347,14 +354,9 @@ def read_toml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
             )
             continue
         if not all(isinstance(table, dict) for table in tables):
-            mark = marks.get((kind,))
             problems.append(
-                Diagnostic(
-                    file,
-                    mark.line if mark else None,
-                    mark.column if mark else None,
-                    kind,
-                    f"expected [[{kind}]] tables, not a list of values",
+                _table_problem(
+                    file, marks, kind, f"expected [[{kind}]] tables, not a list of values"
                 )
             )
             continue

@@ -318,6 +318,22 @@ class File(Model):
     mode: Mode = "0644"
 
 
+def _refuse_repeats(values: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value} is listed twice")
+        seen.add(value)
+
+
+def _distinct_file_paths(value: list[File]) -> list[File]:
+    _refuse_repeats([f.path for f in value], "file path")
+    return value
+
+
+Files = Annotated[list[File], AfterValidator(_distinct_file_paths)]
+
+
 _PORT = re.compile(
     r"(?:(?P<ip>\[[0-9A-Fa-f:.]+\]|[0-9.]+):)?(?P<host>\d+):(?P<machine>\d+)(?:/(?P<proto>[a-z]+))?"
 )
@@ -461,14 +477,6 @@ NetworkRef = Annotated[StrictStr, AfterValidator(_check_network_ref)]
 # The three kinds
 
 
-def _refuse_repeats(values: list[str], what: str) -> None:
-    seen: set[str] = set()
-    for value in values:
-        if value in seen:
-            raise ValueError(f"{what} {value} is listed twice")
-        seen.add(value)
-
-
 class Machine(Model):
     """``kind: machine``: a systemd-nspawn machine."""
 
@@ -487,7 +495,7 @@ class Machine(Model):
     read_only: StrictBool = False
     tmpfs: list[TmpfsItem] = Field(default_factory=list)
     binds: list[BindItem] = Field(default_factory=list)
-    files: list[File] = Field(default_factory=list)
+    files: Files = Field(default_factory=list)
     network: NetworkRef = "host"
     address: ipaddress.IPv4Address | None = None
     ports: list[PortItem] = Field(default_factory=list)
@@ -520,12 +528,6 @@ class Machine(Model):
     @classmethod
     def _tmpfs_paths_differ(cls, value: list[Tmpfs]) -> list[Tmpfs]:
         _refuse_repeats([t.path for t in value], "tmpfs path")
-        return value
-
-    @field_validator("files")
-    @classmethod
-    def _file_paths_differ(cls, value: list[File]) -> list[File]:
-        _refuse_repeats([f.path for f in value], "file path")
         return value
 
     @field_validator("binds")
@@ -656,13 +658,7 @@ class Image(Model):
     bootstrap: Bootstrap | None = Field(default=None, validate_default=True)
     packages: list[PackageName] = Field(default_factory=list)
     script: Annotated[StrictStr, Field(max_length=1024 * 1024)] | None = None
-    files: list[File] = Field(default_factory=list)
-
-    @field_validator("files")
-    @classmethod
-    def _file_paths_differ(cls, value: list[File]) -> list[File]:
-        _refuse_repeats([f.path for f in value], "file path")
-        return value
+    files: Files = Field(default_factory=list)
 
     @field_validator("bootstrap")
     @classmethod

@@ -15,6 +15,25 @@ SOCKET = "pymachined.sock"
 """pymachined's socket, in the run directory."""
 
 
+class Connection(Protocol):
+    """What read_line needs of a socket."""
+
+    def recv(self, size: int, /) -> bytes:
+        """Up to size bytes."""
+        ...
+
+
+def read_line(connection: Connection) -> bytes:
+    """One newline-terminated message (pymachined's requests and replies)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 class RunState(StrEnum):
     """A supervised machine's state."""
 

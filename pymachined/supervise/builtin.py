@@ -13,7 +13,7 @@ from typing import Any
 from pymachined import run
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
-from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status
+from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 
 START_TIMEOUT = 10.0
 
@@ -31,12 +31,7 @@ class BuiltinSupervisor:
             connection.settimeout(30)
             connection.connect(str(self.socket))
             connection.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = connection.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = read_line(connection)
         reply: dict[str, Any] = json.loads(data)
         if "error" in reply:
             raise PymachineError(f"pymachined: {reply['error']}")
