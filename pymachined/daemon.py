@@ -10,6 +10,8 @@ Machines are started in their own sessions and outlive pymachined.
 
 Restart policies: ``no``, ``on-failure`` (a non-zero or unknown exit code),
 ``always``; with backoff from 0.2 s doubling to 10 s, reset by 10 s of running.
+A machine that exits more than five times in a row without running 10 s is
+``dead``: no more restarts until it is started again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ log = logging.getLogger("pymachined")
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 10.0
+START_LIMIT = 5  # quick exits in a row before a machine is dead, as systemd's StartLimitBurst
 
 
 def process_start_time(pid: int) -> int | None:
@@ -183,8 +186,16 @@ class Daemon:
         again = machine.wanted == "running" and (
             policy == "always" or (policy == "on-failure" and code != 0)
         )
-        if again:
-            machine.failures = 0 if ran > HEALTHY_AFTER else machine.failures + 1
+        machine.failures = 0 if ran > HEALTHY_AFTER else machine.failures + 1
+        if again and machine.failures > START_LIMIT:
+            machine.state = RunState.DEAD
+            log.info(
+                "%s exited (%s) %d times in a row; giving up",
+                machine.spec.name,
+                code,
+                START_LIMIT + 1,
+            )
+        elif again:
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, machine.failures - 1))
             machine.state = RunState.RESTARTING
             machine.restart_at = time.monotonic() + delay

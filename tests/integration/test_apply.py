@@ -465,3 +465,16 @@ def test_exec_logs_inspect_and_shell(host: Host) -> None:
         unknown = host.pymachine(*command, check=False)
         assert unknown.returncode == 1, command
         assert "error: no machine named 'nope'" in unknown.stderr
+
+
+def test_a_machine_that_keeps_failing_is_dead(host: Host) -> None:
+    host.declare(
+        'name: "@f"\nimage: debian-bookworm-slim\ncommand: [sh, -c, "exit 3"]\n'
+        "network: none\nrestart: on-failure\n"
+    )
+    host.apply()
+    host.wait_for(lambda m: m["f"]["state"] == "dead", "f dead")
+    machine = host.machines()["f"]
+    assert (machine["restarts"], machine["exit_code"], machine["pid"]) == (5, 3, None)
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert f"start {host.prefix}f: not running" in planned.stdout
