@@ -61,6 +61,8 @@ class Executor:
         order, machines in parallel (a bounded pool) once their dependencies are
         done; stops and removals follow, one by one, in plan order. The first
         failure stops what has not begun."""
+        if any(isinstance(a, StartMachine | RestartMachine) for a in actions):
+            self.supervisor.prepare()
         forward: dict[str, list[Action]] = {}
         backward: list[Action] = []
         for action in actions:

@@ -114,6 +114,10 @@ class Status:
 class Supervisor(Protocol):
     """Runs machines, restarts them by policy, and says how they are."""
 
+    def prepare(self) -> None:
+        """Get ready to start machines soon (pymachined starts in the background)."""
+        ...
+
     def status(self) -> dict[str, Status]:
         """Every machine the supervisor knows, by name."""
         ...

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ class BuiltinSupervisor:
         self.layout = layout
         self.run_dir = Path(layout.run_dir)
         self.socket = self.run_dir / SOCKET
+        self._starting: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
 
     def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
@@ -53,12 +57,30 @@ class BuiltinSupervisor:
             return False
         return True
 
-    def start_daemon(self) -> None:
-        """Start pymachined in the background and wait until it answers."""
+    def prepare(self) -> None:
+        """Start pymachined now if it is not running, without waiting for it, so
+        that it comes up while other work goes on."""
+        if self._starting is None and not self.running():
+            self._starting = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "pymachined.daemon", "--root", str(self.layout.root)]
         with (self.run_dir / "pymachined.log").open("ab") as output:
-            daemon = run.spawn(argv, output)
+            return run.spawn(argv, output)
+
+    def start_daemon(self) -> None:
+        """Start pymachined in the background (unless prepare() did) and wait
+        until it answers."""
+        with self._lock:  # executor threads may all find it down at once
+            if self.running():
+                self._starting = None
+                return
+            daemon = self._starting or self._spawn()
+            self._starting = None
+            self._wait_for(daemon)
+
+    def _wait_for(self, daemon: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.running():
