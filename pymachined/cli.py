@@ -519,6 +519,38 @@ def shell(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     raise typer.Exit(run.interactive(commands.nsenter_argv(pid, login, env)))
 
 
+@app.command("events")
+def show_events(
+    since: Annotated[
+        str | None, typer.Option(help="Only events from this long ago on, such as 10m or 1h.")
+    ] = None,
+    output: OutputOption = Format.TABLE,
+) -> None:
+    """Lifecycle events: create, start, die (with exit code), restart, dead, stop, remove."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from pymachined import events
+    from pymachined.sizes import parse_duration
+
+    start = None
+    if since is not None:
+        try:
+            start = datetime.now(UTC) - timedelta(seconds=parse_duration(since))
+        except ValueError as exc:
+            raise UsageError(f"--since: {exc}") from exc
+    for event in events.read(options.layout, start):
+        if output is Format.JSON:
+            typer.echo(json.dumps(event, sort_keys=True))
+        else:
+            extra = " ".join(
+                f"{k}={v}"
+                for k, v in sorted(event.items())
+                if k not in ("time", "machine", "event")
+            )
+            typer.echo(f"{event['time']}  {event['machine']}  {event['event']}  {extra}".rstrip())
+
+
 # ---------------------------------------------------------------------------
 # Images
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pymachined import files, run
+from pymachined import events, files, run
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
@@ -97,6 +97,7 @@ class Daemon:
     """The builtin supervisor's event loop."""
 
     def __init__(self, layout: Layout) -> None:
+        self.layout = layout
         self.run_dir = Path(layout.run_dir)
         self.records = self.run_dir / "supervisor"
         self.machines: dict[str, Machine] = {}
@@ -163,6 +164,7 @@ class Daemon:
         machine.restart_at = None
         self._watch(machine, child.pid)
         self.save(machine)
+        events.record(self.layout, spec.name, "start", pid=child.pid, restarts=machine.restarts)
         log.info("started %s (pid %d)", spec.name, child.pid)
 
     def _reap(self, machine: Machine) -> int | None:
@@ -186,9 +188,11 @@ class Daemon:
         again = machine.wanted == "running" and (
             policy == "always" or (policy == "on-failure" and code != 0)
         )
+        events.record(self.layout, machine.spec.name, "die", exit_code=code)
         machine.failures = 0 if ran > HEALTHY_AFTER else machine.failures + 1
         if again and machine.failures > START_LIMIT:
             machine.state = RunState.DEAD
+            events.record(self.layout, machine.spec.name, "dead", exit_code=code)
             log.info(
                 "%s exited (%s) %d times in a row; giving up",
                 machine.spec.name,
@@ -199,6 +203,7 @@ class Daemon:
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, machine.failures - 1))
             machine.state = RunState.RESTARTING
             machine.restart_at = time.monotonic() + delay
+            events.record(self.layout, machine.spec.name, "restart", delay=delay)
             log.info("%s exited (%s); restarting in %.1f s", machine.spec.name, code, delay)
         else:
             machine.state = RunState.EXITED
@@ -257,6 +262,7 @@ class Daemon:
         if machine is None:
             return {"error": f"no machine {name!r} is supervised"}
         if op in ("stop", "forget"):
+            events.record(self.layout, name, "stop")
             machine.wanted = "stopped"
             machine.restart_at = None
             if machine.pid is not None:

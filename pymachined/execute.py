@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pymachined import files, rootfs
+from pymachined import events, files, rootfs
 from pymachined.actions import (
     Action,
     BuildImage,
@@ -160,6 +160,7 @@ class Executor:
             name=want.name, config_hash="", layers=want.layer_keys, created=_now()
         )
         self._event(replace(record, layers=want.layer_keys), "created")
+        events.record(self.layout, want.name, "create")
 
     def _ReplaceRoot(self, action: ReplaceRoot) -> None:
         want = self.desired[action.machine]
@@ -231,6 +232,7 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     state.delete(name)
     with contextlib.suppress(FileNotFoundError):
         base.rmdir()
+    events.record(layout, name, "remove")
 
 
 def _remove_owned_file(path: Path) -> None:

@@ -221,6 +221,18 @@ def test_restart_policies(host: Host) -> None:
     assert after["a"]["pid"] != before["a"]["pid"]
     assert after["b"]["exit_code"] == 128 + signal.SIGKILL
     assert after["b"]["restarts"] == 0
+    lines = host.pymachine("events", "-o", "json").stdout.splitlines()
+    seen = [
+        (e["machine"].removeprefix(host.prefix), e["event"], e.get("exit_code"))
+        for e in map(json.loads, lines)
+    ]
+    for machine in ("a", "b"):
+        mine = [(event, code) for name, event, code in seen if name == machine]
+        assert mine[:3] == [("create", None), ("start", None), ("die", 137)]
+    assert ("a", "restart", None) in seen
+    assert ("b", "restart", None) not in seen
+    assert host.pymachine("events", "--since", "1h").stdout.count(host.prefix) == len(seen)
+    assert host.pymachine("events", "--since", "soon", check=False).returncode == 2
 
 
 def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
