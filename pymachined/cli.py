@@ -168,17 +168,28 @@ class Format(StrEnum):
 
     TABLE = "table"
     JSON = "json"
+    YAML = "yaml"
 
 
-OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table or json.")]
+OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml.")]
+
+
+def _print_data(data: object, fmt: Format) -> None:
+    """data as JSON, or as YAML."""
+    if fmt is Format.YAML:
+        import yaml
+
+        typer.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+    else:
+        import json
+
+        typer.echo(json.dumps(data, indent=2, default=str))
 
 
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], fmt: Format) -> None:
-    """rows as JSON, or as an aligned table of columns."""
-    if fmt is Format.JSON:
-        import json
-
-        typer.echo(json.dumps(rows, indent=2, default=str))
+    """rows as JSON or YAML, or as an aligned table of columns."""
+    if fmt is not Format.TABLE:
+        _print_data(rows, fmt)
         return
     texts = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(t[i]) for t in texts)]) for i, c in enumerate(columns)]
@@ -251,10 +262,8 @@ def _planned(
 
 
 def _show_plan(actions: list[Action], fmt: Format) -> None:
-    if fmt is Format.JSON:
-        import json
-
-        typer.echo(json.dumps([a.as_json() for a in actions], indent=2))
+    if fmt is not Format.TABLE:
+        _print_data([a.as_json() for a in actions], fmt)
     elif not actions:
         typer.echo("nothing to do: the host matches the specs")
     else:
@@ -409,11 +418,13 @@ def destroy(
 
 
 @app.command()
-def inspect(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
-    """One JSON document: the spec as applied, the command line it runs with,
+def inspect(
+    name: NameArg,
+    output: Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")] = Format.JSON,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """One document: the spec as applied, the command line it runs with,
     its state and exit code, root layers, address and supervisor process."""
-    import json
-
     from pymachined import rootfs
 
     record = _known(name)
@@ -435,7 +446,7 @@ def inspect(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
         "history": list(record.history),
         "resources": (record.spec or {}).get("resources"),
     }
-    typer.echo(json.dumps(document, indent=2))
+    _print_data(document, Format.JSON if output is Format.TABLE else output)
 
 
 @app.command()
@@ -539,7 +550,11 @@ def show_events(
             start = datetime.now(UTC) - timedelta(seconds=parse_duration(since))
         except ValueError as exc:
             raise UsageError(f"--since: {exc}") from exc
-    for event in events.read(options.layout, start):
+    found = events.read(options.layout, start)
+    if output is Format.YAML:
+        _print_data(list(found), output)
+        return
+    for event in found:
         if output is Format.JSON:
             typer.echo(json.dumps(event, sort_keys=True))
         else:
@@ -667,24 +682,70 @@ def image_prune(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
 ) -> None:
     """Remove every image no machine uses (listed first)."""
+    _prune([], yes, "auto")
+
+
+def _prune(machines: list[str], yes: bool, supervisor: str) -> None:
+    """Remove machines and then every image no remaining machine uses, after
+    listing them and asking (or --yes)."""
     from pymachined import rootfs
+    from pymachined.execute import remove_machine
+    from pymachined.state import StateStore
 
     store = _store()
     users = rootfs.users(options.layout)
-    records = store.records()
-    unused = [r for r in records if not users.get(r.key)]
-    if not unused:
+    for name in machines:
+        users = {k: [m for m in v if m != name] for k, v in users.items()}
+    unused = [r for r in store.records() if not users.get(r.key)]
+    if not machines and not unused:
         typer.echo("no unused images")
         return
+    for name in machines:
+        typer.echo(f"stopped, undeclared machine: {name}")
     for record in unused:
         typer.echo(f"unused: {record.name} {record.key}")
     if not yes:
         if not sys.stdin.isatty():
             raise PymachineError("not removing without confirmation", hint="add --yes")
-        typer.confirm(f"remove {len(unused)} images?", abort=True)
+        typer.confirm(f"remove {len(machines)} machines and {len(unused)} images?", abort=True)
+    if machines:
+        running = _reconciler(supervisor).supervisor
+        with _host_lock(None):
+            for name in machines:
+                remove_machine(options.layout, StateStore(options.layout), running, name)
+                typer.echo(f"removed machine {name}")
     for record in sorted(unused, key=lambda r: len(store.chain(r.key)), reverse=True):
         store.remove(record.key)
         typer.echo(f"removed {record.key}")
+
+
+@app.command()
+def prune(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Specs: stopped machines they do not declare are removed too."),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Remove without asking.")] = False,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """Remove stopped machines no spec declares (given PATH) and images no machine uses."""
+    from pymachined.state import StateStore
+
+    doomed: list[str] = []
+    if paths:
+        declared = _spec_set(paths).machines
+        if not declared:
+            raise PymachineError(
+                f"{', '.join(map(str, paths))} declares no machines; refusing to prune them all",
+                hint="check the path; to remove one machine, use pymachine destroy",
+            )
+        statuses = _reconciler(supervisor).supervisor.status()
+        for name in StateStore(options.layout).names():
+            status = statuses.get(name)
+            running = status is not None and status.pid is not None
+            if name not in declared and not running:
+                doomed.append(name)
+    _prune(doomed, yes, supervisor)
 
 
 @app.command()

@@ -348,3 +348,49 @@ def test_image_ls_rm_prune_and_df(
     assert f"removed {slim_image.key}" in pruned.stdout
     assert store.records() == []
     assert [p.name for p in images.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_prune_removes_stopped_undeclared_machines_and_unused_images(
+    tmp_path: Path, slim_image: ImageRecord
+) -> None:
+    import json
+
+    import yaml
+
+    root = tmp_path / "host"
+    images = root / "var/lib/pymachine/images"
+    images.mkdir(parents=True)
+    # A private copy of the slim image: prune must not touch the shared cache.
+    subprocess.run(["cp", "-a", "--reflink=auto", str(slim_image.path), str(images)], check=True)
+    prefix = f"p{uuid.uuid4().hex[:6]}-"
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    keep = (
+        f"name: {prefix}keep\nimage: debian-bookworm-slim\ncommand: [sleep, infinity]\n"
+        "network: none\n"
+    )
+    (specs / "m.yaml").write_text(keep + "---\n" + keep.replace("keep", "old") + "state: stopped\n")
+    try:
+        pymachine(root, "apply", str(specs), "--yes", check=True)
+        rows = pymachine(root, "ls", "-o", "json", check=True).stdout
+        assert yaml.safe_load(pymachine(root, "ls", "-o", "yaml", check=True).stdout) == json.loads(
+            rows
+        )
+        (specs / "m.yaml").write_text(keep)
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        assert pymachine(root, "prune", str(empty), "--yes").returncode == 1
+        listed = pymachine(root, "prune", str(specs))  # no terminal, no --yes: only a list
+        assert listed.returncode == 1
+        assert f"stopped, undeclared machine: {prefix}old" in listed.stdout
+        pruned = pymachine(root, "prune", str(specs), "--yes", check=True)
+        assert f"removed machine {prefix}old" in pruned.stdout
+        names = [r["name"] for r in json.loads(pymachine(root, "ls", "-o", "json").stdout)]
+        assert names == [f"{prefix}keep"]
+        assert ImageStore(Layout(PurePosixPath(root)), REPO / "templates").get(slim_image.key)
+    finally:
+        pymachine(root, "destroy", "--yes", f"{prefix}keep")
+        pymachine(root, "destroy", "--yes", f"{prefix}old")
+        lock = root / "run/pymachine/pymachined.lock"
+        if lock.exists() and lock.read_text().strip():
+            os.kill(int(lock.read_text().split()[1]), signal.SIGTERM)
