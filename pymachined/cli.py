@@ -1,5 +1,6 @@
 """The operator's command line (Typer): parses options, calls the library, and
 formats output and errors for people.
+
 Heavy modules (jinja2, the spec models, pyroute2, systemd) are imported inside
 the commands that need them, so ``pymachine --help`` stays fast.
 """
