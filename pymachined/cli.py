@@ -531,6 +531,79 @@ def shell(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     raise typer.Exit(run.interactive(commands.nsenter_argv(pid, login, env)))
 
 
+@app.command()
+def pause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """Freeze every process of a running machine (the cgroup freezer)."""
+    _known(name)
+    _reconciler(supervisor).supervisor.pause(name, True)
+    typer.echo(f"paused {name}")
+
+
+@app.command()
+def unpause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+    """Resume a paused machine."""
+    _known(name)
+    _reconciler(supervisor).supervisor.pause(name, False)
+    typer.echo(f"unpaused {name}")
+
+
+@app.command()
+def stats(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Machines (all running ones if none).")
+    ] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="One sample, then exit.")] = False,
+    output: OutputOption = Format.TABLE,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """CPU %, memory use and limit, processes and block I/O of running machines;
+    refreshed every 2 s on a terminal, one sample otherwise."""
+    import time
+
+    from pymachined.cgroups import MachineCgroup
+
+    for name in names or []:
+        _known(name)
+    statuses = _reconciler(supervisor).supervisor.status()
+    wanted = names or sorted(n for n, s in statuses.items() if s.pid is not None)
+    groups = {n: MachineCgroup(n) for n in wanted}
+    stream = sys.stdout.isatty() and not no_stream and output is Format.TABLE
+    before = {n: g.stats() for n, g in groups.items()}
+    started = time.monotonic()
+    while True:
+        time.sleep(0.5 if not stream else 2.0)
+        elapsed = time.monotonic() - started
+        now = {n: g.stats() for n, g in groups.items()}
+        rows: list[dict[str, Any]] = []
+        for name in wanted:
+            old, new = before[name], now[name]
+            cpu = None
+            if old.cpu_ns is not None and new.cpu_ns is not None:
+                cpu = round(100 * (new.cpu_ns - old.cpu_ns) / (elapsed * 1e9), 1)
+            rows.append(
+                {
+                    "name": name,
+                    "cpu_percent": cpu,
+                    "memory": new.memory,
+                    "memory_limit": new.memory_limit,
+                    "pids": new.pids,
+                    "block_io": new.io_bytes,
+                }
+            )
+        if output is Format.TABLE:
+            for row in rows:
+                for key in ("memory", "memory_limit", "block_io"):
+                    row[key] = _human(row[key]) if row[key] is not None else None
+        if stream:
+            typer.echo("\x1b[H\x1b[2J", nl=False)
+        _print_rows(
+            rows, ["name", "cpu_percent", "memory", "memory_limit", "pids", "block_io"], output
+        )
+        if not stream:
+            return
+        before, started = now, time.monotonic()
+
+
 @app.command("events")
 def show_events(
     since: Annotated[

@@ -150,3 +150,14 @@ def nsenter_argv(pid: int, command: Sequence[str], env: Sequence[str] = ()) -> l
         *env,
         *command,
     ]
+
+
+# A fixed script: each argument up to "--" is a cgroup.procs file the shell
+# writes its own pid into; then it becomes the command after "--".
+_ENTER = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f"; done; exec "$@"'
+
+
+def cgroup_enter_argv(procs: Sequence[PurePosixPath], argv: Sequence[str]) -> list[str]:
+    """argv started inside the cgroups whose cgroup.procs files are procs, so that
+    everything it forks is in them from the first instant."""
+    return ["/bin/sh", "-c", _ENTER, "sh", *map(str, procs), "--", *argv]

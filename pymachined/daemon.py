@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pymachined import events, files, run
+from pymachined import commands, events, files, run
+from pymachined.cgroups import MachineCgroup
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
@@ -137,7 +138,7 @@ class Daemon:
             if alive and machine.pid is not None:
                 log.info("adopted %s (pid %d)", machine.spec.name, machine.pid)
                 self._watch(machine, machine.pid)
-            elif machine.state in (RunState.RUNNING, RunState.RESTARTING):
+            elif machine.state in (RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING):
                 # It ended while nobody watched: its exit code is unknown.
                 self._exited(machine, None)
 
@@ -151,10 +152,13 @@ class Daemon:
         """Start a machine's process now."""
         spec = machine.spec
         Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
+        group = MachineCgroup(spec.name)
+        group.remove()  # left by an earlier run of the machine, if any
+        argv = commands.cgroup_enter_argv([PurePosixPath(p) for p in group.create()], spec.argv)
         with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
             output.write(f"-- pymachined: starting {spec.name}\n".encode())
             output.flush()
-            child = run.spawn(spec.argv, output)
+            child = run.spawn(argv, output)
         machine.child = child
         machine.pid = child.pid
         machine.pid_start = process_start_time(child.pid)
@@ -180,6 +184,7 @@ class Daemon:
 
     def _exited(self, machine: Machine, code: int | None) -> None:
         ran = time.time() - (machine.started or time.time())
+        MachineCgroup(machine.spec.name).remove()
         machine.exit_code = code
         machine.pid = None
         machine.pid_start = None
@@ -261,7 +266,17 @@ class Daemon:
         machine = self.machines.get(name)
         if machine is None:
             return {"error": f"no machine {name!r} is supervised"}
+        if op in ("pause", "unpause"):
+            if machine.pid is None:
+                return {"error": f"{name} is not running"}
+            MachineCgroup(name).freeze(op == "pause")
+            machine.state = RunState.PAUSED if op == "pause" else RunState.RUNNING
+            events.record(self.layout, name, op)
+            self.save(machine)
+            return {"status": machine.status().as_json()}
         if op in ("stop", "forget"):
+            if machine.state is RunState.PAUSED:
+                MachineCgroup(name).freeze(False)  # a frozen process cannot act on SIGTERM
             events.record(self.layout, name, "stop")
             machine.wanted = "stopped"
             machine.restart_at = None

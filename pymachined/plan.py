@@ -43,6 +43,7 @@ class Observed:
         """Whether its supervisor runs it (or is about to restart it)."""
         return self.status is not None and self.status.state in (
             RunState.RUNNING,
+            RunState.PAUSED,
             RunState.RESTARTING,
         )
 

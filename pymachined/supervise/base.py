@@ -39,6 +39,7 @@ class RunState(StrEnum):
 
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
     RESTARTING = "restarting"
     EXITED = "exited"
     DEAD = "dead"
@@ -132,4 +133,8 @@ class Supervisor(Protocol):
 
     def forget(self, name: str) -> None:
         """Stop a machine if it runs, and drop it."""
+        ...
+
+    def pause(self, name: str, paused: bool) -> Status:
+        """Freeze or thaw every process of a running machine."""
         ...

@@ -131,3 +131,8 @@ class BuiltinSupervisor:
             return
         self.request({"op": "forget", "name": name})
         self._wait_stopped(name, 60)
+
+    def pause(self, name: str, paused: bool) -> Status:
+        """Freeze or thaw a running machine."""
+        reply = self.request({"op": "pause" if paused else "unpause", "name": name})
+        return Status.from_json(reply["status"])

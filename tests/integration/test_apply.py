@@ -490,3 +490,39 @@ def test_a_machine_that_keeps_failing_is_dead(host: Host) -> None:
     assert (machine["restarts"], machine["exit_code"], machine["pid"]) == (5, 3, None)
     planned = host.pymachine("plan", str(host.specs), check=False)
     assert f"start {host.prefix}f: not running" in planned.stdout
+
+
+def test_pause_freezes_and_stats_read_the_machines_cgroups(host: Host) -> None:
+    host.declare(
+        'name: "@p"\nimage: debian-bookworm-slim\nnetwork: none\n'
+        'command: [sh, -c, "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"]\n'
+    )
+    host.apply()
+    name = f"{host.prefix}p"
+    host.wait_for(lambda m: m["p"]["pid"] is not None, "p running")
+
+    def count() -> int:
+        return int(host.pymachine("exec", name, "--", "cat", "/tmp/n").stdout)
+
+    time.sleep(0.5)
+    host.pymachine("pause", name)
+    assert host.machines()["p"]["state"] == "paused"
+    first = count()
+    time.sleep(1)
+    assert count() == first  # frozen: the counter stands still
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+    host.pymachine("unpause", name)
+    time.sleep(1)
+    assert count() > first
+    assert host.machines()["p"]["state"] == "running"
+
+    sample = json.loads(host.pymachine("stats", name, "--no-stream", "-o", "json").stdout)
+    assert [s["name"] for s in sample] == [name]
+    assert sample[0]["pids"] >= 2
+    assert sample[0]["memory"] > 0
+    assert sample[0]["cpu_percent"] is not None
+    kinds = [
+        json.loads(line)["event"]
+        for line in host.pymachine("events", "-o", "json").stdout.splitlines()
+    ]
+    assert kinds[-2:] == ["pause", "unpause"]

@@ -1,0 +1,152 @@
+"""Per-machine cgroups under pymachined: pause (the freezer) and statistics.
+
+Without systemd as PID 1, systemd-nspawn puts a machine only in the
+``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group in
+each controller it needs (cgroup v1, as on hybrid hosts, or the unified v2
+tree) and starts the machine inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymachined.errors import PymachineError
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("freezer", "memory", "pids", "cpuacct", "blkio")
+GROUP = "pymachine"
+
+
+def unified(root: Path = ROOT) -> bool:
+    """Whether the host runs the unified (v2) hierarchy only."""
+    return (root / "cgroup.controllers").exists()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """One sample of a machine's usage."""
+
+    cpu_ns: int | None
+    memory: int | None
+    memory_limit: int | None
+    pids: int | None
+    io_bytes: int | None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MachineCgroup:
+    """The cgroups of one machine."""
+
+    def __init__(self, name: str, root: Path = ROOT) -> None:
+        self.name = name
+        self.root = root
+        self.v2 = unified(root)
+
+    def dirs(self) -> dict[str, Path]:
+        """The machine's group in each hierarchy, by controller ("unified" on v2)."""
+        if self.v2:
+            return {"unified": self.root / GROUP / self.name}
+        return {
+            c: self.root / c / GROUP / self.name
+            for c in V1_CONTROLLERS
+            if (self.root / c / "cgroup.procs").exists()
+        }
+
+    def create(self) -> list[Path]:
+        """Make the groups; the cgroup.procs files a process writes itself into."""
+        procs = []
+        for directory in self.dirs().values():
+            directory.mkdir(parents=True, exist_ok=True)
+            procs.append(directory / "cgroup.procs")
+        return procs
+
+    def remove(self) -> None:
+        """Remove the groups (they are empty once the machine has exited)."""
+        for directory in self.dirs().values():
+            with contextlib.suppress(FileNotFoundError):
+                for _ in range(50):  # the kernel empties a group a moment after exit
+                    try:
+                        directory.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.02)
+
+    def exists(self) -> bool:
+        """Whether the machine has its groups."""
+        return any(d.is_dir() for d in self.dirs().values())
+
+    def freeze(self, frozen: bool) -> None:
+        """Pause (freeze) or resume every process of the machine."""
+        if self.v2:
+            path = self.dirs()["unified"] / "cgroup.freeze"
+            value = "1" if frozen else "0"
+        else:
+            directory = self.dirs().get("freezer")
+            if directory is None:
+                raise PymachineError("this host has no freezer cgroup controller")
+            path = directory / "freezer.state"
+            value = "FROZEN" if frozen else "THAWED"
+        try:
+            path.write_text(value)
+        except FileNotFoundError as exc:
+            raise PymachineError(
+                f"machine {self.name} has no cgroup (started before pymachine made them?)",
+                hint=f"restart it: pymachine restart {self.name}",
+            ) from exc
+
+    def frozen(self) -> bool:
+        """Whether the machine is paused."""
+        if self.v2:
+            return _read_int(self.dirs()["unified"] / "cgroup.freeze") == 1
+        directory = self.dirs().get("freezer")
+        try:
+            return directory is not None and (
+                (directory / "freezer.state").read_text().strip() == "FROZEN"
+            )
+        except OSError:
+            return False
+
+    def stats(self) -> Stats:
+        """Current CPU time, memory use and limit, process count and block I/O."""
+        dirs = self.dirs()
+        if self.v2:
+            group = dirs["unified"]
+            cpu = None
+            with contextlib.suppress(OSError):
+                for line in (group / "cpu.stat").read_text().splitlines():
+                    if line.startswith("usage_usec "):
+                        cpu = int(line.split()[1]) * 1000
+            limit = _read_int(group / "memory.max")
+            return Stats(
+                cpu,
+                _read_int(group / "memory.current"),
+                limit,
+                _read_int(group / "pids.current"),
+                None,
+            )
+        limit = _read_int(dirs["memory"] / "memory.limit_in_bytes") if "memory" in dirs else None
+        if limit is not None and limit >= 1 << 62:
+            limit = None  # the "unlimited" sentinel
+        io = None
+        if "blkio" in dirs:
+            with contextlib.suppress(OSError):
+                lines = (dirs["blkio"] / "blkio.throttle.io_service_bytes").read_text().splitlines()
+                io = sum(int(line.split()[-1]) for line in lines if line.startswith("Total"))
+        return Stats(
+            cpu_ns=_read_int(dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in dirs else None,
+            memory=_read_int(dirs["memory"] / "memory.usage_in_bytes")
+            if "memory" in dirs
+            else None,
+            memory_limit=limit,
+            pids=_read_int(dirs["pids"] / "pids.current") if "pids" in dirs else None,
+            io_bytes=io,
+        )

@@ -1,0 +1,66 @@
+"""Command lines are data: argv builders checked directly."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from pymachined import commands
+from pymachined.spec import Bootstrap
+
+
+def test_cgroup_enter_keeps_the_command_intact() -> None:
+    argv = commands.cgroup_enter_argv(
+        [PurePosixPath("/sys/fs/cgroup/pids/pymachine/a/cgroup.procs")],
+        ["systemd-nspawn", "--", "sh", "-c", "echo $$; exit 3"],
+    )
+    assert argv[:3] == ["/bin/sh", "-c", commands._ENTER]
+    assert argv[3:] == [
+        "sh",
+        "/sys/fs/cgroup/pids/pymachine/a/cgroup.procs",
+        "--",
+        "systemd-nspawn",
+        "--",
+        "sh",
+        "-c",
+        "echo $$; exit 3",
+    ]
+
+
+def test_bootstrap_tools_take_the_same_recipe() -> None:
+    recipe = Bootstrap.model_validate(
+        {"suite": "bookworm", "include": ["curl"], "exclude": ["vim"], "components": ["main"]}
+    )
+    target = PurePosixPath("/img/rootfs")
+    assert commands.bootstrap_argv("debootstrap", recipe, target, "http://m/debian") == [
+        "debootstrap",
+        "--variant=minbase",
+        "--include=curl",
+        "--exclude=vim",
+        "bookworm",
+        "/img/rootfs",
+        "http://m/debian",
+    ]
+    assert commands.bootstrap_argv("mmdebstrap", recipe, target, "http://m/debian") == [
+        "mmdebstrap",
+        "--mode=root",
+        "--variant=minbase",
+        "--components=main",
+        "--include=curl,vim-",
+        "bookworm",
+        "/img/rootfs",
+        "http://m/debian",
+    ]
+
+
+def test_isolation_wraps_without_touching_the_command() -> None:
+    argv = commands.isolated_argv(["mmdebstrap", "--", "x"])
+    assert argv[:4] == ["setpriv", "--pdeathsig", "KILL", "--"]
+    assert "--kill-child" in argv and "--pid" in argv and "--mount" in argv
+    assert argv[-3:] == ["mmdebstrap", "--", "x"]
+
+
+def test_nsenter_enters_every_namespace_with_a_clean_environment() -> None:
+    argv = commands.nsenter_argv(42, ["cat", "/etc/hostname"], ["TERM=xterm"])
+    assert argv[:6] == ["nsenter", "--target=42", "--all", "--root", "--wd", "--"]
+    assert argv[6:8] == ["/usr/bin/env", "-i"]
+    assert argv[-3:] == ["TERM=xterm", "cat", "/etc/hostname"]
