@@ -87,6 +87,13 @@ class RestartMachine(Action):
 
 
 @dataclass(frozen=True)
+class UpdateLimits(Action):
+    """Change a running machine's resource limits in place, without a restart."""
+
+    verb: ClassVar[str] = "change the limits of"
+
+
+@dataclass(frozen=True)
 class StopMachine(Action):
     """Stop a machine."""
 

@@ -1,4 +1,5 @@
-"""Per-machine cgroups under pymachined: pause (the freezer) and statistics.
+"""Per-machine cgroups under pymachined: limits, pause (the freezer), statistics
+and OOM kills.
 
 Without systemd as PID 1, systemd-nspawn puts a machine only in the
 ``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group in
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined.errors import PymachineError
+from pymachined.limits import Limits, v1_writes, v2_writes
 
 ROOT = Path("/sys/fs/cgroup")
-V1_CONTROLLERS = ("freezer", "memory", "pids", "cpuacct", "blkio")
+V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "blkio")
+V2_CONTROLLERS = ("memory", "pids", "cpu", "io")
 GROUP = "pymachine"
 
 
@@ -34,6 +37,7 @@ class Stats:
     memory_limit: int | None
     pids: int | None
     io_bytes: int | None
+    oom_kills: int | None = None
 
 
 def _read_int(path: Path) -> int | None:
@@ -63,11 +67,74 @@ class MachineCgroup:
 
     def create(self) -> list[Path]:
         """Make the groups; the cgroup.procs files a process writes itself into."""
+        if self.v2:
+            self._delegate_controllers()
         procs = []
         for directory in self.dirs().values():
             directory.mkdir(parents=True, exist_ok=True)
             procs.append(directory / "cgroup.procs")
         return procs
+
+    def _delegate_controllers(self) -> None:
+        """On v2, enable the controllers limits need for the groups below ours."""
+        (self.root / GROUP).mkdir(exist_ok=True)
+        for parent in (self.root, self.root / GROUP):
+            try:
+                available = set((parent / "cgroup.controllers").read_text().split())
+                wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS if c in available)
+                if wanted:
+                    (parent / "cgroup.subtree_control").write_text(wanted)
+            except OSError as exc:
+                raise PymachineError(
+                    f"cannot enable cgroup controllers in {parent}: {exc.strerror}",
+                    hint="pymachined needs a delegated, writable cgroup v2 tree",
+                ) from exc
+
+    def set_limits(self, limits: Limits) -> list[str]:
+        """Write limits into the groups; what could not be set on this host (an
+        io_weight without a weight-aware I/O scheduler, say), as messages."""
+        dirs = self.dirs()
+        skipped = []
+        for write in v2_writes(limits) if self.v2 else v1_writes(limits):
+            directory = dirs.get(write.controller)
+            path = directory / write.file if directory is not None else None
+            if path is None or not path.exists():
+                if not write.optional:
+                    skipped.append(f"{write.file} does not exist on this host")
+                continue
+            try:
+                path.write_text(write.value)
+            except OSError as exc:
+                hint = (
+                    "a memory limit below what the machine uses now cannot be set live; "
+                    "restart the machine to apply it"
+                    if write.file.startswith("memory")
+                    else None
+                )
+                raise PymachineError(
+                    f"cannot set {write.file} of machine {self.name} to {write.value}: "
+                    f"{exc.strerror}",
+                    hint=hint,
+                ) from exc
+        return skipped
+
+    def oom_kills(self) -> int | None:
+        """How many processes of the machine the kernel's OOM killer has killed."""
+        if self.v2:
+            path = self.dirs()["unified"] / "memory.events"
+        else:
+            directory = self.dirs().get("memory")
+            if directory is None:
+                return None
+            path = directory / "memory.oom_control"
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            return None
+        return None
 
     def remove(self) -> None:
         """Remove the groups (they are empty once the machine has exited)."""
@@ -132,6 +199,7 @@ class MachineCgroup:
                 limit,
                 _read_int(group / "pids.current"),
                 None,
+                self.oom_kills(),
             )
         limit = _read_int(dirs["memory"] / "memory.limit_in_bytes") if "memory" in dirs else None
         if limit is not None and limit >= 1 << 62:
@@ -149,4 +217,5 @@ class MachineCgroup:
             memory_limit=limit,
             pids=_read_int(dirs["pids"] / "pids.current") if "pids" in dirs else None,
             io_bytes=io,
+            oom_kills=self.oom_kills(),
         )

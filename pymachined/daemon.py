@@ -12,12 +12,16 @@ Restart policies: ``no``, ``on-failure`` (a non-zero or unknown exit code),
 ``always``; with backoff from 0.2 s doubling to 10 s, reset by 10 s of running.
 A machine that exits more than five times in a row without running 10 s is
 ``dead``: no more restarts until it is started again.
+
+Each machine runs in its own cgroups with its declared limits; the loop wakes
+every second or so while machines run to record OOM kills as ``oom`` events.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,6 +39,7 @@ from pymachined import commands, events, files, run
 from pymachined.cgroups import MachineCgroup
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
+from pymachined.limits import Limits
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 
 log = logging.getLogger("pymachined")
@@ -43,6 +48,7 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 10.0
 START_LIMIT = 5  # quick exits in a row before a machine is dead, as systemd's StartLimitBurst
+OOM_POLL = 1.0  # seconds between looks at the running machines' OOM kill counters
 
 
 def process_start_time(pid: int) -> int | None:
@@ -71,6 +77,7 @@ class Machine:
     forgotten: bool = False
     restart_at: float | None = None
     kill_at: float | None = None
+    oom_kills: int = 0
     pidfd: int | None = field(default=None, repr=False)
     child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -104,6 +111,7 @@ class Daemon:
         self.machines: dict[str, Machine] = {}
         self.selector = selectors.DefaultSelector()
         self.stopping = False
+        self.oom_checked = 0.0
 
     # -- persistence -------------------------------------------------------
 
@@ -137,6 +145,7 @@ class Daemon:
             )
             if alive and machine.pid is not None:
                 log.info("adopted %s (pid %d)", machine.spec.name, machine.pid)
+                machine.oom_kills = MachineCgroup(machine.spec.name).oom_kills() or 0
                 self._watch(machine, machine.pid)
             elif machine.state in (RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING):
                 # It ended while nobody watched: its exit code is unknown.
@@ -154,7 +163,11 @@ class Daemon:
         Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
         group = MachineCgroup(spec.name)
         group.remove()  # left by an earlier run of the machine, if any
-        argv = commands.cgroup_enter_argv([PurePosixPath(p) for p in group.create()], spec.argv)
+        procs = group.create()
+        for problem in group.set_limits(spec.limits):
+            log.warning("%s: a limit is not applied: %s", spec.name, problem)
+        machine.oom_kills = 0
+        argv = commands.cgroup_enter_argv([PurePosixPath(p) for p in procs], spec.argv)
         with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
             output.write(f"-- pymachined: starting {spec.name}\n".encode())
             output.flush()
@@ -184,6 +197,7 @@ class Daemon:
 
     def _exited(self, machine: Machine, code: int | None) -> None:
         ran = time.time() - (machine.started or time.time())
+        self._check_oom(machine)
         MachineCgroup(machine.spec.name).remove()
         machine.exit_code = code
         machine.pid = None
@@ -226,28 +240,57 @@ class Daemon:
         """A machine's process ended."""
         self._exited(machine, self._reap(machine))
 
+    def _check_oom(self, machine: Machine) -> None:
+        """Record an ``oom`` event if the kernel killed a process of the machine."""
+        kills = MachineCgroup(machine.spec.name).oom_kills()
+        if kills is not None and kills > machine.oom_kills:
+            events.record(
+                self.layout, machine.spec.name, "oom", kills=kills - machine.oom_kills, total=kills
+            )
+            log.info("%s: the OOM killer killed %d process(es)", machine.spec.name, kills)
+            machine.oom_kills = kills
+
+    def _relaunch(self, machine: Machine) -> None:
+        """Start a machine again by its restart policy; a failure leaves it dead."""
+        machine.restarts += 1
+        try:
+            self.launch(machine)
+        except (OSError, PymachineError) as exc:
+            log.error("%s: cannot restart: %s", machine.spec.name, exc)
+            machine.state = RunState.DEAD
+            machine.restart_at = None
+            events.record(self.layout, machine.spec.name, "dead", error=str(exc))
+            self.save(machine)
+
     def tick(self) -> None:
-        """Restarts and kills that are due."""
+        """Restarts and kills that are due, and OOM kills to record."""
         now = time.monotonic()
+        if now - self.oom_checked >= OOM_POLL:
+            self.oom_checked = now
+            for machine in self.machines.values():
+                if machine.pid is not None:
+                    self._check_oom(machine)
         for machine in list(self.machines.values()):
             if machine.restart_at is not None and now >= machine.restart_at:
-                machine.restarts += 1
-                self.launch(machine)
+                self._relaunch(machine)
             if machine.kill_at is not None and now >= machine.kill_at and machine.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(machine.pid, signal.SIGKILL)
                 machine.kill_at = None
 
     def next_deadline(self) -> float | None:
+        """Seconds until the loop must wake, or None to sleep until a request."""
         deadlines = [
             t for m in self.machines.values() for t in (m.restart_at, m.kill_at) if t is not None
         ]
+        if any(m.pid is not None for m in self.machines.values()):
+            deadlines.append(self.oom_checked + OOM_POLL)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     # -- requests ----------------------------------------------------------
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request: status, start, stop, forget."""
+        """One request: status, start, stop, forget, pause, unpause, limits."""
         op = request.get("op")
         if op == "status":
             return {"machines": [m.status().as_json() for m in self.machines.values()]}
@@ -266,6 +309,14 @@ class Daemon:
         machine = self.machines.get(name)
         if machine is None:
             return {"error": f"no machine {name!r} is supervised"}
+        if op == "limits":
+            limits = Limits.from_json(request["limits"])
+            machine.spec = dataclasses.replace(machine.spec, limits=limits)
+            self.save(machine)
+            skipped = []
+            if machine.pid is not None:
+                skipped = MachineCgroup(name).set_limits(machine.spec.limits)
+            return {"status": machine.status().as_json(), "skipped": skipped}
         if op in ("pause", "unpause"):
             if machine.pid is None:
                 return {"error": f"{name} is not running"}
@@ -333,6 +384,8 @@ class Daemon:
             connection.settimeout(5)
             try:
                 reply = self.handle(json.loads(read_line(connection)))
+            except PymachineError as exc:
+                reply = {"error": exc.message, "hint": exc.hint}
             except Exception as exc:  # a bad request must not stop the supervisor
                 log.exception("request failed")
                 reply = {"error": f"{type(exc).__name__}: {exc}"}

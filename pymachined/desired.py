@@ -3,7 +3,8 @@
 Everything that, when it changes, needs the machine restarted goes into its
 configuration hash: the command line it runs with, its restart policy and
 stop timeout, its image layers, and the files written into its root. Labels,
-``state``, ``autostart`` and ``depends_on`` do not.
+``state``, ``autostart`` and ``depends_on`` do not, nor do resource limits,
+which are changed on the running machine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined.layout import Layout
+from pymachined.limits import Limits
 from pymachined.recipes import Layer, Salts, machine_layers
 from pymachined.render import RenderedFile, machine_files, nspawn_run_argv
 from pymachined.spec import Machine
@@ -66,6 +68,7 @@ def desire(
             restart=machine.restart.value,
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
+            limits=Limits(**machine.resources.model_dump()),
         )
         config = {
             "argv": list(run.argv),

@@ -26,6 +26,7 @@ from pymachined.actions import (
     RestartMachine,
     StartMachine,
     StopMachine,
+    UpdateLimits,
     WriteFiles,
 )
 from pymachined.desired import Desired, file_hash
@@ -205,6 +206,13 @@ class Executor:
         want = self.desired[action.machine]
         self.supervisor.stop(want.name)
         self._start(want, f"restarted ({action.reason})")
+
+    def _UpdateLimits(self, action: UpdateLimits) -> None:
+        want = self.desired[action.machine]
+        for problem in self.supervisor.set_limits(want.name, want.run.limits):
+            self.say(f"warning: {want.name}: a limit is not applied: {problem}")
+        record = replace(self._record(want.name), run=want.run.as_json())
+        self._event(record, f"limits changed ({action.reason})")
 
     def _StopMachine(self, action: StopMachine) -> None:
         self.supervisor.stop(action.machine)

@@ -20,9 +20,11 @@ from pymachined.actions import (
     RestartMachine,
     StartMachine,
     StopMachine,
+    UpdateLimits,
     WriteFiles,
 )
 from pymachined.desired import Desired, file_hash
+from pymachined.limits import Limits, describe_change
 from pymachined.records import MachineRecord
 from pymachined.spec import MachineState
 from pymachined.supervise.base import RunState, Status
@@ -83,6 +85,11 @@ def _file_actions(want: Desired, seen: Observed) -> list[Action]:
     return [WriteFiles(want.name, reason, tuple(stale))]
 
 
+def _limits(run: Mapping[str, object] | None) -> Limits:
+    limits = run.get("limits") if run is not None else None
+    return Limits.from_json(limits if isinstance(limits, dict) else None)
+
+
 def plan(
     desired: Mapping[str, Desired],
     observed: Mapping[str, Observed],
@@ -122,6 +129,9 @@ def plan(
             actions.append(RestartMachine(name, "its root was made again"))
         elif wants_running and seen.record and seen.record.config_hash != want.config_hash:
             actions.append(RestartMachine(name, "its configuration changed"))
+        elif wants_running and seen.record and _limits(seen.record.run) != want.run.limits:
+            change = describe_change(_limits(seen.record.run), want.run.limits)
+            actions.append(UpdateLimits(name, change))
         elif not wants_running and seen.running:
             stopping.append(StopMachine(name, "state: stopped"))
     # Stop dependents before what they depend on.

@@ -7,9 +7,11 @@ semantics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
+
+from pymachined.limits import Limits
 
 SOCKET = "pymachined.sock"
 """pymachined's socket, in the run directory."""
@@ -54,6 +56,7 @@ class RunSpec:
     restart: str
     log: str
     stop_timeout: float
+    limits: Limits = field(default_factory=Limits)
 
     def as_json(self) -> dict[str, Any]:
         """The spec as sent to and kept by the supervisor."""
@@ -63,6 +66,7 @@ class RunSpec:
             "restart": self.restart,
             "log": self.log,
             "stop_timeout": self.stop_timeout,
+            "limits": self.limits.as_json(),
         }
 
     @classmethod
@@ -74,6 +78,7 @@ class RunSpec:
             restart=str(data["restart"]),
             log=str(data["log"]),
             stop_timeout=float(data["stop_timeout"]),
+            limits=Limits.from_json(data.get("limits")),
         )
 
 
@@ -137,4 +142,9 @@ class Supervisor(Protocol):
 
     def pause(self, name: str, paused: bool) -> Status:
         """Freeze or thaw every process of a running machine."""
+        ...
+
+    def set_limits(self, name: str, limits: Limits) -> list[str]:
+        """Change a machine's resource limits, live if it runs, and for its next
+        starts; what this host cannot limit, as messages."""
         ...

@@ -15,6 +15,7 @@ from typing import Any
 from pymachined import run
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
+from pymachined.limits import Limits
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 
 START_TIMEOUT = 10.0
@@ -38,7 +39,7 @@ class BuiltinSupervisor:
             data = read_line(connection)
         reply: dict[str, Any] = json.loads(data)
         if "error" in reply:
-            raise PymachineError(f"pymachined: {reply['error']}")
+            raise PymachineError(f"pymachined: {reply['error']}", hint=reply.get("hint"))
         return reply
 
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -136,3 +137,9 @@ class BuiltinSupervisor:
         """Freeze or thaw a running machine."""
         reply = self.request({"op": "pause" if paused else "unpause", "name": name})
         return Status.from_json(reply["status"])
+
+    def set_limits(self, name: str, limits: Limits) -> list[str]:
+        """Write a machine's new limits into its cgroups, and keep them for its
+        restarts; what this host cannot limit, as messages."""
+        reply = self.request({"op": "limits", "name": name, "limits": limits.as_json()})
+        return [str(m) for m in reply.get("skipped", [])]

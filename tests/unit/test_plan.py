@@ -107,6 +107,22 @@ def test_an_environment_change_restarts_only_that_machine(repo: Path, tmp_path: 
     assert plan(after, observed, built) == []
 
 
+def test_a_limit_change_updates_the_running_machine_without_a_restart(
+    repo: Path, tmp_path: Path
+) -> None:
+    before = desired_from(repo, tmp_path)
+    observed, built = converged(before)
+    limited = SPECS.replace("MODE: prod}\n", "MODE: prod}\nresources: {memory: 64M, pids: 64}\n")
+    after = desired_from(repo, tmp_path, limited)
+    actions = plan(after, observed, built)
+    assert kinds(actions) == [("WriteFiles", "web"), ("UpdateLimits", "web")]
+    assert actions[1].reason == "memory unlimited → 64M, pids unlimited → 64"
+    observed, built = converged(after)
+    assert plan(after, observed, built) == []
+    lifted = desired_from(repo, tmp_path, limited.replace("memory: 64M, ", ""))
+    assert [a.reason for a in plan(lifted, observed, built)][-1] == "memory 64M → unlimited"
+
+
 def test_labels_and_autostart_do_not_restart(repo: Path, tmp_path: Path) -> None:
     before = desired_from(repo, tmp_path)
     observed, built = converged(before)

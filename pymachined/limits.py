@@ -1,0 +1,139 @@
+"""Resource limits: a machine's ``resources`` as cgroup settings. Pure.
+
+Under pymachined the limits are written into the machine's own cgroups, v1
+files on hybrid hosts and v2 files on unified ones; under systemd the same
+values become unit properties. Every write sets each file, to its limit or to
+"unlimited", so that removing a limit from a spec lifts it on a running
+machine. The conversions of weights follow systemd's (``CPUWeight=`` to
+``cpu.shares``, ``IOWeight=`` to ``blkio.weight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from pymachined.sizes import format_size
+
+CPU_PERIOD_US = 100_000
+V1_UNLIMITED = "-1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A machine's resource limits, as plain values (None: not limited)."""
+
+    memory: int | None = None
+    memory_soft: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    cpu_weight: int | None = None
+    io_weight: int | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Limits:
+        """The limits from their JSON form (None or {} for none)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+    def as_json(self) -> dict[str, Any]:
+        """The limits as JSON."""
+        return asdict(self)
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+
+@dataclass(frozen=True)
+class Write:
+    """One value written into one file of a machine's cgroup. ``controller`` is the
+    v1 hierarchy ("unified" on v2); ``optional`` writes are skipped where the
+    kernel lacks the file (a limit of the default value, or swap accounting)."""
+
+    controller: str
+    file: str
+    value: str
+    optional: bool = False
+
+
+def _cpu_quota_us(cpus: float) -> int:
+    return max(1000, round(cpus * CPU_PERIOD_US))
+
+
+def cpu_shares(weight: int) -> int:
+    """``cpu.shares`` for a ``CPUWeight=`` (100 → 1024), as systemd converts it."""
+    return min(262144, max(2, weight * 1024 // 100))
+
+
+def blkio_weight(weight: int) -> int:
+    """``blkio.weight`` for an ``IOWeight=`` (100 → 500), as systemd converts it."""
+    return min(1000, max(10, weight * 500 // 100))
+
+
+def v1_writes(limits: Limits) -> list[Write]:
+    """The cgroup v1 files that set limits, in a safe order: the swap limit is
+    lifted before the memory limit changes and set equal to it after, so that
+    the machine cannot swap past its limit where swap is accounted."""
+    memory = str(limits.memory) if limits.memory is not None else V1_UNLIMITED
+    quota = _cpu_quota_us(limits.cpus) if limits.cpus is not None else -1
+    io = limits.io_weight
+    return [
+        Write("memory", "memory.memsw.limit_in_bytes", V1_UNLIMITED, optional=True),
+        Write("memory", "memory.limit_in_bytes", memory),
+        Write("memory", "memory.memsw.limit_in_bytes", memory, optional=True),
+        Write(
+            "memory",
+            "memory.soft_limit_in_bytes",
+            str(limits.memory_soft) if limits.memory_soft is not None else V1_UNLIMITED,
+        ),
+        Write("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)),
+        Write("cpu", "cpu.cfs_quota_us", str(quota)),
+        Write(
+            "cpu",
+            "cpu.shares",
+            str(cpu_shares(limits.cpu_weight) if limits.cpu_weight is not None else 1024),
+        ),
+        Write("pids", "pids.max", str(limits.pids) if limits.pids is not None else "max"),
+        Write(
+            "blkio",
+            "blkio.bfq.weight" if io is None else "blkio.weight",
+            str(blkio_weight(io) if io is not None else 500),
+            optional=io is None,
+        ),
+    ]
+
+
+def v2_writes(limits: Limits) -> list[Write]:
+    """The cgroup v2 files that set limits."""
+
+    def value(limit: int | None) -> str:
+        return str(limit) if limit is not None else "max"
+
+    quota = str(_cpu_quota_us(limits.cpus)) if limits.cpus is not None else "max"
+    return [
+        Write("unified", "memory.max", value(limits.memory)),
+        Write("unified", "memory.swap.max", "0" if limits.memory is not None else "max", True),
+        Write("unified", "memory.high", value(limits.memory_soft)),
+        Write("unified", "cpu.max", f"{quota} {CPU_PERIOD_US}"),
+        Write("unified", "cpu.weight", str(limits.cpu_weight or 100)),
+        Write("unified", "pids.max", value(limits.pids)),
+        Write("unified", "io.weight", f"default {limits.io_weight or 100}", True),
+    ]
+
+
+def describe_change(old: Limits, new: Limits) -> str:
+    """What changed between two sets of limits, for a plan line."""
+    parts = []
+    for f in fields(Limits):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before != after:
+            parts.append(f"{f.name} {_show(f.name, before)} → {_show(f.name, after)}")
+    return ", ".join(parts)
+
+
+def _show(name: str, value: int | float | None) -> str:
+    if value is None:
+        return "unlimited"
+    if name.startswith("memory"):
+        return format_size(int(value))
+    return f"{value:g}"
