@@ -10,6 +10,7 @@ tree) and starts the machine inside them.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ from pymachined.errors import PymachineError
 from pymachined.limits import Limits, v1_writes, v2_writes
 
 ROOT = Path("/sys/fs/cgroup")
-V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "blkio")
+# The v1 controllers, plus the hybrid host's name=systemd and unified trees:
+# nspawn makes the machine's "payload" group below the group it starts in, and
+# hands it to the machine's user namespace, so each machine needs its own.
+V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "blkio", "systemd", "unified")
 V2_CONTROLLERS = ("memory", "pids", "cpu", "io")
 GROUP = "pymachine"
 
@@ -137,12 +141,18 @@ class MachineCgroup:
         return None
 
     def remove(self) -> None:
-        """Remove the groups (they are empty once the machine has exited)."""
+        """Remove the groups and those nspawn made below them (all are empty once
+        the machine has exited, a moment after)."""
         for directory in self.dirs().values():
-            with contextlib.suppress(FileNotFoundError):
-                for _ in range(50):  # the kernel empties a group a moment after exit
+            if not directory.is_dir():
+                continue
+            below = sorted((Path(d) for d, _, _ in os.walk(directory)), key=lambda p: -len(p.parts))
+            for group in below:
+                for _ in range(50):
                     try:
-                        directory.rmdir()
+                        group.rmdir()
+                        break
+                    except FileNotFoundError:
                         break
                     except OSError:
                         time.sleep(0.02)

@@ -262,7 +262,11 @@ def _planned(
     return reconciler.plan(spec_set, prune=prune)
 
 
-def _show_plan(actions: list[Action], fmt: Format) -> None:
+def _show_plan(desired: dict[str, Desired], actions: list[Action], fmt: Format) -> None:
+    from pymachined.plan import warnings
+
+    for warning in warnings(desired, actions):
+        typer.echo(f"warning: {warning}", err=True)
     if fmt is not Format.TABLE:
         _print_data([a.as_json() for a in actions], fmt)
     elif not actions:
@@ -281,8 +285,8 @@ def plan(
 ) -> None:
     """Show what apply would do; exit 0 if the host matches the specs, 2 if not."""
     reconciler = _reconciler(supervisor)
-    _, actions = _planned(reconciler, paths, prune)
-    _show_plan(actions, output)
+    desired, actions = _planned(reconciler, paths, prune)
+    _show_plan(desired, actions, output)
     raise typer.Exit(2 if actions else 0)
 
 
@@ -301,7 +305,7 @@ def apply(
     reconciler = _reconciler(supervisor)
     with _host_lock(lock_timeout):
         desired, actions = _planned(reconciler, paths, prune)
-        _show_plan(actions, Format.TABLE)
+        _show_plan(desired, actions, Format.TABLE)
         if not actions or dry_run:
             return
         if not yes and sys.stdin.isatty():
@@ -588,6 +592,7 @@ def stats(
                     "memory_limit": new.memory_limit,
                     "pids": new.pids,
                     "block_io": new.io_bytes,
+                    "oom_kills": new.oom_kills,
                 }
             )
         if output is Format.TABLE:

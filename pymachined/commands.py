@@ -109,11 +109,17 @@ def overlay_mount_argv(
     target: PurePosixPath,
     upper: PurePosixPath | None = None,
     work: PurePosixPath | None = None,
+    *,
+    metacopy: bool = False,
 ) -> list[str]:
-    """Mount an overlay of lowers (topmost first) at target; read-only without upper."""
+    """Mount an overlay of lowers (topmost first) at target; read-only without upper.
+    With metacopy, a change of owner or mode copies up only the inode, not the
+    data: shifting a root to a user namespace's ids then costs metadata alone."""
     options = [f"lowerdir={':'.join(str(p) for p in lowers)}"]
     if upper is not None and work is not None:
         options += [f"upperdir={upper}", f"workdir={work}"]
+        if metacopy:
+            options += ["redirect_dir=on", "metacopy=on"]
     else:
         options.append("ro")
     return ["mount", "-t", "overlay", "-o", ",".join(options), "--", "pymachine", str(target)]

@@ -141,11 +141,9 @@ class Executor:
         # ensure, not chain: another machine's thread may still be building it.
         chain = self.images.ensure(want.layers)
         rootfs.create(self.layout, want.name, want.machine.rootfs, chain)
-        mounted = rootfs.mount(
+        rootfs.mount(
             self.layout, self.images, rootfs.Root(want.name, want.machine.rootfs, want.layer_keys)
         )
-        for file in want.machine.files:
-            files.write_in_root(mounted, file.path, file.content, int(file.mode, 8))
 
     # -- actions -------------------------------------------------------------
 
@@ -188,7 +186,15 @@ class Executor:
         root = rootfs.read(self.layout, want.name)
         if root is None:
             raise PymachineError(f"machine {want.name} has no root")
-        rootfs.mount(self.layout, self.images, root)
+        mounted = rootfs.mount(self.layout, self.images, root)
+        # Written at every start, so that a changed file (which restarts the
+        # machine) reaches the root; the same content is a harmless rewrite.
+        for file in want.machine.files:
+            files.write_in_root(mounted, file.path, file.content, int(file.mode, 8))
+        for bind in want.machine.binds:
+            files.make_mount_point(mounted, bind.target, Path(bind.source).is_dir())
+        for tmpfs in want.machine.tmpfs:
+            files.make_mount_point(mounted, tmpfs.path, directory=True)
         self.supervisor.start(want.run)
         crash_point("start")
         record = replace(

@@ -187,36 +187,67 @@ def tree_usage(root: Path, seen: set[tuple[int, int]] | None = None) -> int:
     return total
 
 
-def write_in_root(root: Path, path: str, content: str, mode: int) -> None:
-    """Write content at the absolute path inside root, atomically, never following
-    a symlink: a path through a symlink is refused, so nothing is written
-    outside root whatever the root holds."""
-    parts = [p for p in path.split("/") if p]
+def _open_in_root(root: Path, parts: list[str], path: str, owner: os.stat_result) -> int:
+    """An fd of the directory parts name inside root, made where missing (owned
+    by owner), never following a symlink."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        for index, part in enumerate(parts[:-1]):
-            where = "/" + "/".join(parts[: index + 1])
+    for index, part in enumerate(parts):
+        where = "/" + "/".join(parts[: index + 1])
+        try:
             try:
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except FileNotFoundError:
                 os.mkdir(part, 0o755, dir_fd=fd)
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except (NotADirectoryError, OSError) as exc:
-                raise PymachineError(
-                    f"cannot write {path} in the machine: {where} is a symlink or not a directory",
-                    hint="name the file by its real path inside the machine",
-                ) from exc
+                os.fchown(child, owner.st_uid, owner.st_gid)
+        except OSError as exc:
             os.close(fd)
-            fd = child
+            raise PymachineError(
+                f"cannot make {path} in the machine: {where} is a symlink or not a directory",
+                hint="name the path by its real path inside the machine",
+            ) from exc
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def write_in_root(root: Path, path: str, content: str, mode: int) -> None:
+    """Write content at the absolute path inside root, atomically, never following
+    a symlink: a path through a symlink is refused, so nothing is written
+    outside root whatever the root holds. What is made belongs to the owner of
+    root, which is root inside the machine also when its ids are shifted to a
+    user namespace's range."""
+    parts = [p for p in path.split("/") if p]
+    owner = root.lstat()
+    fd = _open_in_root(root, parts[:-1], path, owner)
+    try:
         name = parts[-1]
         temp = f".{name}.pymachine-tmp"
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode, dir_fd=fd)
         try:
             os.write(out, content.encode())
+            os.fchown(out, owner.st_uid, owner.st_gid)
             os.fchmod(out, mode)
             os.fsync(out)
         finally:
             os.close(out)
         os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def make_mount_point(root: Path, path: str, directory: bool) -> None:
+    """Make the directory, or empty file, that something is mounted on at path
+    inside root, unless it exists; as write_in_root, never through a symlink.
+    A read-only root needs its mount points made beforehand."""
+    parts = [p for p in path.split("/") if p]
+    owner = root.lstat()
+    fd = _open_in_root(root, parts if directory else parts[:-1], path, owner)
+    try:
+        if not directory:
+            with contextlib.suppress(FileExistsError):
+                out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+                os.fchown(out, owner.st_uid, owner.st_gid)
+                os.close(out)
     finally:
         os.close(fd)

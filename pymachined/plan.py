@@ -140,3 +140,23 @@ def plan(
         gone = sorted(n for n in observed if n not in desired and observed[n].record is not None)
         actions += [RemoveMachine(n, "no spec declares it") for n in reversed(gone)]
     return actions
+
+
+_STARTS = (CreateMachine, ReplaceRoot, StartMachine, RestartMachine)
+
+
+def warnings(desired: Mapping[str, Desired], actions: Iterable[Action]) -> list[str]:
+    """What a plan should tell the operator about the machines it starts: every
+    opt-out of the default confinement, so that none goes unnoticed."""
+    out = []
+    starting = sorted({a.machine for a in actions if isinstance(a, _STARTS)})
+    for name in starting:
+        machine = desired[name].machine
+        if not machine.security.private_users:
+            out.append(
+                f"{name} runs without a user namespace (security.private_users: false): "
+                "root in the machine is root on the host"
+            )
+        if "all" in machine.security.capabilities.add:
+            out.append(f"{name} keeps every capability (security.capabilities.add: [all])")
+    return out

@@ -6,13 +6,14 @@ systemd where it is PID 1 and pymachined elsewhere.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined.actions import Action
 from pymachined.desired import Desired, desire
-from pymachined.errors import PymachineError
+from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
 from pymachined.images import ImageStore
 from pymachined.layout import Layout
@@ -35,6 +36,31 @@ def choose_supervisor(layout: Layout, name: str) -> Supervisor:
     from pymachined.supervise.builtin import BuiltinSupervisor
 
     return BuiltinSupervisor(layout)
+
+
+def check_host(spec_set: SpecSet) -> None:
+    """Check what the specs name on this host, before anything changes: every bind
+    source exists and is named by its real path, so a symlink cannot carry a
+    bind to a place the spec does not say."""
+    problems: list[Diagnostic] = []
+    for name, machine in spec_set.machines.items():
+        located = spec_set.sources.get(("machine", name))
+        for index, bind in enumerate(machine.binds):
+            real = os.path.realpath(bind.source)
+            if not os.path.lexists(bind.source):
+                message = f"bind source {bind.source} does not exist on this host"
+                hint = "create it first, or fix the path"
+            elif real != bind.source:
+                message = (
+                    f"bind source {bind.source} is a symlink, or passes through one, to {real}"
+                )
+                hint = f"name the real path ({real}) if that is what the machine should see"
+            else:
+                continue
+            if located is not None:
+                problems.append(located.document.diagnostic(("binds", index), message, hint))
+    if problems:
+        raise SpecError(problems)
 
 
 @dataclass
@@ -61,6 +87,7 @@ class Reconciler:
 
     def plan(self, spec_set: SpecSet, *, prune: bool) -> tuple[dict[str, Desired], list[Action]]:
         """The desired state and the actions that reach it."""
+        check_host(spec_set)
         desired = self.desired(spec_set)
         built = {record.key for record in self.images.records()}
         return desired, plan(desired, self.observed(desired), built, prune=prune)

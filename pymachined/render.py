@@ -130,7 +130,9 @@ def nspawn_context(machine: Machine) -> dict[str, Any]:
             for b in machine.binds
         ],
         "tmpfs": [
-            t.path + (f":size={t.size}" if t.size is not None else "") for t in machine.tmpfs
+            # Writable by every user, as /tmp is (and as docker mounts a tmpfs).
+            t.path + ":mode=1777" + (f",size={t.size}" if t.size is not None else "")
+            for t in machine.tmpfs
         ],
         "private_network": machine.network != "host",
     }

@@ -4,6 +4,8 @@ Overlay: the image layers are read-only lower directories; the machine writes
 to its own upper directory, so deletions are whiteouts and the image never
 changes. Copy: a full copy (reflinks where the filesystem has them). Ephemeral:
 an overlay whose upper directory lives on a tmpfs and is gone at unmount.
+Overlays are mounted with metacopy, so that systemd-nspawn's shift of a root to
+a user namespace's ids (``private_users``) copies up inodes, not file data.
 A root is removed only after everything mounted under it is unmounted, and the
 removal never crosses into another filesystem.
 """
@@ -116,7 +118,7 @@ def mount(layout: Layout, store: ImageStore, root: Root) -> Path:
     work.mkdir(exist_ok=True)
     run.run(
         commands.overlay_mount_argv(
-            lowers, PurePosixPath(rootfs), PurePosixPath(upper), PurePosixPath(work)
+            lowers, PurePosixPath(rootfs), PurePosixPath(upper), PurePosixPath(work), metacopy=True
         )
     )
     return rootfs

@@ -438,10 +438,10 @@ class Seccomp(Model):
 class Security(Model):
     """How a machine is confined."""
 
-    # Off until image layers can be shifted to a UID range without copying them:
-    # on a host without ID-mapped overlay mounts, nspawn would chown (and so
-    # copy up) the whole root.
-    private_users: StrictBool = False
+    # On by default: systemd-nspawn picks a UID range from the machine's name and
+    # shifts the root's ownership to it once (an ID-mapped mount where the kernel
+    # can, else a chown of the overlay's inodes); the range is kept in the root.
+    private_users: StrictBool = True
     capabilities: Capabilities = Field(default_factory=Capabilities)
     no_new_privileges: StrictBool = False
     seccomp: Annotated[

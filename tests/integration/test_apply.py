@@ -7,7 +7,6 @@ first run on a machine builds images.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -15,98 +14,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pymachined.faults import STEPS
-from pymachined.images import ImageRecord
-from pymachined.layout import Layout
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Host
+
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Host:
-    """A host root for one test, and the CLI pointed at it."""
-
-    root: Path
-    specs: Path
-    prefix: str
-
-    def pymachine(
-        self, *args: str, env: dict[str, str] | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "pymachined", "--root", str(self.root), *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **(env or {})},
-            check=False,
-            timeout=600,
-        )
-        if check and result.returncode != 0:
-            pytest.fail(f"pymachine {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
-        return result
-
-    def declare(self, text: str) -> None:
-        """Replace the specs with text (machine names get the test's prefix)."""
-        for old in self.specs.glob("*.yaml"):
-            old.unlink()
-        (self.specs / "machines.yaml").write_text(text.replace("@", self.prefix))
-
-    def apply(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return self.pymachine("apply", str(self.specs), "--yes", *args, **kwargs)
-
-    def machines(self) -> dict[str, dict[str, Any]]:
-        rows = json.loads(self.pymachine("ls", "-o", "json").stdout)
-        return {row["name"].removeprefix(self.prefix): row for row in rows}
-
-    def wait_for(self, check: Callable[[dict[str, dict[str, Any]]], bool], what: str) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if check(self.machines()):
-                return
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}: {self.machines()}")
-
-    def mounts(self) -> list[str]:
-        text = Path("/proc/self/mountinfo").read_text()
-        points = [line.split()[4] for line in text.splitlines()]
-        return [p for p in points if p.startswith(f"{self.root}/")]
-
-    def daemon_pid(self) -> int:
-        return int((self.root / "run/pymachine/pymachined.lock").read_text().split()[1])
-
-
-@pytest.fixture
-def host(tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord) -> Iterator[Host]:
-    root = tmp_path / "host"
-    state = root / "var/lib/pymachine"
-    state.mkdir(parents=True)
-    (state / "images").symlink_to(Path(cache_layout.images_dir))
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    test_host = Host(root, specs, f"t{uuid.uuid4().hex[:6]}-")
-    yield test_host
-    for name in test_host.machines():
-        test_host.pymachine("destroy", "--yes", test_host.prefix + name, check=False)
-    lock = root / "run/pymachine/pymachined.lock"
-    if lock.exists() and lock.read_text().strip():
-        daemon = test_host.daemon_pid()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(daemon, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{daemon}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{daemon}").exists(), "pymachined ignored SIGTERM"
-    assert test_host.mounts() == []
 
 
 TWO = """\

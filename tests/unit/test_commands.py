@@ -64,3 +64,24 @@ def test_nsenter_enters_every_namespace_with_a_clean_environment() -> None:
     assert argv[:6] == ["nsenter", "--target=42", "--all", "--root", "--wd", "--"]
     assert argv[6:8] == ["/usr/bin/env", "-i"]
     assert argv[-3:] == ["TERM=xterm", "cat", "/etc/hostname"]
+
+
+def test_overlay_mounts() -> None:
+    lowers = [PurePosixPath("/img/b"), PurePosixPath("/img/a")]
+    target = PurePosixPath("/m/rootfs")
+    assert commands.overlay_mount_argv(lowers, target) == [
+        "mount",
+        "-t",
+        "overlay",
+        "-o",
+        "lowerdir=/img/b:/img/a,ro",
+        "--",
+        "pymachine",
+        "/m/rootfs",
+    ]
+    upper, work = PurePosixPath("/m/upper"), PurePosixPath("/m/work")
+    argv = commands.overlay_mount_argv(lowers, target, upper, work, metacopy=True)
+    assert (
+        argv[4]
+        == "lowerdir=/img/b:/img/a,upperdir=/m/upper,workdir=/m/work,redirect_dir=on,metacopy=on"
+    )

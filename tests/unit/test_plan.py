@@ -11,7 +11,7 @@ import pytest
 from pymachined.actions import Action
 from pymachined.desired import Desired, desire, file_hash
 from pymachined.layout import Layout
-from pymachined.plan import Observed, plan, start_order
+from pymachined.plan import Observed, plan, start_order, warnings
 from pymachined.recipes import Salts
 from pymachined.records import MachineRecord
 from pymachined.supervise.base import RunState, Status
@@ -201,3 +201,19 @@ def test_plan_as_json_names_action_machine_and_reason(repo: Path, tmp_path: Path
     assert first["machine"] == "db"
     assert first["reason"] == "1 layer(s) not in the cache"
     assert len(first["key"]) == 16
+
+
+def test_confinement_opt_outs_are_shown_for_machines_being_started(
+    repo: Path, tmp_path: Path
+) -> None:
+    text = SPECS.replace(
+        "name: db\n", "name: db\nsecurity: {private_users: false, capabilities: {add: [all]}}\n"
+    )
+    desired = desired_from(repo, tmp_path, text)
+    assert warnings(desired, plan(desired, {}, built=[])) == [
+        "db runs without a user namespace (security.private_users: false): "
+        "root in the machine is root on the host",
+        "db keeps every capability (security.capabilities.add: [all])",
+    ]
+    observed, built = converged(desired)
+    assert warnings(desired, plan(desired, observed, built)) == []

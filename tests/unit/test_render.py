@@ -82,8 +82,8 @@ def test_round_trip_nspawn_file(repo: Path) -> None:
         ("Files", "PrivateUsersOwnership", "auto"),
         ("Files", "BindReadOnly", "/srv/data:/data"),
         ("Files", "Bind", "/srv/cache dir:/cache"),
-        ("Files", "TemporaryFileSystem", "/tmp"),
-        ("Files", "TemporaryFileSystem", f"/run:size={64 * 1024 * 1024}"),
+        ("Files", "TemporaryFileSystem", "/tmp:mode=1777"),
+        ("Files", "TemporaryFileSystem", f"/run:mode=1777,size={64 * 1024 * 1024}"),
         ("Network", "Private", "yes"),
         ("Network", "VirtualEthernet", "no"),
     }

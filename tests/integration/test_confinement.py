@@ -1,0 +1,373 @@
+"""Confinement and resource limits, checked from inside running machines (as root).
+
+Each machine runs a probe (written into it with ``files:``) as its own command,
+so what it reports is what the machine's processes get: the bounding set,
+seccomp filter and user namespace of PID 1, not those of a process entered
+from outside. The probe prints one ``PROBE {json}`` line to the console log
+and sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Host
+
+pytestmark = pytest.mark.integration
+
+# systemd-nspawn(1), --capability=: the bounding set every machine keeps;
+# CAP_NET_ADMIN too when the machine has its own network.
+NSPAWN_DEFAULT_CAPABILITIES = {
+    "AUDIT_CONTROL",
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_NICE",
+    "SYS_PTRACE",
+    "SYS_RESOURCE",
+    "SYS_TTY_CONFIG",
+}
+# capability(7) numbers, for decoding CapBnd masks.
+CAPABILITY_NUMBERS = {
+    "CHOWN": 0,
+    "DAC_OVERRIDE": 1,
+    "DAC_READ_SEARCH": 2,
+    "FOWNER": 3,
+    "FSETID": 4,
+    "KILL": 5,
+    "SETGID": 6,
+    "SETUID": 7,
+    "SETPCAP": 8,
+    "LINUX_IMMUTABLE": 9,
+    "NET_BIND_SERVICE": 10,
+    "NET_BROADCAST": 11,
+    "NET_ADMIN": 12,
+    "NET_RAW": 13,
+    "IPC_LOCK": 14,
+    "IPC_OWNER": 15,
+    "SYS_MODULE": 16,
+    "SYS_RAWIO": 17,
+    "SYS_CHROOT": 18,
+    "SYS_PTRACE": 19,
+    "SYS_PACCT": 20,
+    "SYS_ADMIN": 21,
+    "SYS_BOOT": 22,
+    "SYS_NICE": 23,
+    "SYS_RESOURCE": 24,
+    "SYS_TIME": 25,
+    "SYS_TTY_CONFIG": 26,
+    "MKNOD": 27,
+    "LEASE": 28,
+    "AUDIT_WRITE": 29,
+    "AUDIT_CONTROL": 30,
+    "SETFCAP": 31,
+    "MAC_OVERRIDE": 32,
+    "MAC_ADMIN": 33,
+    "SYSLOG": 34,
+    "WAKE_ALARM": 35,
+    "BLOCK_SUSPEND": 36,
+    "AUDIT_READ": 37,
+    "PERFMON": 38,
+    "BPF": 39,
+    "CHECKPOINT_RESTORE": 40,
+}
+SYSCALLS = {
+    "x86_64": {"kexec_load": 246, "bpf": 321, "open_by_handle_at": 304, "sethostname": 170},
+    "aarch64": {"kexec_load": 104, "bpf": 280, "open_by_handle_at": 265, "sethostname": 161},
+}
+
+PROBE = """\
+import ctypes, errno, json, os, sys, time
+
+def status():
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+def attempt(what):
+    try:
+        what()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+def write(path):
+    with open(path, "w") as handle:
+        handle.write("x")
+
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {}
+for name, number in json.loads(sys.argv[1]).items():
+    result = libc.syscall(number, 0, 0, 0, 0, 0)
+    calls[name] = "ok" if result >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+forks = 0
+if os.environ.get("FORKS"):
+    children = []
+    for _ in range(int(os.environ["FORKS"])):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        children.append(pid)
+    forks = len(children)
+    for pid in children:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+oom = None
+if os.environ.get("ALLOCATE"):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(int(os.environ["ALLOCATE"]))
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        os._exit(0)
+    _, code = os.waitpid(pid, 0)
+    oom = os.WTERMSIG(code) if os.WIFSIGNALED(code) else -os.WEXITSTATUS(code)
+fields = status()
+report = {
+    "uid": os.getuid(),
+    "cap_bnd": fields["CapBnd"],
+    "seccomp": fields["Seccomp"],
+    "no_new_privs": fields["NoNewPrivs"],
+    "uid_map": open("/proc/self/uid_map").read().split(),
+    "calls": calls,
+    "write_root": attempt(lambda: write("/probe-write")),
+    "write_tmpfs": attempt(lambda: write("/scratch/x")) if os.path.isdir("/scratch") else None,
+    "write_ro_bind": attempt(lambda: write("/ro/x")) if os.path.isdir("/ro") else None,
+    "write_rw_bind": attempt(lambda: write("/rw/x")) if os.path.isdir("/rw") else None,
+    "forks": forks,
+    "oom_signal": oom,
+}
+print("PROBE " + json.dumps(report), flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def syscalls() -> dict[str, int]:
+    table = SYSCALLS.get(platform.machine())
+    if table is None:
+        pytest.fail(f"no system call numbers for {platform.machine()}: add them to SYSCALLS")
+    return table
+
+
+def machine(name: str, **fields: Any) -> dict[str, Any]:
+    """A probe machine (slim image with python3, as the examples use)."""
+    return {
+        "name": f"@{name}",
+        "image": "debian-bookworm-slim",
+        "packages": ["python3"],
+        "network": "none",
+        "restart": "no",
+        "files": [{"path": "/probe.py", "content": PROBE}],
+        "command": ["python3", "/probe.py", json.dumps(syscalls())],
+        **fields,
+    }
+
+
+def declare(host: Host, *machines: dict[str, Any]) -> None:
+    host.declare(yaml.safe_dump_all(machines, sort_keys=False))
+
+
+def probe(host: Host, name: str) -> dict[str, Any]:
+    """The probe's report from a machine's console log."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        logs = host.pymachine("logs", host.prefix + name, check=False).stdout
+        for line in logs.splitlines():
+            if line.startswith("PROBE "):
+                report: dict[str, Any] = json.loads(line.removeprefix("PROBE "))
+                return report
+        time.sleep(0.2)
+    pytest.fail(f"no probe report from {name}: {logs}")
+
+
+def capabilities(mask: str) -> set[str]:
+    value = int(mask, 16)
+    return {name for name, bit in CAPABILITY_NUMBERS.items() if value >> bit & 1}
+
+
+def host_capabilities() -> set[str]:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapBnd:"):
+            return capabilities(line.split()[1])
+    raise AssertionError("no CapBnd in /proc/self/status")
+
+
+def test_default_and_declared_confinement_from_inside(host: Host, tmp_path: Path) -> None:
+    rw = tmp_path / "rw"
+    ro = tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    rw.chmod(0o1777)  # the machine's root is an unprivileged user on the host
+    ro.chmod(0o1777)  # writable on the host, yet the bind is read-only
+    declare(
+        host,
+        machine("default"),
+        machine(
+            "declared",
+            user="daemon",
+            read_only=True,
+            tmpfs=["/scratch"],
+            binds=[f"{ro}:/ro:ro", f"{rw}:/rw"],
+            security={
+                "capabilities": {"add": ["NET_ADMIN", "SYS_TIME"], "drop": ["MKNOD"]},
+                "no_new_privileges": True,
+                "seccomp": {"deny": ["sethostname"]},
+            },
+        ),
+        machine("optout", security={"private_users": False}),
+    )
+    result = host.apply()
+    assert "optout runs without a user namespace" in result.stderr
+    assert "default runs without" not in result.stderr
+
+    default = probe(host, "default")
+    # In its own user namespace a machine starts from a full bounding set (the
+    # kernel gives a new user namespace every capability, over its own ids
+    # only) and nspawn cuts it to its default set; network: none is a private
+    # network, so CAP_NET_ADMIN is kept.
+    assert capabilities(default["cap_bnd"]) == NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}
+    assert default["seccomp"] == "2"
+    assert default["no_new_privs"] == "0"
+    inside, outside, count = default["uid_map"]
+    assert inside == "0" and outside != "0" and count == "65536"
+    for call in ("kexec_load", "bpf", "open_by_handle_at"):
+        assert default["calls"][call] == "EPERM", call
+    assert default["write_root"] == "ok"
+
+    declared = probe(host, "declared")
+    assert declared["uid"] == 1  # daemon
+    expected = (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN", "SYS_TIME"}) - {"MKNOD"}
+    assert capabilities(declared["cap_bnd"]) == expected
+    assert declared["no_new_privs"] == "1"
+    assert declared["calls"]["sethostname"] == "EPERM"
+    assert declared["write_root"] == "EROFS"
+    assert declared["write_tmpfs"] == "ok"
+    assert declared["write_ro_bind"] == "EROFS"
+    assert declared["write_rw_bind"] == "ok"
+    assert (rw / "x").read_text() == "x"
+    assert not (ro / "x").exists()
+
+    optout = probe(host, "optout")
+    assert optout["uid_map"] == ["0", "0", "4294967295"]
+    # Without a user namespace the machine's set is cut from the host's own.
+    expected = (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}) & host_capabilities()
+    assert capabilities(optout["cap_bnd"]) == expected
+
+    # The range is kept: a restart finds the same one in the root's ownership.
+    root = host.root / f"var/lib/pymachine/machines/{host.prefix}default/rootfs"
+    assert root.stat().st_uid == int(outside)
+    host.pymachine("restart", host.prefix + "default")
+    time.sleep(0.5)
+    assert probe(host, "default")["uid_map"][1] == outside
+
+
+def test_a_bind_through_a_symlink_is_refused_and_nothing_changes(
+    host: Host, tmp_path: Path
+) -> None:
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    link = tmp_path / "innocent"
+    link.symlink_to(outside)
+    declare(host, machine("b", binds=[f"{link}:/data"]))
+    result = host.apply(check=False)
+    assert result.returncode == 1
+    assert "machines.yaml:1" in result.stderr or "machines.yaml:" in result.stderr
+    assert f"binds[0]: bind source {link} is a symlink" in result.stderr
+    assert host.machines() == {}
+    assert not (host.root / "var/lib/pymachine/machines").exists() or not any(
+        (host.root / "var/lib/pymachine/machines").iterdir()
+    )
+
+
+def read_cgroup(controller: str, name: str, file: str) -> str:
+    return Path(f"/sys/fs/cgroup/{controller}/pymachine/{name}/{file}").read_text().strip()
+
+
+def test_pids_and_memory_limits_hold_and_change_live(host: Host) -> None:
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        controllers = {"pids": "unified", "memory": "unified"}
+        pids_file, memory_file = "pids.max", "memory.max"
+    else:
+        controllers = {"pids": "pids", "memory": "memory"}
+        pids_file, memory_file = "pids.max", "memory.limit_in_bytes"
+    declare(
+        host,
+        machine("forks", environment={"FORKS": "200"}, resources={"pids": 64}),
+        machine("hog", environment={"ALLOCATE": str(256 << 20)}, resources={"memory": "64M"}),
+        machine("bystander"),
+    )
+    host.apply()
+    forks = probe(host, "forks")
+    assert 0 < forks["forks"] < 64  # the python process itself counts too
+    hog = probe(host, "hog")
+    assert hog["oom_signal"] == 9  # killed by the OOM killer, inside the machine
+    probe(host, "bystander")
+    machines = host.machines()
+    assert machines["hog"]["state"] == "running"  # its PID 1 lived on
+    assert machines["bystander"]["state"] == "running"
+
+    deadline = time.monotonic() + 10
+    while True:
+        lines = host.pymachine("events", "-o", "json").stdout.splitlines()
+        ooms = [e for e in map(json.loads, lines) if e["event"] == "oom"]
+        if ooms or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert [e["machine"] for e in ooms] == [host.prefix + "hog"]
+    stats = json.loads(host.pymachine("stats", "--no-stream", "-o", "json").stdout)
+    by_name = {row["name"]: row for row in stats}
+    assert by_name[host.prefix + "hog"]["memory_limit"] == 64 << 20
+
+    # Limits change on the running machines: no restart, new values in the cgroups.
+    pid_before = {n: m["pid"] for n, m in host.machines().items()}
+    spec = (host.specs / "machines.yaml").read_text()
+    host.declare(
+        spec.replace(host.prefix, "@")
+        .replace("pids: 64", "pids: 128")
+        .replace("memory: 64M", "memory: 128M")
+    )
+    plan = json.loads(host.pymachine("plan", str(host.specs), "-o", "json", check=False).stdout)
+    assert {(a["action"], a["machine"].removeprefix(host.prefix)) for a in plan} == {
+        ("WriteFiles", "forks"),
+        ("UpdateLimits", "forks"),
+        ("WriteFiles", "hog"),
+        ("UpdateLimits", "hog"),
+    }
+    host.apply()
+    assert {n: m["pid"] for n, m in host.machines().items()} == pid_before
+    assert read_cgroup(controllers["pids"], host.prefix + "forks", pids_file) == "128"
+    assert read_cgroup(controllers["memory"], host.prefix + "hog", memory_file) == str(128 << 20)
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
