@@ -429,7 +429,8 @@ def inspect(
     supervisor: SupervisorOption = "auto",
 ) -> None:
     """One document: the spec as applied, the command line it runs with,
-    its state and exit code, root layers, address and supervisor process."""
+    its state and exit code, root layers, address, supervisor process, resource
+    limits and user namespace."""
     from pymachined import rootfs
 
     record = _known(name)
@@ -450,8 +451,22 @@ def inspect(
         "created": record.created,
         "history": list(record.history),
         "resources": (record.spec or {}).get("resources"),
+        "limits": (record.run or {}).get("limits"),
+        "user_namespace": _user_namespace(Path(options.layout.rootfs(name))),
     }
     _print_data(document, Format.JSON if output is Format.TABLE else output)
+
+
+def _user_namespace(root: Path) -> dict[str, int] | None:
+    """The UID range a machine's root is shifted to (nspawn keeps it in the
+    root's ownership), or None if its ids are the host's."""
+    try:
+        owner = root.lstat()
+    except FileNotFoundError:
+        return None
+    if owner.st_uid == 0:
+        return None
+    return {"uid_base": owner.st_uid, "gid_base": owner.st_gid, "size": 65536}
 
 
 @app.command()
@@ -491,14 +506,23 @@ def logs(
 
 
 def _leader(name: str, supervisor: str) -> int:
+    import time
+
     from pymachined.observe import leader_pid
 
     _known(name)
-    status = _reconciler(supervisor).supervisor.status().get(name)
-    pid = leader_pid(status.pid) if status and status.pid else None
-    if pid is None:
-        raise PymachineError(f"machine {name} is not running", hint=f"pymachine start {name}")
-    return pid
+    reconciler = _reconciler(supervisor)
+    deadline = time.monotonic() + 30
+    while True:
+        status = reconciler.supervisor.status().get(name)
+        if status is None or status.pid is None:
+            raise PymachineError(f"machine {name} is not running", hint=f"pymachine start {name}")
+        pid = leader_pid(status.pid)
+        if pid is not None:
+            return pid
+        if time.monotonic() > deadline:
+            raise PymachineError(f"machine {name} is still starting after 30 s")
+        time.sleep(0.1)  # nspawn is still preparing the machine
 
 
 @app.command(

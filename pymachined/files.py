@@ -7,6 +7,7 @@ These touch the host; the rules they keep are in docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -23,8 +24,11 @@ from pymachined.errors import PymachineError
 from pymachined.parsers import mounts_under, parse_mountinfo
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    """Write path as a whole or not at all: temp file, fsync, rename, fsync dir."""
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Write path as a whole or not at all: temp file, fsync, rename, fsync dir.
+    Not durable: the same, without the two fsyncs; a reader (or a process
+    killed meanwhile) still sees the old file or the new one, never a mix, and
+    the caller makes the writes durable at once with sync_filesystem()."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,18 +37,33 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
             handle.write(raw)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         Path(temp).replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             Path(temp).unlink()
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
     """atomic_write of data as indented, sorted JSON."""
-    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable=durable)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write to the filesystem holding path durable (syncfs(2)): one
+    flush for many non-durable atomic writes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

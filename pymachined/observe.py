@@ -46,13 +46,24 @@ def observe(
     return out
 
 
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return str(Path(f"/proc/{pid}/ns/pid").readlink())
+    except OSError:
+        return None
+
+
 def leader_pid(nspawn_pid: int) -> int | None:
     """The machine's own PID 1 (as the host sees it): the child of its
-    systemd-nspawn process, or None if there is none yet."""
+    systemd-nspawn process in a PID namespace of its own, or None while there
+    is none yet (nspawn's first child only prepares the machine, and shifting
+    a root to a user namespace's ids takes a moment at a first start)."""
+    own = _pid_namespace(nspawn_pid)
     children: list[int] = []
     for task in Path(f"/proc/{nspawn_pid}/task").glob("*"):
         try:
             children += [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
-    return min(children) if children else None
+    inside = [c for c in children if _pid_namespace(c) not in (None, own)]
+    return min(inside) if inside else None

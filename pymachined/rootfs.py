@@ -54,9 +54,17 @@ def read(layout: Layout, name: str) -> Root | None:
         ) from exc
 
 
-def create(layout: Layout, name: str, mode: RootfsMode, chain: list[ImageRecord]) -> Root:
+def create(
+    layout: Layout,
+    name: str,
+    mode: RootfsMode,
+    chain: list[ImageRecord],
+    *,
+    durable: bool = True,
+) -> Root:
     """Make a machine's root directories from an image chain (topmost first); the
-    record is written last, so a root without one is never taken as complete."""
+    record is written last, so a root without one is never taken as complete
+    (durably, unless the caller syncs the filesystem later)."""
     base = _dir(layout, name)
     base.mkdir(parents=True, exist_ok=True)
     rootfs = base / "rootfs"
@@ -68,7 +76,8 @@ def create(layout: Layout, name: str, mode: RootfsMode, chain: list[ImageRecord]
             (base / "upper").mkdir(exist_ok=True)
             (base / "work").mkdir(exist_ok=True)
     root = Root(name, mode, tuple(r.key for r in chain))
-    files.atomic_write_json(base / RECORD, {"mode": mode.value, "layers": list(root.layers)})
+    record = {"mode": mode.value, "layers": list(root.layers)}
+    files.atomic_write_json(base / RECORD, record, durable=durable)
     return root
 
 

@@ -52,9 +52,9 @@ class StateStore:
                 out[name] = record
         return out
 
-    def put(self, record: MachineRecord) -> None:
-        """Write a record atomically."""
-        files.atomic_write_json(self.path(record.name), record.as_json())
+    def put(self, record: MachineRecord, *, durable: bool = True) -> None:
+        """Write a record atomically (and durably, unless the caller syncs later)."""
+        files.atomic_write_json(self.path(record.name), record.as_json(), durable=durable)
 
     def delete(self, name: str) -> None:
         """Forget a machine (its directory is removed separately)."""

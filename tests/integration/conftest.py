@@ -124,6 +124,18 @@ class Host:
             time.sleep(0.2)
         pytest.fail(f"timed out waiting for {what}: {self.machines()}")
 
+    def wait_for_output(self, name: str, text: str) -> str:
+        """A machine's console log, once it holds text (a first start shifts the
+        root to the machine's user namespace before the command runs)."""
+        log = self.root / f"var/lib/pymachine/machines/{self.prefix}{name}/console.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            output = log.read_text() if log.exists() else ""
+            if text in output:
+                return output
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {text!r} from {name}: {output!r}")
+
     def mounts(self) -> list[str]:
         text = Path("/proc/self/mountinfo").read_text()
         points = [line.split()[4] for line in text.splitlines()]

@@ -76,8 +76,7 @@ def test_apply_then_reapply_changes_nothing(host: Host) -> None:
     after = host.machines()
     assert {n: r["pid"] for n, r in after.items()} == {n: r["pid"] for n, r in before.items()}
     assert rendered_mtimes(host) == mtimes
-    log = host.root / f"var/lib/pymachine/machines/{host.prefix}a/console.log"
-    assert "started" in log.read_text()
+    host.wait_for_output("a", "started")
 
 
 def test_a_change_restarts_only_that_machine(host: Host) -> None:
@@ -376,7 +375,7 @@ def test_exec_logs_inspect_and_shell(host: Host) -> None:
     )
     assert (shell.returncode, shell.stdout) == (3, "/root\n")
 
-    time.sleep(1)
+    host.wait_for_output("c", "tick 2")
     tail = host.pymachine("logs", name, "-n", "2").stdout.splitlines()
     assert len(tail) == 2 and all(line.startswith("tick ") for line in tail)
     assert "tick 0" in host.pymachine("logs", name).stdout
@@ -425,7 +424,11 @@ def test_pause_freezes_and_stats_read_the_machines_cgroups(host: Host) -> None:
     def count() -> int:
         return int(host.pymachine("exec", name, "--", "cat", "/tmp/n").stdout)
 
-    time.sleep(0.5)
+    host.wait_for_output("p", "-- pymachined: starting")
+    deadline = time.monotonic() + 60
+    while host.pymachine("exec", name, "--", "test", "-s", "/tmp/n", check=False).returncode:
+        assert time.monotonic() < deadline, "the counter never started"
+        time.sleep(0.2)
     host.pymachine("pause", name)
     assert host.machines()["p"]["state"] == "paused"
     first = count()

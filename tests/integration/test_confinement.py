@@ -289,6 +289,10 @@ def test_default_and_declared_confinement_from_inside(host: Host, tmp_path: Path
     # The range is kept: a restart finds the same one in the root's ownership.
     root = host.root / f"var/lib/pymachine/machines/{host.prefix}default/rootfs"
     assert root.stat().st_uid == int(outside)
+    document = json.loads(host.pymachine("inspect", host.prefix + "default").stdout)
+    assert document["user_namespace"]["uid_base"] == int(outside)
+    optout_document = json.loads(host.pymachine("inspect", host.prefix + "optout").stdout)
+    assert optout_document["user_namespace"] is None
     host.pymachine("restart", host.prefix + "default")
     time.sleep(0.5)
     assert probe(host, "default")["uid_map"][1] == outside
