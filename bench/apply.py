@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPEC = """\
 name: m{index:04d}
 image: debian-bookworm-slim
-command: [sleep, infinity]
+command: [sh, -c, "echo up; exec sleep infinity"]
 network: none
 restart: always
 environment: {{INDEX: "{index}"}}
@@ -83,53 +83,68 @@ def bench_plan(store: ImageStore, layout: Layout) -> None:
     print(f"cost per machine, 1000 vs 100: {growth:.2f}x (target: <= ~1, linear)")
 
 
+def wait_for_output(logs: list[Path], text: bytes) -> None:
+    """Until every log holds text (each machine's command has begun)."""
+    pending = list(logs)
+    deadline = time.monotonic() + 600
+    while pending:
+        pending = [log for log in pending if not (log.exists() and text in log.read_bytes())]
+        if time.monotonic() > deadline:
+            raise SystemExit(f"machines did not start: {pending[:3]}")
+        time.sleep(0.02)
+
+
 def bench_start(root: Path, store: ImageStore, layout: Layout, count: int) -> None:
+    """Until all machines run their command: apply, beside a loop that mounts
+    the same overlays and runs the same systemd-nspawn command lines."""
     specs = root / "bench-specs"
     write_specs(specs, count)
-    ours = cli(root, "apply", str(specs), "--yes")
-    catalog = load_set([], REPO / "machines")
-    chain = store.ensure(layers(catalog, "debian-bookworm-slim", store.salts()))
+    start = time.perf_counter()
+    cli(root, "apply", str(specs), "--yes")
+    wait_for_output(
+        [root / f"var/lib/pymachine/machines/m{i:04d}/console.log" for i in range(count)], b"up"
+    )
+    ours = time.perf_counter() - start
+
+    spec_set = load_set([specs], REPO / "machines")
+    desired = desire(spec_set, layout, REPO / "templates", store.salts())
+    chain = store.ensure(layers(spec_set, "debian-bookworm-slim", store.salts()))
     lowers = ":".join(str(r.tree) for r in chain)
     bare_dir = Path(tempfile.mkdtemp(dir=root))
     processes = []
+    logs = []
     start = time.perf_counter()
-    for index in range(count):
+    for index, want in enumerate(desired.values()):
         base = bare_dir / f"b{index}"
         for part in ("upper", "work", "rootfs"):
             (base / part).mkdir(parents=True)
+        options = f"lowerdir={lowers},upperdir={base}/upper,workdir={base}/work"
         subprocess.run(
             [
                 "mount",
                 "-t",
                 "overlay",
                 "-o",
-                f"lowerdir={lowers},upperdir={base}/upper,workdir={base}/work",
+                options + ",redirect_dir=on,metacopy=on",
                 "bare",
                 str(base / "rootfs"),
             ],
             check=True,
         )
-        log = (base / "console.log").open("ab")
-        processes.append(
-            subprocess.Popen(
-                [
-                    "systemd-nspawn",
-                    "--quiet",
-                    "--register=no",
-                    "--keep-unit",
-                    "--console=pipe",
-                    f"--machine=bare{index}",
-                    f"--directory={base / 'rootfs'}",
-                    "--private-network",
-                    "--",
-                    "sleep",
-                    "infinity",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        argv = [
+            f"--directory={base / 'rootfs'}"
+            if a.startswith("--directory=")
+            else f"--machine=bare{index}"
+            if a.startswith("--machine=")
+            else a
+            for a in want.run.argv
+        ]
+        logs.append(base / "console.log")
+        with logs[-1].open("ab") as log:
+            processes.append(
+                subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             )
-        )
+    wait_for_output(logs, b"up")
     bare = time.perf_counter() - start
     for process in processes:
         process.send_signal(signal.SIGTERM)
@@ -139,8 +154,8 @@ def bench_start(root: Path, store: ImageStore, layout: Layout, count: int) -> No
         subprocess.run(["umount", str(bare_dir / f"b{index}" / "rootfs")], check=True)
     shutil.rmtree(bare_dir)
     print(
-        f"create+start {count} machines: apply {ours:.2f} s, bare nspawn loop {bare:.2f} s, "
-        f"ratio {ours / bare:.2f}x (target: <= 1.5x)"
+        f"create+start {count} machines until each runs its command: apply {ours:.2f} s, "
+        f"bare nspawn loop {bare:.2f} s, ratio {ours / bare:.2f}x (target: <= 1.5x)"
     )
 
 

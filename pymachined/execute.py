@@ -145,7 +145,10 @@ class Executor:
         base = Path(self.layout.machine_dir(name))
         if not base.exists():
             return
-        ours = (base / rootfs.RECORD).exists() or self.state.path(name).exists()
+        ours = (
+            any((base / mark).exists() for mark in (rootfs.OWNER, rootfs.RECORD))
+            or self.state.path(name).exists()
+        )
         if not ours and any(base.iterdir()):
             raise PymachineError(
                 f"{base} exists and was not made by pymachine",

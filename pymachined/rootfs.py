@@ -24,6 +24,9 @@ from pymachined.parsers import parse_mountinfo
 from pymachined.spec import RootfsMode
 
 RECORD = "rootfs.json"
+OWNER = ".pymachine-owner"
+"""Written into a machine directory before anything else, so that a directory
+left by a create that was killed half-way is still known as pymachine's."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ def create(
     (durably, unless the caller syncs the filesystem later)."""
     base = _dir(layout, name)
     base.mkdir(parents=True, exist_ok=True)
+    (base / OWNER).write_text("pymachine\n")
     rootfs = base / "rootfs"
     if mode is RootfsMode.COPY:
         _copy(base, chain)
