@@ -24,6 +24,7 @@ from pymachined.layout import Layout
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
+    from datetime import datetime
 
     from pymachined.actions import Action
     from pymachined.desired import Desired
@@ -469,6 +470,32 @@ def _user_namespace(root: Path) -> dict[str, int] | None:
     return {"uid_base": owner.st_uid, "gid_base": owner.st_gid, "size": 65536}
 
 
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Only from this long ago on (10m, 1h30m), or from a UTC time (2026-11-28T10:00:00)."
+    ),
+]
+
+
+def _since(value: str | None) -> datetime | None:
+    """The start of a --since window, as an aware UTC time."""
+    from datetime import UTC, datetime, timedelta
+
+    from pymachined.sizes import parse_duration
+
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.removesuffix("Z"))
+    except ValueError:
+        try:
+            return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
+        except ValueError as exc:
+            raise UsageError(f"--since: {exc}, nor a time such as 2026-11-28T10:00:00") from exc
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 @app.command()
 def logs(
     name: NameArg,
@@ -478,29 +505,42 @@ def logs(
     lines: Annotated[
         int | None, typer.Option("--tail", "-n", help="Only the last N lines.", min=0)
     ] = None,
+    since: SinceOption = None,
+    timestamps: Annotated[
+        bool, typer.Option("--timestamps", "-t", help="Start each line with its UTC time.")
+    ] = False,
 ) -> None:
-    """A machine's output (its console, as pymachined captured it)."""
+    """A machine's output (its console, as pymachined captured it, each line
+    stamped with the time it came)."""
     import time
     from collections import deque
 
+    from pymachined.commands import LOG_TIME_FORMAT
     from pymachined.desired import console_log
+    from pymachined.parsers import parse_log_line
 
     _known(name)
     path = console_log(options.layout, name)
     if not path.exists():
         typer.echo(f"{name} has no output yet", err=True)
         return
+    start = _since(since)
+    # Stamps and the boundary share one fixed format, so they compare as text.
+    boundary = start.strftime(LOG_TIME_FORMAT) if start is not None else None
+
+    def show(line: str) -> None:
+        stamp, text = parse_log_line(line)
+        if boundary is not None and (stamp is None or stamp < boundary):
+            return
+        typer.echo(f"{stamp} {text}" if timestamps and stamp else text, nl=False)
+
     with path.open(errors="replace") as handle:
-        if lines is None:
-            for line in handle:
-                typer.echo(line, nl=False)
-        else:
-            for line in deque(handle, maxlen=lines):
-                typer.echo(line, nl=False)
+        for line in handle if lines is None else deque(handle, maxlen=lines):
+            show(line)
         while follow:
             line = handle.readline()
             if line:
-                typer.echo(line, nl=False)
+                show(line)
             else:
                 time.sleep(0.2)
 
@@ -635,25 +675,16 @@ def stats(
 
 @app.command("events")
 def show_events(
-    since: Annotated[
-        str | None, typer.Option(help="Only events from this long ago on, such as 10m or 1h.")
-    ] = None,
+    since: SinceOption = None,
     output: OutputOption = Format.TABLE,
 ) -> None:
-    """Lifecycle events: create, start, die (with exit code), restart, dead, stop, remove."""
+    """Lifecycle events: create, start, die (with exit code), restart, dead, oom,
+    pause, unpause, stop, remove."""
     import json
-    from datetime import UTC, datetime, timedelta
 
     from pymachined import events
-    from pymachined.sizes import parse_duration
 
-    start = None
-    if since is not None:
-        try:
-            start = datetime.now(UTC) - timedelta(seconds=parse_duration(since))
-        except ValueError as exc:
-            raise UsageError(f"--since: {exc}") from exc
-    found = events.read(options.layout, start)
+    found = events.read(options.layout, _since(since))
     if output is Format.YAML:
         _print_data(list(found), output)
         return

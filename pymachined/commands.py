@@ -160,6 +160,18 @@ def nsenter_argv(pid: int, command: Sequence[str], env: Sequence[str] = ()) -> l
 
 # A fixed script: each argument up to "--" is a cgroup.procs file the shell
 # writes its own pid into; then it becomes the command after "--".
+LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_STAMP = '{ print strftime("' + LOG_TIME_FORMAT + '"), $0; fflush() }'
+
+
+def log_stamp_argv() -> list[str]:
+    """A filter that starts each line of a machine's output with the UTC time it
+    was read: what ``logs --since`` and ``logs --timestamps`` read back. mawk,
+    as every Debian system has it (it is Essential); ``-W interactive`` makes it
+    read line by line rather than wait for a full buffer."""
+    return ["/usr/bin/env", "TZ=UTC", "mawk", "-W", "interactive", _STAMP]
+
+
 _ENTER = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f"; done; exec "$@"'
 
 

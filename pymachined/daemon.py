@@ -80,6 +80,7 @@ class Machine:
     oom_kills: int = 0
     pidfd: int | None = field(default=None, repr=False)
     child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    stamper: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def status(self) -> Status:
         """The machine's status as the interface reports it."""
@@ -168,10 +169,20 @@ class Daemon:
             log.warning("%s: a limit is not applied: %s", spec.name, problem)
         machine.oom_kills = 0
         argv = commands.cgroup_enter_argv([PurePosixPath(p) for p in procs], spec.argv)
-        with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
-            output.write(f"-- pymachined: starting {spec.name}\n".encode())
-            output.flush()
-            child = run.spawn(argv, output)
+        # The machine writes into a pipe, and a filter in a session of its own
+        # stamps each line with the time into the log: both outlive pymachined,
+        # and the filter ends when the machine closes the pipe.
+        read_end, write_end = os.pipe()
+        try:
+            with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
+                stamp = time.strftime(commands.LOG_TIME_FORMAT, time.gmtime())
+                output.write(f"{stamp} -- pymachined: starting {spec.name}\n".encode())
+                output.flush()
+                machine.stamper = run.spawn(commands.log_stamp_argv(), output, stdin=read_end)
+            child = run.spawn(argv, write_end)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
         machine.child = child
         machine.pid = child.pid
         machine.pid_start = process_start_time(child.pid)
@@ -189,6 +200,10 @@ class Daemon:
             self.selector.unregister(machine.pidfd)
             os.close(machine.pidfd)
             machine.pidfd = None
+        if machine.stamper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                machine.stamper.wait(timeout=2)  # it reads what is left, then ends
+            machine.stamper = None
         if machine.child is not None:
             code = machine.child.wait()
             machine.child = None

@@ -160,3 +160,15 @@ def parse_build_phase(line: str) -> str | None:
         if text.startswith(prefix):
             return phase
     return None
+
+
+_STAMPED = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) (.*)", re.DOTALL)
+
+
+def parse_log_line(line: str) -> tuple[str | None, str]:
+    """A console log line as (its UTC time stamp, the machine's text); the stamp
+    is None on a line without one (a log written before stamping)."""
+    match = _STAMPED.fullmatch(line)
+    if match is None:
+        return None, line
+    return match[1], match[2]

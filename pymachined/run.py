@@ -108,15 +108,18 @@ def stream(
         raise CommandError(argv, proc.returncode, "\n".join(tail))
 
 
-def spawn(argv: Sequence[str], output: BinaryIO) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: Sequence[str], output: BinaryIO | int, stdin: int | None = None
+) -> subprocess.Popen[bytes]:
     """Start argv in its own session, detached from pymachine's terminal, its
-    stdout and stderr appended to output; the caller watches it."""
+    stdout and stderr appended to output (a file or a pipe's fd), its stdin
+    from the fd stdin (else /dev/null); the caller watches it."""
     argv = [str(a) for a in argv]
     logger.debug("+ %s &", shlex.join(argv))
     try:
         return subprocess.Popen(  # noqa: S603 - argv list, never a shell
             argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pymachined.faults import STEPS
+from pymachined.parsers import parse_log_line
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -379,6 +380,11 @@ def test_exec_logs_inspect_and_shell(host: Host) -> None:
     tail = host.pymachine("logs", name, "-n", "2").stdout.splitlines()
     assert len(tail) == 2 and all(line.startswith("tick ") for line in tail)
     assert "tick 0" in host.pymachine("logs", name).stdout
+    # Each line is stamped with the time it came, in UTC, by pymachined's log filter.
+    stamp, text = parse_log_line(host.pymachine("logs", name, "-t", "-n", "1").stdout)
+    assert stamp is not None and text.startswith("tick ")
+    assert host.pymachine("logs", name, "--since", "2999-01-01T00:00:00").stdout == ""
+    assert "tick" in host.pymachine("logs", name, "--since", "1m").stdout
 
     document = json.loads(host.pymachine("inspect", name).stdout)
     assert document["spec"]["environment"] == {"GREETING": "hello"}

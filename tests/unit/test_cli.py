@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jsonschema
 import pytest
@@ -119,3 +119,32 @@ def test_schema_accepts_the_examples_and_rejects_typos(
     for document in documents:
         validator.validate(document)
     assert not validator.is_valid({"name": "x", "command": ["y"], "resourcse": {}})
+
+
+def test_logs_since_and_timestamps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pymachined.layout import Layout
+    from pymachined.records import MachineRecord
+    from pymachined.state import StateStore
+
+    layout = Layout(PurePosixPath(tmp_path))
+    StateStore(layout).put(MachineRecord(name="web", config_hash="x", layers=()))
+    log = tmp_path / "var/lib/pymachine/machines/web/console.log"
+    log.write_text(
+        "2020-01-01T00:00:00Z old\n"
+        "unstamped\n"
+        "2999-01-01T00:00:00Z future\n"
+        "2999-01-01T00:00:01Z  spaced\n"
+    )
+    root = ["--root", str(tmp_path)]
+    code, out, _ = run_cli(monkeypatch, capsys, *root, "logs", "web")
+    assert (code, out) == (0, "old\nunstamped\nfuture\n spaced\n")
+    code, out, _ = run_cli(monkeypatch, capsys, *root, "logs", "web", "--since", "1h")
+    assert (code, out) == (0, "future\n spaced\n")
+    code, out, _ = run_cli(
+        monkeypatch, capsys, *root, "logs", "web", "-t", "--since", "2999-01-01T00:00:01"
+    )
+    assert (code, out) == (0, "2999-01-01T00:00:01Z  spaced\n")
+    code, _, err = run_cli(monkeypatch, capsys, *root, "logs", "web", "--since", "soon")
+    assert code == 2 and "--since" in err
