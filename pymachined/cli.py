@@ -385,6 +385,18 @@ def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     typer.echo(f"started {name}")
 
 
+@app.command("mount-root", hidden=True)
+def mount_root(name: NameArg) -> None:
+    """Assemble a machine's root if it is not mounted (its unit runs this
+    before systemd-nspawn, so machines start at boot)."""
+    from pymachined import rootfs
+
+    root = rootfs.read(options.layout, name)
+    if root is None:
+        raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
+    rootfs.mount(options.layout, _store(), root)
+
+
 @app.command()
 def stop(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Stop a machine (apply starts it again if its spec says state: running)."""
@@ -496,6 +508,42 @@ def _since(value: str | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+def _journal_logs(
+    unit: str, follow: bool, lines: int | None, since: datetime | None, timestamps: bool
+) -> None:
+    """A unit's output from the journal (systemd.journal.Reader), in the same
+    form as pymachined's logs."""
+    from collections import deque
+    from datetime import UTC
+
+    from systemd import journal
+
+    from pymachined.commands import LOG_TIME_FORMAT
+
+    reader = journal.Reader()
+    reader.add_match(_SYSTEMD_UNIT=unit)
+    if since is not None:
+        reader.seek_realtime(since)
+
+    def show(entry: dict[str, Any]) -> None:
+        message = entry.get("MESSAGE", "")
+        text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+        when = entry.get("__REALTIME_TIMESTAMP")
+        if timestamps and when is not None:
+            text = f"{when.astimezone(UTC).strftime(LOG_TIME_FORMAT)} {text}"
+        typer.echo(text)
+
+    entries: list[dict[str, Any]] | deque[dict[str, Any]] = (
+        list(reader) if lines is None else deque(reader, maxlen=lines)
+    )
+    for entry in entries:
+        show(entry)
+    while follow:
+        reader.wait(1.0)
+        for entry in reader:
+            show(entry)
+
+
 @app.command()
 def logs(
     name: NameArg,
@@ -509,9 +557,11 @@ def logs(
     timestamps: Annotated[
         bool, typer.Option("--timestamps", "-t", help="Start each line with its UTC time.")
     ] = False,
+    supervisor: SupervisorOption = "auto",
 ) -> None:
-    """A machine's output (its console, as pymachined captured it, each line
-    stamped with the time it came)."""
+    """A machine's output: its unit's journal under systemd, else its console as
+    pymachined captured it, each line stamped with the time it came. (A booted
+    machine's own journal: journalctl -M NAME.)"""
     import time
     from collections import deque
 
@@ -520,11 +570,16 @@ def logs(
     from pymachined.parsers import parse_log_line
 
     _known(name)
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    start = _since(since)
+    if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
+        _journal_logs(options.layout.unit_name(name), follow, lines, start, timestamps)
+        return
     path = console_log(options.layout, name)
     if not path.exists():
         typer.echo(f"{name} has no output yet", err=True)
         return
-    start = _since(since)
     # Stamps and the boundary share one fixed format, so they compare as text.
     boundary = start.strftime(LOG_TIME_FORMAT) if start is not None else None
 
@@ -698,6 +753,84 @@ def show_events(
                 if k not in ("time", "machine", "event")
             )
             typer.echo(f"{event['time']}  {event['machine']}  {event['event']}  {extra}".rstrip())
+
+
+# ---------------------------------------------------------------------------
+# Boot
+
+
+DEFAULT_SPEC_DIR = Path("/etc/pymachine/specs")
+
+
+def _systemd_host() -> None:
+    """Refuse unless systemd is PID 1 and the root is /."""
+    from pymachined.reconcile import choose_supervisor
+
+    choose_supervisor(options.layout, "systemd")
+
+
+@app.command()
+def install(
+    spec_dir: Annotated[
+        Path, typer.Argument(help="The spec directory to apply at boot.")
+    ] = DEFAULT_SPEC_DIR,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Also apply whenever files in it change.")
+    ] = False,
+) -> None:
+    """Install and enable pymachine-apply.service: it applies SPEC_DIR at boot,
+    before machines.target, from cached images (no network needed)."""
+    from pymachined import commands, files, run
+    from pymachined.reconcile import program
+    from pymachined.render import APPLY_PATH_UNIT, APPLY_UNIT, apply_unit_files
+    from pymachined.resources import data_dir
+
+    _systemd_host()
+    spec_dir = spec_dir.resolve()
+    spec_set = _spec_set([spec_dir])
+    rendered = apply_unit_files(
+        PurePosixPath(spec_dir), options.layout, data_dir("templates"), program(), watch=watch
+    )
+    for file in rendered:
+        files.atomic_write(Path(file.path), file.content, file.mode)
+    stale = Path(options.layout.unit_dir) / APPLY_PATH_UNIT
+    units = [APPLY_UNIT, APPLY_PATH_UNIT] if watch else [APPLY_UNIT]
+    if not watch and stale.exists():
+        run.run(commands.systemctl_argv("disable", [APPLY_PATH_UNIT], "--no-reload", "--now"))
+        _remove_owned(stale)
+    run.run(commands.systemctl_argv("enable", units, "--no-reload"))
+    run.run(commands.daemon_reload_argv())
+    if watch:
+        run.run(commands.systemctl_argv("start", [APPLY_PATH_UNIT]))
+    machines = _plural(len(spec_set.machines), "machine")
+    typer.echo(f"installed {', '.join(units)}: applies {spec_dir} ({machines}) at boot")
+
+
+def _remove_owned(path: Path) -> None:
+    from pymachined.execute import remove_owned_file
+
+    remove_owned_file(path)
+
+
+@app.command()
+def uninstall() -> None:
+    """Disable and remove pymachine-apply.service (and its .path unit); the
+    machines' own units stay."""
+    from pymachined import commands, run
+    from pymachined.render import APPLY_PATH_UNIT, APPLY_UNIT
+
+    _systemd_host()
+    present = [
+        u for u in (APPLY_PATH_UNIT, APPLY_UNIT) if (Path(options.layout.unit_dir) / u).exists()
+    ]
+    if not present:
+        typer.echo("nothing to uninstall")
+        return
+    run.run(commands.systemctl_argv("disable", present, "--no-reload", "--now"))
+    for unit in present:
+        _remove_owned(Path(options.layout.unit_dir) / unit)
+    run.run(commands.daemon_reload_argv())
+    typer.echo(f"uninstalled {', '.join(present)}")
 
 
 # ---------------------------------------------------------------------------

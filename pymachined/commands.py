@@ -179,3 +179,43 @@ def cgroup_enter_argv(procs: Sequence[PurePosixPath], argv: Sequence[str]) -> li
     """argv started inside the cgroups whose cgroup.procs files are procs, so that
     everything it forks is in them from the first instant."""
     return ["/bin/sh", "-c", _ENTER, "sh", *map(str, procs), "--", *argv]
+
+
+SYSTEMCTL = "systemctl"
+
+
+def systemctl_argv(verb: str, units: Sequence[str], *flags: str) -> list[str]:
+    """systemctl VERB [FLAGS] -- UNITS (start, stop, restart, enable, disable…)."""
+    return [SYSTEMCTL, verb, *flags, "--", *units]
+
+
+def daemon_reload_argv() -> list[str]:
+    """systemctl daemon-reload: systemd reads changed unit files again."""
+    return [SYSTEMCTL, "daemon-reload"]
+
+
+def systemctl_show_argv(units: Sequence[str], properties: Sequence[str]) -> list[str]:
+    """One systemctl show for many units: a KEY=VALUE block per unit, blank
+    lines between, timestamps as @SECONDS."""
+    return [
+        SYSTEMCTL,
+        "show",
+        "--timestamp=unix",
+        f"--property={','.join(properties)}",
+        "--",
+        *units,
+    ]
+
+
+def set_property_argv(unit: str, properties: Sequence[tuple[str, str]]) -> list[str]:
+    """systemctl set-property --runtime: resource limits changed on a running unit
+    without a restart (until the next boot, when the unit file, rewritten with
+    the same values, takes over)."""
+    return [
+        SYSTEMCTL,
+        "set-property",
+        "--runtime",
+        "--",
+        unit,
+        *(f"{key}={value}" for key, value in properties),
+    ]

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined.layout import Layout
 from pymachined.limits import Limits
 from pymachined.recipes import Layer, Salts, machine_layers
-from pymachined.render import RenderedFile, machine_files, nspawn_run_argv
+from pymachined.render import (
+    PROGRAM,
+    RenderedFile,
+    machine_files,
+    nspawn_run_argv,
+)
 from pymachined.spec import Machine
 from pymachined.supervise.base import RunSpec
 from pymachined.validate import SpecSet
@@ -56,9 +62,14 @@ def console_log(layout: Layout, name: str) -> Path:
 
 
 def desire(
-    spec_set: SpecSet, layout: Layout, template_dir: Path, salts: Salts
+    spec_set: SpecSet,
+    layout: Layout,
+    template_dir: Path,
+    salts: Salts,
+    program: Sequence[str] = PROGRAM,
 ) -> dict[str, Desired]:
-    """The desired state of every declared machine, by name."""
+    """The desired state of every declared machine, by name. ``program`` is how
+    units run pymachine."""
     out = {}
     for name, machine in spec_set.machines.items():
         layers = tuple(machine_layers(spec_set, machine, salts))
@@ -82,7 +93,7 @@ def desire(
         out[name] = Desired(
             machine=machine,
             layers=layers,
-            files=tuple(machine_files(machine, layout, template_dir)),
+            files=tuple(machine_files(machine, layout, template_dir, program)),
             run=run,
             config_hash=digest,
         )

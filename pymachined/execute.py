@@ -58,23 +58,36 @@ class Executor:
     parallel: int = 8
 
     def run(self, actions: Sequence[Action]) -> None:
-        """Every action. Each machine's builds, creation, files and start run in
-        order, machines in parallel (a bounded pool) once their dependencies are
-        done; stops and removals follow, one by one, in plan order. The first
-        failure stops what has not begun."""
+        """Every action, in three phases. First each machine's builds, creation
+        and files, machines in parallel (a bounded pool) once their dependencies
+        are done; then the supervisor takes in the written files at once (under
+        systemd: one daemon-reload however many changed); then starts, restarts
+        and resource updates, again in dependency order. Stops and removals
+        follow, one by one, in plan order. The first failure stops what has not
+        begun."""
         if any(isinstance(a, StartMachine | RestartMachine) for a in actions):
             self.supervisor.prepare()
-        forward: dict[str, list[Action]] = {}
+        making: dict[str, list[Action]] = {}
+        running: dict[str, list[Action]] = {}
         backward: list[Action] = []
         for action in actions:
             if isinstance(action, StopMachine | RemoveMachine):
                 backward.append(action)
+            elif isinstance(action, StartMachine | RestartMachine | UpdateLimits):
+                running.setdefault(action.machine, []).append(action)
             else:
-                forward.setdefault(action.machine, []).append(action)
+                making.setdefault(action.machine, []).append(action)
         try:
-            self._run_forward(forward)
+            self._run_forward(making)
+            written = {a.machine for a in actions if isinstance(a, WriteFiles)}
+            if written:
+                autostart = {n: self.desired[n].machine.autostart for n in written}
+                self.supervisor.commit(autostart, reload=True)
+            self._run_forward(running)
             for action in backward:
                 self._one(action)
+            if any(isinstance(a, RemoveMachine) for a in backward):
+                self.supervisor.commit({}, reload=True)
         finally:
             self._sync()
 
@@ -202,7 +215,7 @@ class Executor:
         crash_point("files")
         self._event(replace(record, files=hashes), f"files written ({action.reason})")
 
-    def _start(self, want: Desired, event: str) -> None:
+    def _start(self, want: Desired, event: str, *, restart: bool = False) -> None:
         root = rootfs.read(self.layout, want.name)
         if root is None:
             raise PymachineError(f"machine {want.name} has no root")
@@ -215,7 +228,10 @@ class Executor:
             files.make_mount_point(mounted, bind.target, Path(bind.source).is_dir())
         for tmpfs in want.machine.tmpfs:
             files.make_mount_point(mounted, tmpfs.path, directory=True)
-        self.supervisor.start(want.run)
+        if restart:
+            self.supervisor.restart(want.run)
+        else:
+            self.supervisor.start(want.run)
         crash_point("start")
         record = replace(
             self._record(want.name),
@@ -230,8 +246,7 @@ class Executor:
 
     def _RestartMachine(self, action: RestartMachine) -> None:
         want = self.desired[action.machine]
-        self.supervisor.stop(want.name)
-        self._start(want, f"restarted ({action.reason})")
+        self._start(want, f"restarted ({action.reason})", restart=True)
 
     def _UpdateLimits(self, action: UpdateLimits) -> None:
         want = self.desired[action.machine]
@@ -256,7 +271,7 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
         raise PymachineError(f"no machine {name!r} in pymachine's inventory")
     supervisor.forget(name)
     for path in record.files:
-        _remove_owned_file(Path(path))
+        remove_owned_file(Path(path))
     crash_point("remove")
     rootfs.unmount(layout, name)
     base = Path(layout.machine_dir(name))
@@ -269,7 +284,7 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     events.record(layout, name, "remove")
 
 
-def _remove_owned_file(path: Path) -> None:
+def remove_owned_file(path: Path) -> None:
     """Remove a rendered file only if it still carries pymachine's owner marker."""
     try:
         with path.open() as handle:

@@ -137,3 +137,22 @@ def _show(name: str, value: int | float | None) -> str:
     if name.startswith("memory"):
         return format_size(int(value))
     return f"{value:g}"
+
+
+def unit_properties(limits: Limits) -> list[tuple[str, str]]:
+    """The limits as systemd unit properties, every one of them, an unset limit
+    as the value that lifts it: what ``systemctl set-property`` applies to a
+    running machine's unit."""
+
+    def value(limit: int | None, unset: str) -> str:
+        return str(limit) if limit is not None else unset
+
+    quota = f"{max(1, round(limits.cpus * 100))}%" if limits.cpus is not None else ""
+    return [
+        ("MemoryMax", value(limits.memory, "infinity")),
+        ("MemoryHigh", value(limits.memory_soft, "infinity")),
+        ("CPUQuota", quota),
+        ("TasksMax", value(limits.pids, "infinity")),
+        ("CPUWeight", value(limits.cpu_weight, "")),
+        ("IOWeight", value(limits.io_weight, "")),
+    ]

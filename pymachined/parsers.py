@@ -172,3 +172,39 @@ def parse_log_line(line: str) -> tuple[str | None, str]:
     if match is None:
         return None, line
     return match[1], match[2]
+
+
+# ---------------------------------------------------------------------------
+# systemd units
+
+
+def parse_systemctl_show(text: str) -> list[dict[str, str]]:
+    """The KEY=VALUE blocks of ``systemctl show`` for several units, one dict
+    per unit in output order (blocks are separated by blank lines)."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+                current = {}
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"not a systemctl show line: {line!r}")
+        current[key] = value
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def parse_unix_timestamp(value: str) -> float | None:
+    """A ``--timestamp=unix`` value (``@1764380000``) in seconds; None when unset."""
+    text = value.strip()
+    if not text.startswith("@"):
+        return None
+    try:
+        seconds = float(text[1:])
+    except ValueError:
+        return None
+    return seconds if seconds > 0 else None

@@ -7,9 +7,10 @@ systemd where it is PID 1 and pymachined elsewhere.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pymachined.actions import Action
 from pymachined.desired import Desired, desire
@@ -24,15 +25,34 @@ from pymachined.supervise.base import Supervisor
 from pymachined.validate import SpecSet
 
 
+def program() -> tuple[str, ...]:
+    """How units run this pymachine: the interpreter it runs under."""
+    return (sys.executable, "-m", "pymachined")
+
+
 def choose_supervisor(layout: Layout, name: str) -> Supervisor:
-    """systemd when it is PID 1 (or asked for), else pymachined."""
+    """systemd when it is PID 1 (or asked for), else pymachined. With --root
+    elsewhere than /, auto picks pymachined: systemd would not see the files."""
     if name == "auto":
-        name = "systemd" if Path("/run/systemd/system").is_dir() else "builtin"
+        systemd = Path("/run/systemd/system").is_dir() and layout.root == PurePosixPath("/")
+        name = "systemd" if systemd else "builtin"
     if name == "systemd":
-        raise PymachineError(
-            "the systemd supervisor is not available in this version",
-            hint="use --supervisor builtin (pymachined)",
-        )
+        if not Path("/run/systemd/system").is_dir():
+            raise PymachineError(
+                "systemd is not PID 1 on this host, so it cannot supervise machines",
+                hint="use --supervisor builtin (pymachined), or auto",
+            )
+        if layout.root != PurePosixPath("/"):
+            raise PymachineError(
+                f"the systemd supervisor needs --root / (not {layout.root}): systemd "
+                "reads units and .nspawn files only from the host's /etc",
+                hint="use --supervisor builtin with --root",
+            )
+        from pymachined.supervise.systemd import SystemdSupervisor
+
+        return SystemdSupervisor(layout)
+    if name != "builtin":
+        raise PymachineError(f"unknown supervisor {name!r}", hint="use auto, builtin or systemd")
     from pymachined.supervise.builtin import BuiltinSupervisor
 
     return BuiltinSupervisor(layout)
@@ -79,7 +99,7 @@ class Reconciler:
 
     def desired(self, spec_set: SpecSet) -> dict[str, Desired]:
         """The desired state of the declared machines on this host."""
-        return desire(spec_set, self.layout, self.template_dir, self.images.salts())
+        return desire(spec_set, self.layout, self.template_dir, self.images.salts(), program())
 
     def observed(self, desired: dict[str, Desired]) -> dict[str, Observed]:
         """The observed state of declared and recorded machines."""

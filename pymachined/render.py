@@ -9,7 +9,7 @@ template, never compiled as one.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -22,6 +22,9 @@ from pymachined.layout import Layout
 from pymachined.spec import Machine
 
 NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
+PROGRAM = ("pymachine",)
+"""How a unit runs pymachine when the caller names no interpreter: systemd finds
+a bare name in its fixed search path (/usr/local/bin, /usr/bin, …)."""
 MARKER = "pymachine-owner: managed by pymachine; do not edit"
 
 
@@ -205,14 +208,23 @@ def _timespan(seconds: float) -> str:
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
-def service_context(machine: Machine, layout: Layout) -> dict[str, Any]:
-    """The values of a machine's systemd unit, as plain data."""
+def program_argv(program: Sequence[str], layout: Layout, *args: str) -> list[str]:
+    """A pymachine command line for a unit: the program, the layout's root, args."""
+    return [*program, f"--root={layout.root}", *args]
+
+
+def service_context(
+    machine: Machine, layout: Layout, program: Sequence[str] = PROGRAM
+) -> dict[str, Any]:
+    """The values of a machine's systemd unit, as plain data. ``program`` runs
+    pymachine (the unit mounts the machine's root with it before starting)."""
     resources = machine.resources
     return {
         "marker": Escaped(MARKER),
         "name": machine.name,
         "dependencies": [layout.unit_name(d) for d in machine.depends_on],
         "machine_dir": str(layout.machine_dir(machine.name)),
+        "exec_start_pre": program_argv(program, layout, "mount-root", "--", machine.name),
         "exec_start": nspawn_exec_argv(machine, layout),
         "restart": machine.restart.value,
         "autostart": machine.autostart,
@@ -232,11 +244,61 @@ def render_template(template_dir: Path, name: str, context: Mapping[str, Any]) -
     return environment(template_dir).get_template(name).render(**context)
 
 
-def machine_files(machine: Machine, layout: Layout, template_dir: Path) -> list[RenderedFile]:
+def machine_files(
+    machine: Machine, layout: Layout, template_dir: Path, program: Sequence[str] = PROGRAM
+) -> list[RenderedFile]:
     """Every file a machine gets on the host, rendered: its .nspawn file and unit."""
     nspawn = render_template(template_dir, "machine.nspawn.j2", nspawn_context(machine))
-    service = render_template(template_dir, "machine.service.j2", service_context(machine, layout))
+    service = render_template(
+        template_dir, "machine.service.j2", service_context(machine, layout, program)
+    )
     return [
         RenderedFile(layout.nspawn_file(machine.name), nspawn),
         RenderedFile(layout.unit_file(machine.name), service),
     ]
+
+
+APPLY_UNIT = "pymachine-apply.service"
+APPLY_PATH_UNIT = "pymachine-apply.path"
+
+
+def apply_unit_context(
+    spec_dir: PurePosixPath, layout: Layout, program: Sequence[str] = PROGRAM
+) -> dict[str, Any]:
+    """The values of pymachine-apply.service (and its .path unit): apply
+    ``spec_dir`` at boot, before machines.target."""
+    return {
+        "marker": Escaped(MARKER),
+        "spec_dir": str(spec_dir),
+        "exec_start": program_argv(
+            program, layout, "apply", "--yes", "--supervisor=systemd", "--", str(spec_dir)
+        ),
+        "unit": APPLY_UNIT,
+        "lock": str(layout.run_dir / "apply.lock"),
+    }
+
+
+def apply_unit_files(
+    spec_dir: PurePosixPath,
+    layout: Layout,
+    template_dir: Path,
+    program: Sequence[str] = PROGRAM,
+    *,
+    watch: bool = False,
+) -> list[RenderedFile]:
+    """The boot-time apply unit, and with ``watch`` a .path unit that applies
+    again when the spec directory changes."""
+    context = apply_unit_context(spec_dir, layout, program)
+    out = [
+        RenderedFile(
+            layout.unit_dir / APPLY_UNIT, render_template(template_dir, "apply.service.j2", context)
+        )
+    ]
+    if watch:
+        out.append(
+            RenderedFile(
+                layout.unit_dir / APPLY_PATH_UNIT,
+                render_template(template_dir, "apply.path.j2", context),
+            )
+        )
+    return out

@@ -113,7 +113,14 @@ def is_mounted(path: Path) -> bool:
 
 
 def mount(layout: Layout, store: ImageStore, root: Root) -> Path:
-    """Assemble the root at machines/NAME/rootfs (idempotent); return that path."""
+    """Assemble the root at machines/NAME/rootfs (idempotent); return that path.
+    A lock per machine keeps two mounters (apply, and a unit's ExecStartPre at
+    boot) from stacking two overlays."""
+    with files.locked(Path(layout.run_dir) / "mounts" / f"{root.name}.lock"):
+        return _mount(layout, store, root)
+
+
+def _mount(layout: Layout, store: ImageStore, root: Root) -> Path:
     base = _dir(layout, root.name)
     rootfs = base / "rootfs"
     if root.mode is RootfsMode.COPY or is_mounted(rootfs):

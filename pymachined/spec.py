@@ -507,6 +507,15 @@ class Machine(Model):
     state: MachineState = MachineState.RUNNING
     depends_on: list[Name] = Field(default_factory=list)
 
+    @field_validator("name")
+    @classmethod
+    def _not_apply(cls, value: str) -> str:
+        if value == "apply":
+            raise ValueError(
+                "'apply' is reserved: pymachine-apply.service is pymachine's boot-time unit"
+            )
+        return value
+
     @field_validator("command")
     @classmethod
     def _boot_or_command(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:

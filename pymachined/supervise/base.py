@@ -7,6 +7,7 @@ semantics.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -128,8 +129,19 @@ class Supervisor(Protocol):
         """Every machine the supervisor knows, by name."""
         ...
 
+    def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
+        """Take in rendered files written or removed since the last commit:
+        ``autostart`` by machine name for those whose files were written,
+        ``reload`` when any file changed (systemd: enable/disable, then one
+        daemon-reload; pymachined reads nothing from them)."""
+        ...
+
     def start(self, spec: RunSpec) -> Status:
         """Start a machine (replacing any earlier spec of the same name)."""
+        ...
+
+    def restart(self, spec: RunSpec) -> Status:
+        """Stop a machine and start it with spec."""
         ...
 
     def stop(self, name: str) -> Status:

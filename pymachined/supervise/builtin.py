@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,17 @@ class BuiltinSupervisor:
         reply = self.request({"op": "status"})
         return {m["name"]: Status.from_json(m) for m in reply["machines"]}
 
+    def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
+        """Nothing: pymachined runs machines from their run specs, not unit files."""
+
     def start(self, spec: RunSpec) -> Status:
         """Start a machine."""
         return Status.from_json(self.request({"op": "start", "spec": spec.as_json()})["status"])
+
+    def restart(self, spec: RunSpec) -> Status:
+        """Stop a machine, then start it with spec."""
+        self.stop(spec.name)
+        return self.start(spec)
 
     def _wait_stopped(self, name: str, timeout: float) -> Status | None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,180 @@
+"""The systemd supervisor: machines as units, on hosts where systemd is PID 1.
+
+pymachine renders ``pymachine-NAME.service`` and ``NAME.nspawn`` into
+/etc/systemd; this module drives systemd through systemctl (via run.py):
+one daemon-reload after the files of an apply are written, enable/disable by
+``autostart``, start/stop/restart, resource changes applied live with
+``systemctl set-property``, and one ``systemctl show`` for every unit's state.
+Restarting by policy, and starting at boot, is systemd's own work.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pymachined import commands, run
+from pymachined.errors import CommandError, PymachineError
+from pymachined.layout import Layout
+from pymachined.limits import Limits, unit_properties
+from pymachined.parsers import parse_systemctl_show, parse_unix_timestamp
+from pymachined.supervise.base import RunSpec, RunState, Status
+
+PREFIX = "pymachine-"
+SUFFIX = ".service"
+RESERVED = ("apply",)  # pymachine-apply.service is the boot unit, not a machine
+PROPERTIES = (
+    "Id",
+    "LoadState",
+    "ActiveState",
+    "SubState",
+    "Result",
+    "MainPID",
+    "ExecMainStartTimestamp",
+    "ExecMainCode",
+    "ExecMainStatus",
+    "NRestarts",
+)
+CLD_EXITED = 1
+
+
+def machine_of(unit: str) -> str | None:
+    """The machine a unit runs, from its name (None if it is not a machine's)."""
+    if not (unit.startswith(PREFIX) and unit.endswith(SUFFIX)):
+        return None
+    name = unit[len(PREFIX) : -len(SUFFIX)]
+    return name if name and name not in RESERVED else None
+
+
+def unit_status(properties: Mapping[str, str]) -> Status | None:
+    """A machine's status from its unit's properties (one block of
+    ``systemctl show``); None for a unit systemd does not know. Pure."""
+    name = machine_of(properties.get("Id", ""))
+    if name is None:
+        return None
+    active = properties.get("ActiveState", "")
+    sub = properties.get("SubState", "")
+    if properties.get("LoadState") == "not-found" and active == "inactive":
+        return None
+    pid = int(properties.get("MainPID") or 0) or None
+    started = parse_unix_timestamp(properties.get("ExecMainStartTimestamp", ""))
+    restarts = int(properties.get("NRestarts") or 0)
+    code = int(properties.get("ExecMainCode") or 0)
+    raw = int(properties.get("ExecMainStatus") or 0)
+    exit_code = None if code == 0 else raw if code == CLD_EXITED else 128 + raw
+    if active == "activating" and sub == "auto-restart":
+        state = RunState.RESTARTING
+    elif active in ("active", "activating", "reloading", "deactivating"):
+        state = RunState.PAUSED if sub == "frozen" else RunState.RUNNING
+    elif active == "failed":
+        limit = properties.get("Result") == "start-limit-hit"
+        state = RunState.DEAD if limit else RunState.EXITED
+    elif started is None and code == 0:
+        state = RunState.CREATED
+    else:
+        state = RunState.EXITED
+    if state not in (RunState.RUNNING, RunState.PAUSED):
+        pid = None
+    return Status(name, state, pid, started, exit_code if pid is None else None, restarts)
+
+
+class SystemdSupervisor:
+    """Machines supervised by systemd, as ``pymachine-NAME.service`` units."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._lock = threading.Lock()
+
+    def unit(self, name: str) -> str:
+        """The unit of a machine."""
+        return self.layout.unit_name(name)
+
+    def _systemctl(self, argv: Sequence[str]) -> str:
+        try:
+            return run.run(argv).stdout
+        except CommandError as exc:
+            unit = argv[-1] if "--" in argv else ""
+            hint = (
+                f"see systemctl status {unit} and journalctl -u {unit}"
+                if unit.endswith(SUFFIX)
+                else "see journalctl -xe"
+            )
+            raise PymachineError(str(exc), hint=hint) from exc
+
+    def _units(self) -> list[str]:
+        """The machine units whose files pymachine installed."""
+        directory = Path(self.layout.unit_dir)
+        found = sorted(p.name for p in directory.glob(f"{PREFIX}*{SUFFIX}"))
+        return [unit for unit in found if machine_of(unit) is not None]
+
+    def _show(self, units: Sequence[str]) -> dict[str, Status]:
+        if not units:
+            return {}
+        text = self._systemctl(commands.systemctl_show_argv(units, PROPERTIES))
+        out = {}
+        for block in parse_systemctl_show(text):
+            status = unit_status(block)
+            if status is not None:
+                out[status.name] = status
+        return out
+
+    def _one(self, name: str) -> Status:
+        return self._show([self.unit(name)]).get(name) or Status(name, RunState.EXITED)
+
+    def prepare(self) -> None:
+        """Nothing to get ready: systemd is running."""
+
+    def status(self) -> dict[str, Status]:
+        """Every machine unit's state, from one systemctl show."""
+        return self._show(self._units())
+
+    def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
+        """Take in rendered files: enable or disable the named machines' units by
+        autostart (without the reload each would do), then reload systemd once."""
+        enable = [self.unit(n) for n, on in sorted(autostart.items()) if on]
+        disable = [self.unit(n) for n, on in sorted(autostart.items()) if not on]
+        with self._lock:
+            if enable:
+                self._systemctl(commands.systemctl_argv("enable", enable, "--no-reload"))
+            if disable:
+                self._systemctl(commands.systemctl_argv("disable", disable, "--no-reload"))
+            if reload or enable or disable:
+                self._systemctl(commands.daemon_reload_argv())
+
+    def start(self, spec: RunSpec) -> Status:
+        """Start a machine's unit (its command line is in the unit file)."""
+        self._systemctl(commands.systemctl_argv("start", [self.unit(spec.name)]))
+        return self._one(spec.name)
+
+    def restart(self, spec: RunSpec) -> Status:
+        """Restart a machine's unit (units that require it restart with it)."""
+        self._systemctl(commands.systemctl_argv("restart", [self.unit(spec.name)]))
+        return self._one(spec.name)
+
+    def stop(self, name: str) -> Status:
+        """Stop a machine's unit (it stays stopped until started)."""
+        self._systemctl(commands.systemctl_argv("stop", [self.unit(name)]))
+        return self._one(name)
+
+    def forget(self, name: str) -> None:
+        """Stop and disable a machine's unit and drop its runtime settings; its
+        files are removed by the caller, then commit() reloads."""
+        unit = self.unit(name)
+        self._systemctl(commands.systemctl_argv("disable", [unit], "--no-reload", "--now"))
+        # revert drops set-property's runtime drop-ins; a unit only in /etc stays.
+        self._systemctl(commands.systemctl_argv("revert", [unit]))
+        run.run(commands.systemctl_argv("reset-failed", [unit]), check=False)
+
+    def pause(self, name: str, paused: bool) -> Status:
+        """Freeze or thaw a running machine's unit."""
+        verb = "freeze" if paused else "thaw"
+        self._systemctl(commands.systemctl_argv(verb, [self.unit(name)]))
+        return self._one(name)
+
+    def set_limits(self, name: str, limits: Limits) -> list[str]:
+        """Apply resource limits to a running machine's unit, without a restart
+        (--runtime: after a reboot the unit file, rewritten with the same
+        values, sets them). systemd reports what it cannot apply in its log."""
+        self._systemctl(commands.set_property_argv(self.unit(name), unit_properties(limits)))
+        return []
