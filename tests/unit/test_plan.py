@@ -123,6 +123,16 @@ def test_a_limit_change_updates_the_running_machine_without_a_restart(
     assert [a.reason for a in plan(lifted, observed, built)][-1] == "memory 64M → unlimited"
 
 
+def test_a_resource_and_config_change_restarts_once(repo: Path, tmp_path: Path) -> None:
+    before = desired_from(repo, tmp_path)
+    observed, built = converged(before)
+    both = SPECS.replace(
+        "environment: {MODE: prod}\n", "environment: {MODE: test}\nresources: {memory: 96M}\n"
+    )
+    actions = plan(desired_from(repo, tmp_path, both), observed, built)
+    assert kinds(actions) == [("WriteFiles", "web"), ("RestartMachine", "web")]
+
+
 def test_labels_and_autostart_do_not_restart(repo: Path, tmp_path: Path) -> None:
     before = desired_from(repo, tmp_path)
     observed, built = converged(before)

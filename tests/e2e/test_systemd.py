@@ -1,0 +1,197 @@
+"""pymachine on a real systemd host: systemd supervises the example machines.
+
+One booted host (tests/e2e/harness.py) goes through a machine's whole life
+under systemd, in order: apply, restart by policy, a config change that
+restarts one machine, a resource change applied live, prune, and a power
+cycle after which the machines are back with no command run.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.e2e.harness import BootedHost
+
+pytestmark = pytest.mark.e2e
+
+SPECS = "/root/specs"
+UNITS = "/etc/systemd/system"
+HELLO = "pymachine-hello.service"
+BASE = "pymachine-base.service"
+
+
+def _cursor(host: BootedHost) -> str:
+    out = host.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"]).stdout
+    match = re.search(r"-- cursor: (\S+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def _reloads_since(host: BootedHost, cursor: str) -> int:
+    """daemon-reloads systemd logged after cursor ("Reloading." from PID 1)."""
+    out = host.run(
+        ["journalctl", f"--after-cursor={cursor}", "_PID=1", "-o", "cat", "--no-pager"]
+    ).stdout
+    return sum(1 for line in out.splitlines() if line.strip() == "Reloading.")
+
+
+def _apply(host: BootedHost, *args: str) -> str:
+    return host.run(["pymachine", "apply", "--yes", *args, SPECS]).stdout
+
+
+def _running(host: BootedHost, unit: str) -> bool:
+    props = host.show(unit, "ActiveState", "SubState")
+    return props == {"ActiveState": "active", "SubState": "running"}
+
+
+def _main_pid(host: BootedHost, unit: str) -> int:
+    return int(host.show(unit, "MainPID")["MainPID"])
+
+
+def _verify(host: BootedHost) -> None:
+    """systemd-analyze verify on every unit pymachine rendered."""
+    units = host.run(
+        ["sh", "-c", f"ls {UNITS}/pymachine-*.service {UNITS}/pymachine-*.path 2>/dev/null; true"]
+    ).stdout.split()
+    assert units, "no pymachine units found"
+    host.run(["systemd-analyze", "verify", "--man=no", *units])
+
+
+def test_machines_under_systemd(booted_host: BootedHost) -> None:
+    host = booted_host
+    started = time.monotonic()
+
+    # -- install the boot unit, then apply the examples, offline ---------------
+    out = host.run(["pymachine", "install", SPECS]).stdout
+    assert "pymachine-apply.service" in out
+    assert host.run(["systemctl", "is-enabled", "pymachine-apply.service"]).stdout.strip() == (
+        "enabled"
+    )
+    plan = host.run(["pymachine", "plan", SPECS], check=False)
+    assert plan.returncode == 2, plan.stdout + plan.stderr
+    assert "build image" not in plan.stdout, (
+        "the images copied from the outer cache do not match the inner host's keys "
+        "(bootstrap tool version or mirror differ), so the offline host would have to "
+        f"build them:\n{plan.stdout}"
+    )
+    cursor = _cursor(host)
+    _apply(host)
+    assert _reloads_since(host, cursor) == 1, "one daemon-reload for the whole apply"
+    for unit in (BASE, HELLO):
+        assert _running(host, unit), host.run(["systemctl", "status", unit], check=False).stdout
+        assert host.run(["systemctl", "is-enabled", unit]).stdout.strip() == "enabled"
+    machines = host.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout
+    assert {line.split()[0] for line in machines.splitlines() if line.strip()} >= {
+        "base",
+        "hello",
+    }, machines
+    nothing = host.run(["pymachine", "plan", SPECS], check=False)
+    assert nothing.returncode == 0, nothing.stdout
+    assert "nothing to do" in nothing.stdout
+    ls = host.run(["pymachine", "ls", "-o", "json"]).stdout
+    assert '"state": "running"' in ls, ls
+    _verify(host)
+    # Output in the journal: the unit's (a command machine) and the booted
+    # machine's own journal, read through machined.
+    host.wait_for(
+        "hello's output in the journal",
+        lambda: "Serving HTTP" in host.run(["journalctl", "-u", HELLO, "--no-pager"]).stdout,
+    )
+    assert "Serving HTTP" in host.run(["pymachine", "logs", "hello"]).stdout
+    host.wait_for(
+        "base's own journal (journalctl -M base)",
+        lambda: (
+            "Startup finished"
+            in host.run(["journalctl", "-M", "base", "--no-pager"], check=False).stdout
+        ),
+    )
+    hello_cat = host.run(["cat", f"{UNITS}/{HELLO}"]).stdout
+    assert hello_cat.startswith("# pymachine-owner:"), hello_cat
+    assert "--register=yes" in hello_cat
+    assert "WantedBy=machines.target" in hello_cat
+
+    # -- kill a machine's main process: systemd restarts it by policy -----------
+    nspawn = _main_pid(host, HELLO)
+    payload = int(host.run(["cat", f"/proc/{nspawn}/task/{nspawn}/children"]).stdout.split()[0])
+    host.run(["kill", "-KILL", str(payload)])
+    host.wait_for(
+        "hello restarted (restart: always)",
+        lambda: host.show(HELLO, "NRestarts")["NRestarts"] == "1" and _running(host, HELLO),
+    )
+    assert _main_pid(host, HELLO) != nspawn
+    base_nspawn = _main_pid(host, BASE)
+    base_init = host.run(["cat", f"/proc/{base_nspawn}/task/{base_nspawn}/children"]).stdout
+    host.run(["kill", "-KILL", base_init.split()[0]])
+    host.wait_for(
+        "base restarted (restart: on-failure)",
+        lambda: host.show(BASE, "NRestarts")["NRestarts"] == "1" and _running(host, BASE),
+    )
+    ls = host.run(["pymachine", "ls"]).stdout
+    assert re.search(r"^hello\s+running.*\s1$", ls, re.M), ls
+
+    # -- change one spec: only that machine restarts ----------------------------
+    hello_spec = (host.merged / "root/specs/hello.yaml").read_text()
+    base_before = host.show(BASE, "MainPID", "ExecMainStartTimestamp")
+    hello_pid = _main_pid(host, HELLO)
+    host.write(
+        f"{SPECS}/hello.yaml",
+        hello_spec.replace('PYTHONUNBUFFERED: "1"', 'PYTHONUNBUFFERED: "1"\n  GREETING: "hi"'),
+    )
+    out = _apply(host)
+    assert "restart hello: its configuration changed" in out, out
+    assert "base" not in out, out
+    assert _running(host, HELLO) and _main_pid(host, HELLO) != hello_pid
+    assert host.show(BASE, "MainPID", "ExecMainStartTimestamp") == base_before
+
+    # -- change only resources.memory: applied live, no restart -----------------
+    hello_pid = _main_pid(host, HELLO)
+    hello_started = host.show(HELLO, "ExecMainStartTimestamp")
+    changed = host.merged / "root/specs/hello.yaml"
+    host.write(f"{SPECS}/hello.yaml", changed.read_text().replace("memory: 128M", "memory: 96M"))
+    cursor = _cursor(host)
+    out = _apply(host)
+    assert "change the limits of hello: memory 128M → 96M" in out, out
+    assert "restart" not in out, out
+    assert _reloads_since(host, cursor) == 1
+    assert _main_pid(host, HELLO) == hello_pid
+    assert host.show(HELLO, "ExecMainStartTimestamp") == hello_started
+    assert host.show(HELLO, "MemoryMax")["MemoryMax"] == str(96 * 1024 * 1024)
+    assert f"MemoryMax={96 * 1024 * 1024}" in host.run(["cat", f"{UNITS}/{HELLO}"]).stdout
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
+
+    # -- remove a spec, apply with --prune: unit, .nspawn and root are gone -----
+    host.run(["rm", f"{SPECS}/hello.yaml"])
+    out = _apply(host, "--prune")
+    assert "remove hello" in out, out
+    for path in (f"{UNITS}/{HELLO}", "/etc/systemd/nspawn/hello.nspawn"):
+        assert host.run(["test", "-e", path], check=False).returncode == 1, path
+    assert not (host.state / "machines" / "hello").exists()
+    assert host.show(HELLO, "LoadState")["LoadState"] == "not-found"
+    machines = host.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout
+    assert "hello" not in machines, machines
+    assert _running(host, BASE)
+    _verify(host)
+
+    # -- power off and boot: autostart machines come back by themselves --------
+    host.poweroff()
+    host.boot()
+    host.wait_for("base running after boot", lambda: _running(host, BASE), timeout=120)
+    apply_unit = host.show(
+        "pymachine-apply.service", "Result", "ExecMainStatus", "ExecMainStartTimestamp"
+    )
+    assert apply_unit["Result"] == "success", apply_unit
+    assert apply_unit["ExecMainStatus"] == "0", apply_unit
+    assert apply_unit["ExecMainStartTimestamp"].startswith("@"), apply_unit
+    boot_log = host.run(["journalctl", "-b", "-u", "pymachine-apply.service", "--no-pager"]).stdout
+    assert "nothing to do" in boot_log or "applied" in boot_log, boot_log
+    machines = host.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout
+    assert "base" in machines, machines
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
+
+    # -- uninstall removes the boot unit --------------------------------------------
+    host.run(["pymachine", "uninstall"])
+    assert host.run(["test", "-e", f"{UNITS}/pymachine-apply.service"], check=False).returncode == 1
+    print(f"e2e steps took {time.monotonic() - started:.0f} s")

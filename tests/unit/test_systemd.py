@@ -1,0 +1,248 @@
+"""The systemd supervisor's pure parts: systemctl command lines, the parser of
+``systemctl show`` and the mapping of unit states to machine states (tables of
+recorded output)."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from pymachined import commands
+from pymachined.layout import Layout
+from pymachined.limits import Limits, unit_properties
+from pymachined.parsers import parse_systemctl_show, parse_unix_timestamp
+from pymachined.render import APPLY_UNIT, apply_unit_files
+from pymachined.supervise.base import RunState, Status
+from pymachined.supervise.systemd import PROPERTIES, machine_of, unit_status
+from pymachined.units import parse_unit, split_words
+
+# Recorded from systemd 252 (systemctl show --timestamp=unix -p ... A B C).
+RECORDED = """\
+Id=pymachine-hello.service
+LoadState=loaded
+ActiveState=active
+SubState=running
+Result=success
+MainPID=93
+ExecMainStartTimestamp=@1795919690
+ExecMainCode=0
+ExecMainStatus=0
+NRestarts=1
+
+Id=pymachine-base.service
+LoadState=loaded
+ActiveState=activating
+SubState=auto-restart
+Result=signal
+MainPID=0
+ExecMainStartTimestamp=@1795919600
+ExecMainCode=2
+ExecMainStatus=9
+NRestarts=0
+
+Id=pymachine-gone.service
+LoadState=not-found
+ActiveState=inactive
+SubState=dead
+Result=success
+MainPID=0
+ExecMainStartTimestamp=
+ExecMainCode=0
+ExecMainStatus=0
+NRestarts=0
+"""
+
+
+def test_show_output_splits_into_one_block_per_unit() -> None:
+    blocks = parse_systemctl_show(RECORDED)
+    assert [b["Id"] for b in blocks] == [
+        "pymachine-hello.service",
+        "pymachine-base.service",
+        "pymachine-gone.service",
+    ]
+    assert blocks[0]["ExecMainStartTimestamp"] == "@1795919690"
+    assert blocks[2]["ExecMainStartTimestamp"] == ""
+    assert parse_systemctl_show("") == []
+    assert parse_systemctl_show("A=b=c\n\n\n") == [{"A": "b=c"}]
+    with pytest.raises(ValueError, match="not a systemctl show line"):
+        parse_systemctl_show("garbage")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("@1795919690", 1795919690.0), ("", None), ("n/a", None), ("@0", None), ("@x", None)],
+)
+def test_unix_timestamps(value: str, seconds: float | None) -> None:
+    assert parse_unix_timestamp(value) == seconds
+
+
+def _unit(**properties: str) -> dict[str, str]:
+    base = {
+        "Id": "pymachine-web.service",
+        "LoadState": "loaded",
+        "ActiveState": "inactive",
+        "SubState": "dead",
+        "Result": "success",
+        "MainPID": "0",
+        "ExecMainStartTimestamp": "",
+        "ExecMainCode": "0",
+        "ExecMainStatus": "0",
+        "NRestarts": "0",
+    }
+    return {**base, **properties}
+
+
+STARTED = {"ExecMainStartTimestamp": "@1795919690"}
+
+
+@pytest.mark.parametrize(
+    ("properties", "status"),
+    [
+        # never started
+        (_unit(), Status("web", RunState.CREATED)),
+        # running
+        (
+            _unit(ActiveState="active", SubState="running", MainPID="42", NRestarts="2", **STARTED),
+            Status("web", RunState.RUNNING, 42, 1795919690.0, None, 2),
+        ),
+        # starting (ExecStartPre, or nspawn before READY=1)
+        (
+            _unit(ActiveState="activating", SubState="start", MainPID="42", **STARTED),
+            Status("web", RunState.RUNNING, 42, 1795919690.0),
+        ),
+        # frozen
+        (
+            _unit(ActiveState="active", SubState="frozen", MainPID="42", **STARTED),
+            Status("web", RunState.PAUSED, 42, 1795919690.0),
+        ),
+        # waiting to be restarted after SIGKILL
+        (
+            _unit(
+                ActiveState="activating",
+                SubState="auto-restart",
+                ExecMainCode="2",
+                ExecMainStatus="9",
+                **STARTED,
+            ),
+            Status("web", RunState.RESTARTING, None, 1795919690.0, 137),
+        ),
+        # exited cleanly (restart: no)
+        (
+            _unit(ExecMainCode="1", ExecMainStatus="0", **STARTED),
+            Status("web", RunState.EXITED, None, 1795919690.0, 0),
+        ),
+        # failed with exit code 3
+        (
+            _unit(ActiveState="failed", Result="exit-code", ExecMainCode="1", ExecMainStatus="3"),
+            Status("web", RunState.EXITED, None, None, 3),
+        ),
+        # restarted too often: systemd's start limit is pymachined's "dead"
+        (
+            _unit(
+                ActiveState="failed", Result="start-limit-hit", ExecMainCode="1", ExecMainStatus="1"
+            ),
+            Status("web", RunState.DEAD, None, None, 1),
+        ),
+        # file removed and unit stopped: gone
+        (_unit(LoadState="not-found"), None),
+        # not a machine's unit
+        (_unit(Id="pymachine-apply.service"), None),
+        (_unit(Id="sshd.service"), None),
+    ],
+)
+def test_unit_states_map_to_machine_states(
+    properties: dict[str, str], status: Status | None
+) -> None:
+    assert unit_status(properties) == status
+
+
+def test_recorded_output_gives_the_statuses() -> None:
+    statuses = [unit_status(b) for b in parse_systemctl_show(RECORDED)]
+    assert statuses == [
+        Status("hello", RunState.RUNNING, 93, 1795919690.0, None, 1),
+        Status("base", RunState.RESTARTING, None, 1795919600.0, 137, 0),
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("unit", "name"),
+    [
+        ("pymachine-web.service", "web"),
+        ("pymachine-web-1.service", "web-1"),
+        ("pymachine-apply.service", None),
+        ("pymachine-.service", None),
+        ("pymachine-web.path", None),
+        ("web.service", None),
+    ],
+)
+def test_machine_of_unit(unit: str, name: str | None) -> None:
+    assert machine_of(unit) == name
+
+
+def test_systemctl_command_lines() -> None:
+    assert commands.systemctl_argv("enable", ["a.service", "b.service"], "--no-reload") == [
+        "systemctl",
+        "enable",
+        "--no-reload",
+        "--",
+        "a.service",
+        "b.service",
+    ]
+    assert commands.daemon_reload_argv() == ["systemctl", "daemon-reload"]
+    show = commands.systemctl_show_argv(["a.service", "b.service"], PROPERTIES)
+    assert show[:3] == ["systemctl", "show", "--timestamp=unix"]
+    assert show[3] == "--property=" + ",".join(PROPERTIES)
+    assert show[4:] == ["--", "a.service", "b.service"]
+    assert commands.set_property_argv("a.service", [("MemoryMax", "1024"), ("CPUQuota", "")]) == [
+        "systemctl",
+        "set-property",
+        "--runtime",
+        "--",
+        "a.service",
+        "MemoryMax=1024",
+        "CPUQuota=",
+    ]
+
+
+def test_unit_properties_lift_unset_limits() -> None:
+    limits = Limits(memory=1024**3, cpus=0.5, io_weight=50)
+    assert unit_properties(limits) == [
+        ("MemoryMax", str(1024**3)),
+        ("MemoryHigh", "infinity"),
+        ("CPUQuota", "50%"),
+        ("TasksMax", "infinity"),
+        ("CPUWeight", ""),
+        ("IOWeight", "50"),
+    ]
+    assert unit_properties(Limits())[0] == ("MemoryMax", "infinity")
+
+
+def test_the_apply_unit_runs_apply_before_machines_target(repo: Path) -> None:
+    files = apply_unit_files(
+        PurePosixPath("/etc/pymachine/my specs"),
+        Layout(),
+        repo / "templates",
+        ("/opt/pm/bin/python3", "-m", "pymachined"),
+        watch=True,
+    )
+    assert [f.path.name for f in files] == [APPLY_UNIT, "pymachine-apply.path"]
+    service, path = ({(e.section, e.key): e.value for e in parse_unit(f.content)} for f in files)
+    assert files[0].content.startswith("# pymachine-owner:")
+    assert service["Unit", "Before"] == "machines.target"
+    assert service["Service", "Type"] == "oneshot"
+    assert service["Install", "WantedBy"] == "machines.target"
+    assert split_words(service["Service", "ExecStart"]) == [
+        "/opt/pm/bin/python3",
+        "-m",
+        "pymachined",
+        "--root=/",
+        "apply",
+        "--yes",
+        "--supervisor=systemd",
+        "--",
+        "/etc/pymachine/my specs",
+    ]
+    assert path["Path", "PathChanged"] == "/etc/pymachine/my specs"
+    assert path["Path", "Unit"] == APPLY_UNIT
