@@ -36,6 +36,7 @@ from pymachined.images import ImageStore
 from pymachined.layout import Layout
 from pymachined.records import MachineRecord
 from pymachined.render import MARKER
+from pymachined.spec import MachineState
 from pymachined.state import StateStore
 from pymachined.supervise.base import RunSpec, Supervisor
 
@@ -81,7 +82,7 @@ class Executor:
             self._run_forward(making)
             written = {a.machine for a in actions if isinstance(a, WriteFiles)}
             if written:
-                autostart = {n: self.desired[n].machine.autostart for n in written}
+                autostart = {n: _starts_at_boot(self.desired[n]) for n in written}
                 self.supervisor.commit(autostart, reload=True)
             self._run_forward(running)
             for action in backward:
@@ -261,6 +262,11 @@ class Executor:
 
     def _RemoveMachine(self, action: RemoveMachine) -> None:
         remove_machine(self.layout, self.state, self.supervisor, action.machine)
+
+
+def _starts_at_boot(want: Desired) -> bool:
+    machine = want.machine
+    return machine.autostart and machine.state is MachineState.RUNNING
 
 
 def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, name: str) -> None:

@@ -19,7 +19,7 @@ import jinja2
 
 from pymachined import units
 from pymachined.layout import Layout
-from pymachined.spec import Machine
+from pymachined.spec import Machine, MachineState
 
 NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
 PROGRAM = ("pymachine",)
@@ -227,7 +227,8 @@ def service_context(
         "exec_start_pre": program_argv(program, layout, "mount-root", "--", machine.name),
         "exec_start": nspawn_exec_argv(machine, layout),
         "restart": machine.restart.value,
-        "autostart": machine.autostart,
+        # A machine declared stopped is not started at boot either.
+        "autostart": machine.autostart and machine.state is MachineState.RUNNING,
         "stop_timeout": _timespan(machine.stop_timeout),
         "memory_max": resources.memory,
         "memory_high": resources.memory_soft,

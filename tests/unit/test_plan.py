@@ -178,11 +178,16 @@ def test_state_stopped_stops_dependents_first(repo: Path, tmp_path: Path) -> Non
     observed, built = converged(desired)
     stopped = desired_from(repo, tmp_path, SPECS.replace("command", "state: stopped\ncommand"))
     actions = plan(stopped, observed, built)
+    # The units lose their [Install] section: a stopped machine is not started at boot.
     assert kinds(actions) == [
+        ("WriteFiles", "db"),
+        ("WriteFiles", "web"),
+        ("WriteFiles", "cache"),
         ("StopMachine", "cache"),
         ("StopMachine", "web"),
         ("StopMachine", "db"),
     ]
+    observed, built = converged(stopped)
     stopped_host = {
         n: replace(o, status=Status(n, RunState.EXITED, exit_code=0)) for n, o in observed.items()
     }
