@@ -380,6 +380,7 @@ class Daemon:
             signal.signal(sig, lambda *_: setattr(self, "stopping", True))
         self.adopt()
         log.info("pymachined %d serving %s", os.getpid(), path)
+        notify("READY=1")
         while not self.stopping:
             for key, _ in self.selector.select(self.next_deadline()):
                 if key.data is None:
@@ -390,6 +391,7 @@ class Daemon:
                 else:
                     self.on_exit(key.data)
             self.tick()
+        notify("STOPPING=1")
         server.close()
         path.unlink(missing_ok=True)
 
@@ -406,6 +408,16 @@ class Daemon:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def notify(state: str) -> None:
+    """Tell the service manager how pymachined is (sd_notify), when it runs as a
+    Type=notify service; nothing without $NOTIFY_SOCKET."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    from systemd import daemon as sd_daemon
+
+    sd_daemon.notify(state)
 
 
 def main(argv: list[str] | None = None) -> int:

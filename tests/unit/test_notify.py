@@ -1,0 +1,25 @@
+"""pymachined tells a service manager when it is ready (sd_notify)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from pymachined.daemon import notify
+
+
+def test_ready_reaches_the_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        server.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        notify("READY=1")
+        assert server.recv(1024) == b"READY=1"
+
+
+def test_without_a_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    notify("READY=1")  # must neither fail nor import systemd needlessly
