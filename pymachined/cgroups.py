@@ -54,17 +54,19 @@ def _read_int(path: Path) -> int | None:
 class MachineCgroup:
     """The cgroups of one machine."""
 
-    def __init__(self, name: str, root: Path = ROOT) -> None:
+    def __init__(self, name: str, root: Path = ROOT, group: str | None = None) -> None:
         self.name = name
         self.root = root
         self.v2 = unified(root)
+        # pymachined's own group, or the one systemd made (machine.slice/UNIT).
+        self.group = group or f"{GROUP}/{name}"
 
     def dirs(self) -> dict[str, Path]:
         """The machine's group in each hierarchy, by controller ("unified" on v2)."""
         if self.v2:
-            return {"unified": self.root / GROUP / self.name}
+            return {"unified": self.root / self.group}
         return {
-            c: self.root / c / GROUP / self.name
+            c: self.root / c / self.group
             for c in V1_CONTROLLERS
             if (self.root / c / "cgroup.procs").exists()
         }

@@ -687,9 +687,13 @@ def stats(
 
     for name in names or []:
         _known(name)
-    statuses = _reconciler(supervisor).supervisor.status()
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    chosen = _reconciler(supervisor).supervisor
+    statuses = chosen.status()
     wanted = names or sorted(n for n, s in statuses.items() if s.pid is not None)
-    groups = {n: MachineCgroup(n) for n in wanted}
+    systemd = chosen if isinstance(chosen, SystemdSupervisor) else None
+    groups = {n: MachineCgroup(n, group=systemd.cgroup(n) if systemd else None) for n in wanted}
     stream = sys.stdout.isatty() and not no_stream and output is Format.TABLE
     before = {n: g.stats() for n, g in groups.items()}
     started = time.monotonic()

@@ -90,6 +90,11 @@ class SystemdSupervisor:
         """The unit of a machine."""
         return self.layout.unit_name(name)
 
+    def cgroup(self, name: str) -> str:
+        """A machine's control group, relative to each hierarchy's root (the
+        unit template puts every machine in machine.slice)."""
+        return f"machine.slice/{self.unit(name)}"
+
     def _systemctl(self, argv: Sequence[str]) -> str:
         try:
             return run.run(argv).stdout

@@ -184,10 +184,29 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     assert _running(host, BASE)
     _verify(host)
 
+    # -- install --watch: a new spec file is applied by the .path unit ---------
+    host.run(["pymachine", "install", "--watch", SPECS])
+    assert host.run(["systemctl", "is-active", "pymachine-apply.path"]).stdout.strip() == "active"
+    host.write(
+        f"{SPECS}/watched.yaml",
+        "name: watched\nimage: debian-bookworm-slim\ncommand: [sleep, infinity]\n",
+    )
+    host.wait_for(
+        "the .path unit to apply watched.yaml",
+        lambda: _running(host, "pymachine-watched.service"),
+        timeout=120,
+    )
+    _verify(host)
+
     # -- power off and boot: autostart machines come back by themselves --------
     host.poweroff()
     host.boot()
     host.wait_for("base running after boot", lambda: _running(host, BASE), timeout=120)
+    host.wait_for(
+        "watched running after boot",
+        lambda: _running(host, "pymachine-watched.service"),
+        timeout=60,
+    )
     apply_unit = host.show(
         "pymachine-apply.service", "Result", "ExecMainStatus", "ExecMainStartTimestamp"
     )
@@ -197,10 +216,11 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     boot_log = host.run(["journalctl", "-b", "-u", "pymachine-apply.service", "--no-pager"]).stdout
     assert "nothing to do" in boot_log or "applied" in boot_log, boot_log
     machines = host.run(["machinectl", "list", "--no-legend", "--no-pager"]).stdout
-    assert "base" in machines, machines
+    assert "base" in machines and "watched" in machines, machines
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
 
     # -- uninstall removes the boot unit --------------------------------------------
     host.run(["pymachine", "uninstall"])
-    assert host.run(["test", "-e", f"{UNITS}/pymachine-apply.service"], check=False).returncode == 1
+    for unit in ("pymachine-apply.service", "pymachine-apply.path"):
+        assert host.run(["test", "-e", f"{UNITS}/{unit}"], check=False).returncode == 1, unit
     print(f"e2e steps took {time.monotonic() - started:.0f} s")
