@@ -428,6 +428,7 @@ def destroy(
     reconciler = _reconciler(supervisor)
     with _host_lock(None):
         remove_machine(options.layout, StateStore(options.layout), reconciler.supervisor, name)
+        reconciler.supervisor.commit({}, reload=True)  # systemd forgets the removed unit
     typer.echo(f"destroyed {name}")
 
 
@@ -985,6 +986,7 @@ def _prune(machines: list[str], yes: bool, supervisor: str) -> None:
             for name in machines:
                 remove_machine(options.layout, StateStore(options.layout), running, name)
                 typer.echo(f"removed machine {name}")
+            running.commit({}, reload=True)
     for record in sorted(unused, key=lambda r: len(store.chain(r.key)), reverse=True):
         store.remove(record.key)
         typer.echo(f"removed {record.key}")

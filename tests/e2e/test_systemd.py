@@ -223,4 +223,8 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     host.run(["pymachine", "uninstall"])
     for unit in ("pymachine-apply.service", "pymachine-apply.path"):
         assert host.run(["test", "-e", f"{UNITS}/{unit}"], check=False).returncode == 1, unit
+    # -- destroy: the unit is gone from systemd too --------------------------------
+    host.run(["pymachine", "destroy", "--yes", "watched"])
+    watched = host.show("pymachine-watched.service", "LoadState", "ActiveState")
+    assert watched == {"LoadState": "not-found", "ActiveState": "inactive"}, watched
     print(f"e2e steps took {time.monotonic() - started:.0f} s")
