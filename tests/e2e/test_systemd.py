@@ -117,6 +117,10 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
             in host.run(["journalctl", "-M", "base", "--no-pager"], check=False).stdout
         ),
     )
+    page = host.run(["pymachine", "exec", "hello", "--", "cat", "/srv/www/index.html"]).stdout
+    assert "hello from a pymachine machine" in page
+    status = host.run(["machinectl", "status", "base", "--no-pager"]).stdout
+    assert BASE in status, status
     hello_cat = host.run(["cat", f"{UNITS}/{HELLO}"]).stdout
     assert hello_cat.startswith("# pymachine-owner:"), hello_cat
     assert "--register=yes" in hello_cat
