@@ -174,7 +174,16 @@ class SystemdSupervisor:
     def pause(self, name: str, paused: bool) -> Status:
         """Freeze or thaw a running machine's unit."""
         verb = "freeze" if paused else "thaw"
-        self._systemctl(commands.systemctl_argv(verb, [self.unit(name)]))
+        argv = commands.systemctl_argv(verb, [self.unit(name)])
+        try:
+            run.run(argv)
+        except CommandError as exc:
+            raise PymachineError(
+                str(exc),
+                hint="systemd freezes units only on the unified cgroup hierarchy (cgroup v2)"
+                if "does not support freezing" in exc.stderr
+                else f"see systemctl status {self.unit(name)}",
+            ) from exc
         return self._one(name)
 
     def set_limits(self, name: str, limits: Limits) -> list[str]:

@@ -22,6 +22,7 @@ SPECS = "/root/specs"
 UNITS = "/etc/systemd/system"
 HELLO = "pymachine-hello.service"
 BASE = "pymachine-base.service"
+APPLY = "pymachine-apply.service"
 
 
 def _cursor(host: BootedHost) -> str:
@@ -201,6 +202,29 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
         timeout=120,
     )
     _verify(host)
+
+    # -- a failing apply leaves its error in the journal and systemctl status --
+    def apply_done() -> dict[str, str]:
+        props = host.show(APPLY, "ActiveState", "Result")
+        return props if props["ActiveState"] in ("inactive", "failed") else {}
+
+    host.wait_for("the triggered apply to finish", lambda: apply_done().get("Result") == "success")
+    host.write(
+        f"{SPECS}/broken.yaml", "name: broken\nimage: no-such-image\ncommand: [sleep, '1']\n"
+    )
+    host.wait_for(
+        "the apply of a broken spec to fail",
+        lambda: apply_done().get("Result") == "exit-code",
+        timeout=120,
+    )
+    shown = host.run(["systemctl", "status", APPLY, "--no-pager", "-n", "20"], check=False)
+    assert "broken.yaml" in shown.stdout and "unknown image 'no-such-image'" in shown.stdout, (
+        shown.stdout
+    )
+    host.run(["rm", f"{SPECS}/broken.yaml"])
+    host.wait_for(
+        "the apply to succeed again", lambda: apply_done().get("Result") == "success", timeout=120
+    )
 
     # -- power off and boot: autostart machines come back by themselves --------
     host.poweroff()
