@@ -1,0 +1,94 @@
+"""Confinement under systemd: the machines of tests/integration/test_confinement.py,
+applied on a booted systemd host, report from inside what they get when
+systemd runs them from their units and .nspawn files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import MakeHost
+from tests.e2e.harness import BootedHost
+from tests.integration.test_confinement import (
+    NSPAWN_DEFAULT_CAPABILITIES,
+    capabilities,
+    machine,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def probe(host: BootedHost, name: str) -> dict[str, Any]:
+    """The probe's report, from the machine's unit journal (pymachine logs)."""
+    found: dict[str, Any] = {}
+
+    def reported() -> bool:
+        out = host.run(["pymachine", "logs", name], check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("PROBE "):
+                found.update(json.loads(line.removeprefix("PROBE ")))
+                return True
+        return False
+
+    host.wait_for(f"the probe of {name}", reported, timeout=120)
+    return found
+
+
+def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    machines = [
+        machine("default"),
+        machine(
+            "declared",
+            read_only=True,
+            tmpfs=["/scratch"],
+            binds=["/srv/ro:/ro:ro", "/srv/rw:/rw"],
+            security={
+                "capabilities": {"add": ["SYS_TIME"], "drop": ["MKNOD"]},
+                "no_new_privileges": True,
+                "seccomp": {"deny": ["sethostname"]},
+            },
+        ),
+        machine("optout", security={"private_users": False}),
+    ]
+    for spec in machines:
+        spec["name"] = spec["name"].removeprefix("@")
+    (specs / "machines.yaml").write_text(yaml.safe_dump_all(machines, sort_keys=False))
+    host = make_host(specs)
+    host.run(["mkdir", "-p", "/srv/ro", "/srv/rw"])
+    host.run(["chmod", "1777", "/srv/ro", "/srv/rw"])
+    applied = host.run(["pymachine", "apply", "--yes", "/root/specs"])
+    assert "optout runs without a user namespace" in applied.stderr
+
+    default = probe(host, "default")
+    assert capabilities(default["cap_bnd"]) == NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}
+    assert default["seccomp"] == "2"
+    assert default["no_new_privs"] == "0"
+    inside, outside, count = default["uid_map"]
+    assert (inside, count) == ("0", "65536") and outside != "0"
+    for call in ("kexec_load", "bpf", "open_by_handle_at"):
+        assert default["calls"][call] == "EPERM", call
+
+    declared = probe(host, "declared")
+    expected = (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN", "SYS_TIME"}) - {"MKNOD"}
+    assert capabilities(declared["cap_bnd"]) == expected
+    assert declared["no_new_privs"] == "1"
+    assert declared["calls"]["sethostname"] == "EPERM"
+    assert declared["write_root"] == "EROFS"
+    assert declared["write_tmpfs"] == "ok"
+    assert declared["write_ro_bind"] == "EROFS"
+    assert declared["write_rw_bind"] == "ok"
+
+    optout = probe(host, "optout")
+    assert optout["uid_map"] == ["0", "0", "4294967295"]
+    pid1 = host.run(["cat", "/proc/1/status"]).stdout
+    bounding = next(line.split()[1] for line in pid1.splitlines() if line.startswith("CapBnd:"))
+    host_set = capabilities(bounding)
+    assert capabilities(optout["cap_bnd"]) == (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}) & (
+        host_set
+    )
