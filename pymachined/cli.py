@@ -737,14 +737,20 @@ def stats(
 def show_events(
     since: SinceOption = None,
     output: OutputOption = Format.TABLE,
+    supervisor: SupervisorOption = "auto",
 ) -> None:
     """Lifecycle events: create, start, die (with exit code), restart, dead, oom,
-    pause, unpause, stop, remove."""
+    pause, unpause, stop, remove. Under systemd, what it ran is read from the
+    journal."""
     import json
 
     from pymachined import events
+    from pymachined.supervise.systemd import SystemdSupervisor, journal_events
 
-    found = events.read(options.layout, _since(since))
+    start = _since(since)
+    found = list(events.read(options.layout, start))
+    if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
+        found = sorted(found + journal_events(start), key=lambda e: str(e["time"]))
     if output is Format.YAML:
         _print_data(list(found), output)
         return

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pymachined import commands, run
 from pymachined.errors import CommandError, PymachineError
@@ -77,6 +79,57 @@ def unit_status(properties: Mapping[str, str]) -> Status | None:
     if state not in (RunState.RUNNING, RunState.PAUSED):
         pid = None
     return Status(name, state, pid, started, exit_code if pid is None else None, restarts)
+
+
+# What systemd logs about a unit (sd-messages.h), as pymachine's events.
+JOURNAL_EVENTS = {
+    "39f53479d3a045ac8e11786248231fbf": "start",  # SD_MESSAGE_UNIT_STARTED
+    "9d1aaa27d60140bd96365438aad20286": "stop",  # SD_MESSAGE_UNIT_STOPPED
+    "98e322203f7a4ed290d09fe03c09fe15": "die",  # SD_MESSAGE_UNIT_PROCESS_EXIT
+    "5eb03494b6584870a536b337290809b3": "restart",  # SD_MESSAGE_UNIT_RESTART_SCHEDULED
+    "fe6faa94e7774663a0da52717891d8ef": "oom",  # SD_MESSAGE_UNIT_OUT_OF_MEMORY
+}
+
+
+def journal_event(entry: Mapping[str, str]) -> dict[str, Any] | None:
+    """pymachine's event for one journal entry of systemd about a machine's unit
+    (fields as text; ``time`` as pymachine's events have it), or None. Pure."""
+    name = machine_of(entry.get("UNIT", ""))
+    kind = JOURNAL_EVENTS.get(entry.get("MESSAGE_ID", ""))
+    if name is None or kind is None:
+        return None
+    event: dict[str, Any] = {"time": entry.get("time", ""), "machine": name, "event": kind}
+    if kind == "die":
+        # Only the main process's exit, as pymachined reports it.
+        if entry.get("COMMAND") not in (None, "ExecStart"):
+            return None
+        status = int(entry.get("EXIT_STATUS") or 0)
+        event["exit_code"] = status if entry.get("EXIT_CODE") == "exited" else 128 + status
+    if kind == "restart" and entry.get("N_RESTARTS"):
+        event["restarts"] = int(entry["N_RESTARTS"])
+    return event
+
+
+def journal_events(since: datetime | None) -> list[dict[str, Any]]:
+    """The events of every machine unit in the journal, oldest first."""
+    from systemd import journal
+
+    reader = journal.Reader()
+    reader.add_match(_PID="1")
+    if since is not None:
+        reader.seek_realtime(since)
+    found = []
+    for entry in reader:
+        message_id = entry.get("MESSAGE_ID")
+        if message_id is None or message_id.hex not in JOURNAL_EVENTS:
+            continue
+        when = entry["__REALTIME_TIMESTAMP"]
+        stamp = datetime.fromtimestamp(when.timestamp(), UTC).isoformat(timespec="milliseconds")
+        text = {k: str(v) for k, v in entry.items() if isinstance(v, str | int)}
+        event = journal_event({**text, "MESSAGE_ID": message_id.hex, "time": stamp})
+        if event is not None:
+            found.append(event)
+    return found
 
 
 class SystemdSupervisor:

@@ -145,6 +145,13 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     )
     ls = host.run(["pymachine", "ls"]).stdout
     assert re.search(r"^hello\s+running.*\s1$", ls, re.M), ls
+    # The journal's record of it, as pymachine's events.
+    lines = host.run(["pymachine", "events", "-o", "json"]).stdout.splitlines()
+    hello_events = [e for e in map(json.loads, lines) if e["machine"] == "hello"]
+    kinds = [e["event"] for e in hello_events]
+    assert "die" in kinds and "restart" in kinds[kinds.index("die") :], hello_events
+    died = next(e for e in hello_events if e["event"] == "die")
+    assert isinstance(died["exit_code"], int) and died["exit_code"] != 0, died
 
     # -- change one spec: only that machine restarts ----------------------------
     hello_spec = (host.merged / "root/specs/hello.yaml").read_text()

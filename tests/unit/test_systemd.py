@@ -14,7 +14,7 @@ from pymachined.limits import Limits, unit_properties
 from pymachined.parsers import parse_systemctl_show, parse_unix_timestamp
 from pymachined.render import APPLY_UNIT, apply_unit_files
 from pymachined.supervise.base import RunState, Status
-from pymachined.supervise.systemd import PROPERTIES, machine_of, unit_status
+from pymachined.supervise.systemd import PROPERTIES, journal_event, machine_of, unit_status
 from pymachined.units import parse_unit, split_words
 
 # Recorded from systemd 252 (systemctl show --timestamp=unix -p ... A B C).
@@ -246,3 +246,66 @@ def test_the_apply_unit_runs_apply_before_machines_target(repo: Path) -> None:
     ]
     assert path["Path", "PathChanged"] == "/etc/pymachine/my specs"
     assert path["Path", "Unit"] == APPLY_UNIT
+
+
+@pytest.mark.parametrize(
+    ("entry", "event"),
+    [
+        (
+            {
+                "UNIT": "pymachine-web.service",
+                "MESSAGE_ID": "98e322203f7a4ed290d09fe03c09fe15",
+                "EXIT_CODE": "killed",
+                "EXIT_STATUS": "9",
+                "COMMAND": "ExecStart",
+                "time": "T",
+            },
+            {"time": "T", "machine": "web", "event": "die", "exit_code": 137},
+        ),
+        (
+            {
+                "UNIT": "pymachine-web.service",
+                "MESSAGE_ID": "98e322203f7a4ed290d09fe03c09fe15",
+                "EXIT_CODE": "exited",
+                "EXIT_STATUS": "3",
+                "COMMAND": "ExecStart",
+                "time": "T",
+            },
+            {"time": "T", "machine": "web", "event": "die", "exit_code": 3},
+        ),
+        (
+            {
+                "UNIT": "pymachine-web.service",
+                "MESSAGE_ID": "98e322203f7a4ed290d09fe03c09fe15",
+                "EXIT_CODE": "exited",
+                "EXIT_STATUS": "1",
+                "COMMAND": "ExecStartPre",
+                "time": "T",
+            },
+            None,
+        ),
+        (
+            {
+                "UNIT": "pymachine-web.service",
+                "MESSAGE_ID": "5eb03494b6584870a536b337290809b3",
+                "N_RESTARTS": "2",
+                "time": "T",
+            },
+            {"time": "T", "machine": "web", "event": "restart", "restarts": 2},
+        ),
+        (
+            {"UNIT": "pymachine-web.service", "MESSAGE_ID": "fe6faa94e7774663a0da52717891d8ef"},
+            {"time": "", "machine": "web", "event": "oom"},
+        ),
+        (
+            {"UNIT": "pymachine-apply.service", "MESSAGE_ID": "39f53479d3a045ac8e11786248231fbf"},
+            None,
+        ),
+        ({"UNIT": "nginx.service", "MESSAGE_ID": "39f53479d3a045ac8e11786248231fbf"}, None),
+        ({"UNIT": "pymachine-web.service", "MESSAGE_ID": "0" * 32}, None),
+    ],
+)
+def test_journal_entries_become_events(
+    entry: dict[str, str], event: dict[str, object] | None
+) -> None:
+    assert journal_event(entry) == event
