@@ -94,6 +94,21 @@ class UpdateLimits(Action):
 
 
 @dataclass(frozen=True)
+class EnableMachine(Action):
+    """Make a machine start at boot, or not (under systemd: enable or disable its unit)."""
+
+    verb: ClassVar[str] = "set start at boot of"
+    enabled: bool = True
+
+    def describe(self) -> str:
+        verb = "enable" if self.enabled else "disable"
+        return f"{verb} {self.machine} at boot: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {**super().as_json(), "enabled": self.enabled}
+
+
+@dataclass(frozen=True)
 class StopMachine(Action):
     """Stop a machine."""
 

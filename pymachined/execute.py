@@ -21,6 +21,7 @@ from pymachined.actions import (
     Action,
     BuildImage,
     CreateMachine,
+    EnableMachine,
     RemoveMachine,
     ReplaceRoot,
     RestartMachine,
@@ -34,9 +35,9 @@ from pymachined.errors import PymachineError
 from pymachined.faults import crash_point
 from pymachined.images import ImageStore
 from pymachined.layout import Layout
+from pymachined.plan import starts_at_boot
 from pymachined.records import MachineRecord
 from pymachined.render import MARKER
-from pymachined.spec import MachineState
 from pymachined.state import StateStore
 from pymachined.supervise.base import RunSpec, Supervisor
 
@@ -74,6 +75,8 @@ class Executor:
         for action in actions:
             if isinstance(action, StopMachine | RemoveMachine):
                 backward.append(action)
+            elif isinstance(action, EnableMachine):
+                continue  # taken in with the written files, below
             elif isinstance(action, StartMachine | RestartMachine | UpdateLimits):
                 running.setdefault(action.machine, []).append(action)
             else:
@@ -81,9 +84,13 @@ class Executor:
         try:
             self._run_forward(making)
             written = {a.machine for a in actions if isinstance(a, WriteFiles)}
-            if written:
-                autostart = {n: _starts_at_boot(self.desired[n]) for n in written}
-                self.supervisor.commit(autostart, reload=True)
+            autostart = {n: starts_at_boot(self.desired[n]) for n in written}
+            for action in actions:
+                if isinstance(action, EnableMachine):
+                    self.say(action.describe())
+                    autostart[action.machine] = action.enabled
+            if autostart:
+                self.supervisor.commit(autostart, reload=bool(written))
             self._run_forward(running)
             for action in backward:
                 self._one(action)
@@ -262,11 +269,6 @@ class Executor:
 
     def _RemoveMachine(self, action: RemoveMachine) -> None:
         remove_machine(self.layout, self.state, self.supervisor, action.machine)
-
-
-def _starts_at_boot(want: Desired) -> bool:
-    machine = want.machine
-    return machine.autostart and machine.state is MachineState.RUNNING
 
 
 def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, name: str) -> None:

@@ -15,6 +15,7 @@ from pymachined.actions import (
     Action,
     BuildImage,
     CreateMachine,
+    EnableMachine,
     RemoveMachine,
     ReplaceRoot,
     RestartMachine,
@@ -85,6 +86,11 @@ def _file_actions(want: Desired, seen: Observed) -> list[Action]:
     return [WriteFiles(want.name, reason, tuple(stale))]
 
 
+def starts_at_boot(want: Desired) -> bool:
+    """Whether a machine should start when the host boots."""
+    return want.machine.autostart and want.machine.state is MachineState.RUNNING
+
+
 def _limits(run: Mapping[str, object] | None) -> Limits:
     limits = run.get("limits") if run is not None else None
     return Limits.from_json(limits if isinstance(limits, dict) else None)
@@ -134,6 +140,15 @@ def plan(
             actions.append(UpdateLimits(name, change))
         elif not wants_running and seen.running:
             stopping.append(StopMachine(name, "state: stopped"))
+        at_boot = starts_at_boot(want)
+        enabled = seen.status.enabled if seen.status is not None else None
+        if (
+            enabled is not None
+            and enabled != at_boot
+            and not any(isinstance(a, WriteFiles) and a.machine == name for a in actions)
+        ):
+            reason = "disabled outside pymachine" if at_boot else "enabled outside pymachine"
+            actions.append(EnableMachine(name, reason, enabled=at_boot))
     # Stop dependents before what they depend on.
     actions += reversed(stopping)
     if prune:

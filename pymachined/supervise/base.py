@@ -93,6 +93,7 @@ class Status:
     started: float | None = None
     exit_code: int | None = None
     restarts: int = 0
+    enabled: bool | None = None  # starts at boot; None where the supervisor has no such notion
 
     def as_json(self) -> dict[str, Any]:
         """The status in its JSON form."""
@@ -103,6 +104,7 @@ class Status:
             "started": self.started,
             "exit_code": self.exit_code,
             "restarts": self.restarts,
+            "enabled": self.enabled,
         }
 
     @classmethod
@@ -115,6 +117,7 @@ class Status:
             started=data.get("started"),
             exit_code=data.get("exit_code"),
             restarts=int(data.get("restarts", 0)),
+            enabled=data.get("enabled"),
         )
 
 

@@ -37,6 +37,7 @@ PROPERTIES = (
     "ExecMainCode",
     "ExecMainStatus",
     "NRestarts",
+    "UnitFileState",
 )
 CLD_EXITED = 1
 
@@ -78,7 +79,8 @@ def unit_status(properties: Mapping[str, str]) -> Status | None:
         state = RunState.EXITED
     if state not in (RunState.RUNNING, RunState.PAUSED):
         pid = None
-    return Status(name, state, pid, started, exit_code if pid is None else None, restarts)
+    enabled = {"enabled": True, "disabled": False}.get(properties.get("UnitFileState", ""))
+    return Status(name, state, pid, started, exit_code if pid is None else None, restarts, enabled)
 
 
 # What systemd logs about a unit (sd-messages.h), as pymachine's events.

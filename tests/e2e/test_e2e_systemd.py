@@ -101,6 +101,15 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     nothing = host.run(["pymachine", "plan", SPECS], check=False)
     assert nothing.returncode == 0, nothing.stdout
     assert "nothing to do" in nothing.stdout
+    # Disabled by hand: the next apply enables it again, without a restart.
+    pid = _main_pid(host, HELLO)
+    host.run(["systemctl", "disable", HELLO])
+    drift = host.run(["pymachine", "plan", SPECS], check=False)
+    assert drift.returncode == 2 and "enable hello at boot" in drift.stdout, drift.stdout
+    _apply(host)
+    assert host.run(["systemctl", "is-enabled", HELLO]).stdout.strip() == "enabled"
+    assert _main_pid(host, HELLO) == pid
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
     ls = host.run(["pymachine", "ls", "-o", "json"]).stdout
     assert '"state": "running"' in ls, ls
     _verify(host)

@@ -232,3 +232,23 @@ def test_confinement_opt_outs_are_shown_for_machines_being_started(
     ]
     observed, built = converged(desired)
     assert warnings(desired, plan(desired, observed, built)) == []
+
+
+def test_start_at_boot_changed_outside_pymachine_is_put_back(repo: Path, tmp_path: Path) -> None:
+    text = SPECS.replace("name: cache\n", "name: cache\nautostart: false\n")
+    desired = desired_from(repo, tmp_path, text)
+    observed, built = converged(desired)
+    # As systemd reports units someone enabled or disabled by hand.
+    for name, enabled in (("db", False), ("web", True), ("cache", True)):
+        status = replace(observed[name].status, enabled=enabled)  # type: ignore[type-var]
+        observed[name] = replace(observed[name], status=status)
+    actions = plan(desired, observed, built)
+    assert [(a.kind, a.machine, a.as_json()["enabled"]) for a in actions] == [
+        ("EnableMachine", "db", True),
+        ("EnableMachine", "cache", False),
+    ]
+    assert actions[0].describe() == "enable db at boot: disabled outside pymachine"
+    for name, enabled in (("db", True), ("cache", False)):
+        status = replace(observed[name].status, enabled=enabled)  # type: ignore[type-var]
+        observed[name] = replace(observed[name], status=status)
+    assert plan(desired, observed, built) == []
