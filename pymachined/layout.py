@@ -37,6 +37,16 @@ class Layout:
         return self.state_dir / "machines"
 
     @property
+    def networks_dir(self) -> PurePosixPath:
+        """One record per network: ``<name>.json``."""
+        return self.state_dir / "networks"
+
+    @property
+    def net_run_dir(self) -> PurePosixPath:
+        """Runtime state of machines' networks: port forwarders' pids."""
+        return self.run_dir / "net"
+
+    @property
     def nspawn_dir(self) -> PurePosixPath:
         """Trusted .nspawn settings files."""
         return self._at("/etc/systemd/nspawn")

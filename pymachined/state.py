@@ -10,7 +10,12 @@ from pathlib import Path
 from pymachined import files
 from pymachined.errors import StateError
 from pymachined.layout import Layout
-from pymachined.records import MachineRecord, parse_record
+from pymachined.records import (
+    MachineRecord,
+    NetworkRecord,
+    parse_network_record,
+    parse_record,
+)
 
 RECORD = "state.json"
 
@@ -59,3 +64,38 @@ class StateStore:
     def delete(self, name: str) -> None:
         """Forget a machine (its directory is removed separately)."""
         self.path(name).unlink(missing_ok=True)
+
+    # -- networks ------------------------------------------------------------
+
+    def network_path(self, name: str) -> Path:
+        """Where a network's record lives."""
+        return Path(self.layout.networks_dir) / f"{name}.json"
+
+    def network(self, name: str) -> NetworkRecord | None:
+        """A network's record, None if it has none; StateError if it is unreadable."""
+        path = self.network_path(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+        return parse_network_record(text, path)
+
+    def networks(self) -> dict[str, NetworkRecord]:
+        """Every network record, by name."""
+        directory = Path(self.layout.networks_dir)
+        out = {}
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            record = self.network(path.stem)
+            if record is not None:
+                out[record.name] = record
+        return out
+
+    def put_network(self, record: NetworkRecord) -> None:
+        """Write a network's record atomically."""
+        files.atomic_write_json(self.network_path(record.name), record.as_json())
+
+    def delete_network(self, name: str) -> None:
+        """Forget a network (after its bridge is gone)."""
+        self.network_path(name).unlink(missing_ok=True)

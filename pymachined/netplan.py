@@ -1,0 +1,206 @@
+"""Networks on paper: interface names, addresses and the nftables ruleset. Pure.
+
+Everything here is computed from names, specs and records; ``network.py`` is
+the edge that makes it real with pyroute2 and ``nft``.
+
+Host-wide names (bridges, host-side veths, the nft table) carry a *scope*: empty
+for the host's real root, a short hash of the root directory otherwise, so a
+pymachine under ``--root`` (a test, a trial run) never meets the host's own.
+Every interface name fits the kernel's 15 characters whatever the spec's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from pymachined.errors import PymachineError
+from pymachined.layout import Layout
+from pymachined.spec import Network, Protocol
+
+IFNAMSIZ = 15
+MACHINE_IFNAME = "eth0"
+"""The machine's side of its veth pair, as users of other container tools expect."""
+
+Address = ipaddress.IPv4Address
+
+
+def scope(layout: Layout) -> str:
+    """The scope of host-wide names: '' for the real root, else a hash of the root."""
+    if layout.root == PurePosixPath("/"):
+        return ""
+    return hashlib.sha256(str(layout.root).encode()).hexdigest()[:6]
+
+
+def _short(prefix: str, *parts: str) -> str:
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return (prefix + digest)[:IFNAMSIZ]
+
+
+def bridge_name(layout: Layout, network: Network) -> str:
+    """The bridge of a network: its declared name, else ``pmbr-`` and a hash."""
+    return network.bridge or _short("pmbr-", scope(layout), network.name)
+
+
+def veth_name(layout: Layout, machine: str) -> str:
+    """The host side of a machine's veth pair: ``pmve-`` and a hash of its name."""
+    return _short("pmve-", scope(layout), machine)
+
+
+def netns_name(machine: str) -> str:
+    """The named network namespace (under /run/netns) a machine joins."""
+    return f"pm-{machine}"
+
+
+def table_name(layout: Layout) -> str:
+    """The nft table pymachine owns (``inet`` family)."""
+    tag = scope(layout)
+    return f"pymachine-{tag}" if tag else "pymachine"
+
+
+def host_addresses(network: Network) -> Iterator[Address]:
+    """Every address a machine may get on a network, lowest first: its hosts but
+    the gateway."""
+    gateway = network.gateway_address
+    return (a for a in network.subnet.hosts() if a != gateway)
+
+
+def _assignable(network: Network, address: Address) -> bool:
+    subnet = network.subnet
+    return address in subnet and address not in (
+        subnet.network_address,
+        subnet.broadcast_address,
+        network.gateway_address,
+    )
+
+
+def allocate(
+    network: Network,
+    taken: Iterable[Address],
+    *,
+    wanted: Address | None = None,
+    previous: Address | None = None,
+) -> Address:
+    """A machine's address: the declared one, else the one it had if still free,
+    else the lowest free host address."""
+    if wanted is not None:
+        return wanted
+    busy = set(taken)
+    if previous is not None and previous not in busy and _assignable(network, previous):
+        return previous
+    for candidate in host_addresses(network):
+        if candidate not in busy:
+            return candidate
+    raise PymachineError(
+        f"network {network.name} has no free address left in {network.subnet}",
+        hint="use a larger subnet, or remove machines from it",
+    )
+
+
+def address6(network: Network, address: Address) -> ipaddress.IPv6Address | None:
+    """A machine's IPv6 address: the same offset in subnet6 as in subnet."""
+    if network.subnet6 is None:
+        return None
+    offset = int(address) - int(network.subnet.network_address)
+    return network.subnet6.network_address + offset
+
+
+def gateway6(network: Network) -> ipaddress.IPv6Address | None:
+    """The bridge's IPv6 address: the first of subnet6."""
+    return None if network.subnet6 is None else network.subnet6.network_address + 1
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """A network's bridge, as the ruleset needs it."""
+
+    network: str
+    bridge: str
+    subnet: ipaddress.IPv4Network
+    subnet6: ipaddress.IPv6Network | None
+    nat: bool
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A host port forwarded to a machine's address over IPv4."""
+
+    machine: str
+    bridge: str
+    protocol: Protocol
+    host_port: int
+    address: Address
+    port: int
+    host_ip: ipaddress.IPv4Address | None = None  # None: every local address
+
+
+def _quote(name: str) -> str:
+    return '"' + name + '"'
+
+
+def _dnat(forward: Forward) -> str:
+    match = (
+        f"ip daddr {forward.host_ip}"
+        if forward.host_ip is not None
+        else "meta nfproto ipv4 fib daddr type local"
+    )
+    proto = forward.protocol.value
+    return (
+        f"{match} {proto} dport {forward.host_port} "
+        f"dnat ip to {forward.address}:{forward.port} comment {_quote(forward.machine)}"
+    )
+
+
+def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) -> str:
+    """The whole nft script for pymachine's table, run as one transaction: it
+    creates the table (a no-op if present), deletes it and, if there is anything
+    to say, makes it again, so the rules are replaced atomically."""
+    head = f"table inet {table}\ndelete table inet {table}\n"
+    if not bridges and not forwards:
+        return head
+    lines = [f"table inet {table} {{"]
+    lines += [
+        "\tchain prerouting {",
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+    ]
+    lines += [f"\t\t{_dnat(f)}" for f in forwards]
+    lines += ["\t}", "\tchain output {", "\t\ttype nat hook output priority -100; policy accept;"]
+    lines += [f"\t\t{_dnat(f)}" for f in forwards]
+    lines += [
+        "\t}",
+        "\tchain postrouting {",
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;",
+    ]
+    for b in bridges:
+        br = _quote(b.bridge)
+        # Forwards from the host's loopback reach the machine from 127.0.0.1,
+        # which it would answer itself: give them the bridge's address.
+        lines.append(f"\t\toifname {br} ip saddr 127.0.0.0/8 masquerade")
+        if b.nat:
+            lines.append(f"\t\tip saddr {b.subnet} oifname != {br} masquerade")
+            if b.subnet6 is not None:
+                lines.append(f"\t\tip6 saddr {b.subnet6} oifname != {br} masquerade")
+    lines += [
+        "\t}",
+        "\tchain forward {",
+        "\t\ttype filter hook forward priority filter; policy accept;",
+    ]
+    for a in bridges:
+        for b in bridges:
+            if a.bridge != b.bridge:
+                lines.append(f"\t\tiifname {_quote(a.bridge)} oifname {_quote(b.bridge)} drop")
+    lines += ["\t}", "}"]
+    return head + "\n".join(lines) + "\n"
+
+
+def nft_apply_argv(path: PurePosixPath) -> list[str]:
+    """nft reading a script file (one transaction)."""
+    return ["nft", "-f", str(path)]
+
+
+def nft_list_argv(table: str) -> list[str]:
+    """nft printing pymachine's table."""
+    return ["nft", "list", "table", "inet", table]
