@@ -1,6 +1,7 @@
 """Actions: what apply does to the host, as frozen data. Pure.
 
-Each action names its machine and why it is needed; ``describe()`` is the line
+Each action names its machine (or, for network actions, its network) and why
+it is needed; ``describe()`` is the line
 ``plan`` prints and ``as_json()`` the object ``plan -o json`` prints.
 """
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from pymachined.spec import Network
 
 
 @dataclass(frozen=True)
@@ -118,5 +121,48 @@ class StopMachine(Action):
 @dataclass(frozen=True)
 class RemoveMachine(Action):
     """Stop a machine no spec declares and remove its root, files and record."""
+
+    verb: ClassVar[str] = "remove"
+
+
+@dataclass(frozen=True)
+class NetworkAction(Action):
+    """A step on a network; ``machine`` holds the network's name."""
+
+    @property
+    def network(self) -> str:
+        """The network's name."""
+        return self.machine
+
+    def describe(self) -> str:
+        return f"{self.verb} network {self.machine}: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"action": self.kind, "network": self.machine, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CreateNetwork(NetworkAction):
+    """Make a network's bridge, and record it."""
+
+    verb: ClassVar[str] = "create"
+    spec: Network | None = None
+    bridge: str = ""
+    config_hash: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {**super().as_json(), "bridge": self.bridge}
+
+
+@dataclass(frozen=True)
+class ReplaceNetwork(CreateNetwork):
+    """Make a network's bridge again with changed settings (machines on it restart)."""
+
+    verb: ClassVar[str] = "replace"
+
+
+@dataclass(frozen=True)
+class RemoveNetwork(NetworkAction):
+    """Remove a network no spec declares: its bridge, rules and record."""
 
     verb: ClassVar[str] = "remove"

@@ -373,7 +373,8 @@ NameArg = Annotated[str, typer.Argument(help="The machine.")]
 def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Start a machine with the configuration it was last applied with."""
     from pymachined import rootfs
-    from pymachined.execute import resume_run_spec
+    from pymachined.execute import attach_recorded, resume_run_spec
+    from pymachined.state import StateStore
 
     record = _known(name)
     reconciler = _reconciler(supervisor)
@@ -381,7 +382,11 @@ def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     if root is None:
         raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
     rootfs.mount(options.layout, reconciler.images, root)
-    reconciler.supervisor.start(resume_run_spec(record))
+    spec = resume_run_spec(record)
+    status = reconciler.supervisor.status().get(name)
+    if status is None or status.pid is None:  # a running machine keeps its network
+        attach_recorded(options.layout, StateStore(options.layout), record)
+    reconciler.supervisor.start(spec)
     typer.echo(f"started {name}")
 
 
@@ -400,8 +405,12 @@ def mount_root(name: NameArg) -> None:
 @app.command()
 def stop(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Stop a machine (apply starts it again if its spec says state: running)."""
-    _known(name)
+    from pymachined.execute import detach_recorded
+    from pymachined.state import StateStore
+
+    record = _known(name)
     status = _reconciler(supervisor).supervisor.stop(name)
+    detach_recorded(options.layout, StateStore(options.layout), record)
     typer.echo(f"stopped {name} (exit code {status.exit_code})")
 
 
@@ -460,6 +469,7 @@ def inspect(
             "path": str(options.layout.rootfs(name)),
             "layers": list(root.layers) if root else [],
         },
+        "network": record.network or (record.spec or {}).get("network"),
         "address": record.address,
         "files": sorted(record.files),
         "created": record.created,
@@ -842,6 +852,80 @@ def uninstall() -> None:
         _remove_owned(Path(options.layout.unit_dir) / unit)
     run.run(commands.daemon_reload_argv())
     typer.echo(f"uninstalled {', '.join(present)}")
+
+
+# Networks
+
+network_app = typer.Typer(help="List and inspect networks.", no_args_is_help=True)
+app.add_typer(network_app, name="network")
+
+
+def _network_documents() -> list[dict[str, Any]]:
+    """Every recorded network with its machines, as plain data."""
+    from pymachined import netplan, network
+    from pymachined.state import StateStore
+
+    store = StateStore(options.layout)
+    machines = store.all()
+    out = []
+    for name, record in store.networks().items():
+        spec = record.spec
+        members = [
+            {
+                "name": m.name,
+                "address": m.address,
+                "interface": netplan.veth_name(options.layout, m.name),
+                "attached": network.netns_exists(m.name),
+            }
+            for m in machines.values()
+            if m.network == name and m.address is not None
+        ]
+        out.append(
+            {
+                "name": name,
+                "bridge": record.bridge,
+                "bridge_up": network.link_exists(record.bridge),
+                "subnet": spec.get("subnet"),
+                "subnet6": spec.get("subnet6"),
+                "gateway": spec.get("gateway") or _first_host(str(spec.get("subnet"))),
+                "nat": spec.get("nat"),
+                "machines": sorted(members, key=lambda m: str(m["name"])),
+                "created": record.created,
+                "history": list(record.history),
+            }
+        )
+    return out
+
+
+def _first_host(subnet: str) -> str:
+    import ipaddress
+
+    return str(next(ipaddress.ip_network(subnet).hosts()))
+
+
+@network_app.command("ls")
+def network_ls(output: OutputOption = Format.TABLE) -> None:
+    """List networks: name, bridge, subnet, gateway, machines."""
+    rows = [
+        {**doc, "machines": ", ".join(f"{m['name']}={m['address']}" for m in doc["machines"])}
+        if output is Format.TABLE
+        else doc
+        for doc in _network_documents()
+    ]
+    _print_rows(rows, ["name", "bridge", "subnet", "subnet6", "gateway", "machines"], output)
+
+
+@network_app.command("inspect")
+def network_inspect(
+    name: Annotated[str, typer.Argument(help="The network.")],
+    output: Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")] = Format.JSON,
+) -> None:
+    """One document: the network's subnet, bridge, gateway and machines with addresses."""
+    for doc in _network_documents():
+        if doc["name"] == name:
+            _print_data(doc, Format.JSON if output is Format.TABLE else output)
+            return
+    raise PymachineError(f"no network named {name!r}", hint="see pymachine network ls")
 
 
 # ---------------------------------------------------------------------------

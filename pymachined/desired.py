@@ -2,9 +2,13 @@
 
 Everything that, when it changes, needs the machine restarted goes into its
 configuration hash: the command line it runs with, its restart policy and
-stop timeout, its image layers, and the files written into its root. Labels,
-``state``, ``autostart`` and ``depends_on`` do not, nor do resource limits,
-which are changed on the running machine.
+stop timeout, its image layers, the files written into its root, and its
+network (the network's own settings, its declared address and its ports).
+Labels, ``state``, ``autostart`` and ``depends_on`` do not, nor do resource
+limits, which are changed on the running machine.
+
+A declared network's desired state is its spec, its bridge's name and a hash
+of both: when the hash changes, the bridge is made again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from pymachined.layout import Layout
 from pymachined.limits import Limits
+from pymachined.netplan import bridge_name
 from pymachined.recipes import Layer, Salts, machine_layers
 from pymachined.render import (
     PROGRAM,
@@ -24,7 +29,7 @@ from pymachined.render import (
     machine_files,
     nspawn_run_argv,
 )
-from pymachined.spec import Machine
+from pymachined.spec import Machine, Network
 from pymachined.supervise.base import RunSpec
 from pymachined.validate import SpecSet
 
@@ -38,6 +43,7 @@ class Desired:
     files: tuple[RenderedFile, ...]
     run: RunSpec
     config_hash: str
+    network: Network | None = None  # the declared network it joins, if any
 
     @property
     def name(self) -> str:
@@ -48,6 +54,34 @@ class Desired:
     def layer_keys(self) -> tuple[str, ...]:
         """The image layers, topmost first (as a root records them)."""
         return tuple(layer.key for layer in reversed(self.layers))
+
+
+@dataclass(frozen=True)
+class DesiredNetwork:
+    """One declared network, resolved for this host."""
+
+    network: Network
+    bridge: str
+    config_hash: str
+
+    @property
+    def name(self) -> str:
+        """The network's name."""
+        return self.network.name
+
+
+def _digest(data: object) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def desire_networks(spec_set: SpecSet, layout: Layout) -> dict[str, DesiredNetwork]:
+    """The desired state of every declared network, by name."""
+    out = {}
+    for name, network in spec_set.networks.items():
+        bridge = bridge_name(layout, network)
+        config = {"spec": network.model_dump(mode="json"), "bridge": bridge}
+        out[name] = DesiredNetwork(network, bridge, _digest(config))
+    return out
 
 
 def file_hash(content: str | bytes) -> str:
@@ -71,7 +105,9 @@ def desire(
     """The desired state of every declared machine, by name. ``program`` is how
     units run pymachine."""
     out = {}
+    networks = desire_networks(spec_set, layout)
     for name, machine in spec_set.machines.items():
+        joined = networks.get(machine.network)
         layers = tuple(machine_layers(spec_set, machine, salts))
         run = RunSpec(
             name=name,
@@ -89,12 +125,19 @@ def desire(
             "rootfs": machine.rootfs.value,
             "files": [f.model_dump(mode="json") for f in machine.files],
         }
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        if joined is not None:
+            config["network"] = {
+                "network": joined.config_hash,
+                "address": str(machine.address) if machine.address else None,
+                "ports": [p.model_dump(mode="json") for p in machine.ports],
+            }
+        digest = _digest(config)
         out[name] = Desired(
             machine=machine,
             layers=layers,
             files=tuple(machine_files(machine, layout, template_dir, program)),
             run=run,
             config_hash=digest,
+            network=joined.network if joined else None,
         )
     return out

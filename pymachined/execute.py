@@ -4,25 +4,35 @@ The order of writes makes every step safe to interrupt: a root is complete
 before its record names it, a record is removed only after everything it
 owned is gone, and files are written atomically. A new apply after a crash
 observes what is there and plans the rest.
+
+Networks come first and go last: bridges are made before any machine starts
+and removed after every machine is gone. A machine on a declared network gets
+its namespace, veth pair and address just before it starts, and loses them
+just after it stops; the nft table is rewritten after each such change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pymachined import events, files, rootfs
+from pymachined import events, files, netplan, network, rootfs
 from pymachined.actions import (
     Action,
     BuildImage,
     CreateMachine,
+    CreateNetwork,
     EnableMachine,
+    NetworkAction,
     RemoveMachine,
+    RemoveNetwork,
+    ReplaceNetwork,
     ReplaceRoot,
     RestartMachine,
     StartMachine,
@@ -36,8 +46,9 @@ from pymachined.faults import crash_point
 from pymachined.images import ImageStore
 from pymachined.layout import Layout
 from pymachined.plan import starts_at_boot
-from pymachined.records import MachineRecord
+from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.render import MARKER
+from pymachined.spec import Machine, Network
 from pymachined.state import StateStore
 from pymachined.supervise.base import RunSpec, Supervisor
 
@@ -58,6 +69,7 @@ class Executor:
     say: Callable[[str], None] = lambda text: None
 
     parallel: int = 8
+    _addresses: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, actions: Sequence[Action]) -> None:
         """Every action, in three phases. First each machine's builds, creation
@@ -72,7 +84,13 @@ class Executor:
         making: dict[str, list[Action]] = {}
         running: dict[str, list[Action]] = {}
         backward: list[Action] = []
+        networks_first: list[Action] = [a for a in actions if isinstance(a, CreateNetwork)]
+        networks_last: list[Action] = [a for a in actions if isinstance(a, RemoveNetwork)]
+        for step in networks_first:
+            self._one(step)
         for action in actions:
+            if isinstance(action, NetworkAction):
+                continue
             if isinstance(action, StopMachine | RemoveMachine):
                 backward.append(action)
             elif isinstance(action, EnableMachine):
@@ -96,6 +114,8 @@ class Executor:
                 self._one(action)
             if any(isinstance(a, RemoveMachine) for a in backward):
                 self.supervisor.commit({}, reload=True)
+            for step in networks_last:
+                self._one(step)
         finally:
             self._sync()
 
@@ -223,6 +243,39 @@ class Executor:
         crash_point("files")
         self._event(replace(record, files=hashes), f"files written ({action.reason})")
 
+    def _attach(self, want: Desired) -> None:
+        """Allocate the machine's address (kept in its record) and set up its
+        network before it starts."""
+        joined = want.network
+        if joined is None:
+            record = self._record(want.name)
+            if record.network is not None:  # it left its network
+                network.detach(self.layout, want.name)
+                self.state.put(replace(record, address=None, network=None))
+                network.sync_rules(self.layout, self.state)
+            return
+        with self._addresses:
+            record = self._record(want.name)
+            taken = _taken(self.state.all().values(), self.desired.values(), joined, want.name)
+            previous = record.address if record.network == joined.name else None
+            address = netplan.allocate(
+                joined,
+                taken,
+                wanted=want.machine.address,
+                previous=ipaddress.IPv4Address(previous) if previous else None,
+            )
+            # The spec goes in now too: the rules read the machine's ports from it.
+            spec = want.machine.model_dump(mode="json", by_alias=True)
+            self.state.put(replace(record, address=str(address), network=joined.name, spec=spec))
+        network.attach(self.layout, want.name, joined, address)
+        network.start_forwarders(self.layout, want.machine, address)
+        network.sync_rules(self.layout, self.state)
+
+    def _detach(self, name: str) -> None:
+        network.detach(self.layout, name)
+        if self.state.networks():
+            network.sync_rules(self.layout, self.state)
+
     def _start(self, want: Desired, event: str, *, restart: bool = False) -> None:
         root = rootfs.read(self.layout, want.name)
         if root is None:
@@ -236,6 +289,7 @@ class Executor:
             files.make_mount_point(mounted, bind.target, Path(bind.source).is_dir())
         for tmpfs in want.machine.tmpfs:
             files.make_mount_point(mounted, tmpfs.path, directory=True)
+        self._attach(want)
         if restart:
             self.supervisor.restart(want.run)
         else:
@@ -265,10 +319,33 @@ class Executor:
 
     def _StopMachine(self, action: StopMachine) -> None:
         self.supervisor.stop(action.machine)
+        self._detach(action.machine)
         self._event(self._record(action.machine), "stopped")
 
     def _RemoveMachine(self, action: RemoveMachine) -> None:
         remove_machine(self.layout, self.state, self.supervisor, action.machine)
+
+    def _CreateNetwork(self, action: CreateNetwork) -> None:
+        assert action.spec is not None
+        record = self.state.network(action.network)
+        if record is not None and isinstance(action, ReplaceNetwork):
+            network.remove_bridge(self.layout, record)
+        bridge = network.create_bridge(self.layout, action.spec)
+        if record is None:
+            record = NetworkRecord(action.network, bridge, "", {}, created=_now())
+        record = replace(
+            record,
+            bridge=bridge,
+            spec=action.spec.model_dump(mode="json"),
+            config_hash=action.config_hash,
+        ).with_event(f"{_now()} {action.verb}d ({action.reason})")
+        self.state.put_network(record)
+        network.sync_rules(self.layout, self.state)
+
+    _ReplaceNetwork = _CreateNetwork
+
+    def _RemoveNetwork(self, action: RemoveNetwork) -> None:
+        remove_network(self.layout, self.state, action.network)
 
 
 def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, name: str) -> None:
@@ -278,6 +355,9 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     if record is None:
         raise PymachineError(f"no machine {name!r} in pymachine's inventory")
     supervisor.forget(name)
+    network.detach(layout, name)
+    if state.networks():
+        network.sync_rules(layout, state)
     for path in record.files:
         remove_owned_file(Path(path))
     crash_point("remove")
@@ -290,6 +370,67 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     with contextlib.suppress(FileNotFoundError):
         base.rmdir()
     events.record(layout, name, "remove")
+
+
+def attach_recorded(layout: Layout, state: StateStore, record: MachineRecord) -> None:
+    """Set up the network of a machine started by name, as it was last applied
+    (its recorded network, address and ports)."""
+    if record.network is None or record.address is None:
+        return
+    made = state.network(record.network)
+    if made is None:
+        raise PymachineError(
+            f"machine {record.name} joins network {record.network}, which is not on record",
+            hint="run pymachine apply",
+        )
+    address = ipaddress.IPv4Address(record.address)
+    network.attach(layout, record.name, Network.model_validate(made.spec), address)
+    network.start_forwarders(layout, Machine.model_validate(record.spec or {}), address)
+    network.sync_rules(layout, state)
+
+
+def detach_recorded(layout: Layout, state: StateStore, record: MachineRecord) -> None:
+    """Tear down the network of a machine stopped by name."""
+    if record.network is not None:
+        network.detach(layout, record.name)
+        network.sync_rules(layout, state)
+
+
+def remove_network(layout: Layout, state: StateStore, name: str) -> None:
+    """Remove a network's bridge and rules, then its record. Machines still
+    recorded on it are refused: remove them first."""
+    record = state.network(name)
+    if record is None:
+        raise PymachineError(f"no network {name!r} in pymachine's inventory")
+    users = sorted(n for n, r in state.all().items() if r.network == name and r.address)
+    if users:
+        raise PymachineError(
+            f"network {name} still has machines: {', '.join(users)}",
+            hint="remove them first (apply --prune removes undeclared machines)",
+        )
+    network.remove_bridge(layout, record)
+    state.delete_network(name)
+    network.sync_rules(layout, state)
+
+
+def _taken(
+    records: Iterable[MachineRecord],
+    desired: Iterable[Desired],
+    joined: Network,
+    name: str,
+) -> set[ipaddress.IPv4Address]:
+    """Addresses on a network another machine holds or declares."""
+    taken = {
+        ipaddress.IPv4Address(r.address)
+        for r in records
+        if r.name != name and r.network == joined.name and r.address is not None
+    }
+    taken |= {
+        d.machine.address
+        for d in desired
+        if d.name != name and d.machine.network == joined.name and d.machine.address is not None
+    }
+    return taken
 
 
 def remove_owned_file(path: Path) -> None:

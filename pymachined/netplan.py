@@ -15,7 +15,7 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
@@ -196,7 +196,7 @@ def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) 
     return head + "\n".join(lines) + "\n"
 
 
-def nft_apply_argv(path: PurePosixPath) -> list[str]:
+def nft_apply_argv(path: PurePath) -> list[str]:
     """nft reading a script file (one transaction)."""
     return ["nft", "-f", str(path)]
 

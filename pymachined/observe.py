@@ -1,15 +1,15 @@
 """Observed state: what is on the host, read from the state store, the roots,
-the rendered files and the supervisor."""
+the rendered files, the supervisor and the network interfaces."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from pymachined import rootfs
-from pymachined.desired import Desired, file_hash
+from pymachined import network, rootfs
+from pymachined.desired import Desired, DesiredNetwork, file_hash
 from pymachined.layout import Layout
-from pymachined.plan import Observed
+from pymachined.plan import Observed, ObservedNetwork
 from pymachined.state import StateStore
 from pymachined.supervise.base import Status
 
@@ -51,6 +51,21 @@ def _pid_namespace(pid: int) -> str | None:
         return str(Path(f"/proc/{pid}/ns/pid").readlink())
     except OSError:
         return None
+
+
+def observe_networks(
+    store: StateStore, networks: Mapping[str, DesiredNetwork]
+) -> dict[str, ObservedNetwork]:
+    """Observed state of every declared or recorded network, by name."""
+    records = store.networks()
+    return {
+        name: ObservedNetwork(
+            name=name,
+            record=records.get(name),
+            bridge_up=name in records and network.link_exists(records[name].bridge),
+        )
+        for name in sorted(set(networks) | set(records))
+    }
 
 
 def leader_pid(nspawn_pid: int) -> int | None:

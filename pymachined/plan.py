@@ -2,7 +2,8 @@
 
 ``plan`` decides what changed and what to do about it, and nothing else: it
 reads no file, starts no process, and gives the same actions for the same
-inputs. Starts follow ``depends_on`` (dependencies first); stops and removals
+inputs. Networks are made before the machines that join them and removed
+after; starts follow ``depends_on`` (dependencies first); stops and removals
 go the other way.
 """
 
@@ -15,8 +16,11 @@ from pymachined.actions import (
     Action,
     BuildImage,
     CreateMachine,
+    CreateNetwork,
     EnableMachine,
     RemoveMachine,
+    RemoveNetwork,
+    ReplaceNetwork,
     ReplaceRoot,
     RestartMachine,
     StartMachine,
@@ -24,9 +28,9 @@ from pymachined.actions import (
     UpdateLimits,
     WriteFiles,
 )
-from pymachined.desired import Desired, file_hash
+from pymachined.desired import Desired, DesiredNetwork, file_hash
 from pymachined.limits import Limits, describe_change
-from pymachined.records import MachineRecord
+from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.spec import MachineState
 from pymachined.supervise.base import RunState, Status
 
@@ -49,6 +53,46 @@ class Observed:
             RunState.PAUSED,
             RunState.RESTARTING,
         )
+
+
+@dataclass(frozen=True)
+class ObservedNetwork:
+    """What is on the host for one network name."""
+
+    name: str
+    record: NetworkRecord | None = None
+    bridge_up: bool = False  # its recorded bridge exists
+
+
+def plan_networks(
+    networks: Mapping[str, DesiredNetwork], observed: Mapping[str, ObservedNetwork]
+) -> list[Action]:
+    """The actions that make each declared network's bridge as declared."""
+    actions: list[Action] = []
+    for name in sorted(networks):
+        want = networks[name]
+        seen = observed.get(name, ObservedNetwork(name))
+        if seen.record is None:
+            actions.append(
+                CreateNetwork(name, "new network", want.network, want.bridge, want.config_hash)
+            )
+        elif seen.record.config_hash != want.config_hash:
+            actions.append(
+                ReplaceNetwork(
+                    name, "its settings changed", want.network, want.bridge, want.config_hash
+                )
+            )
+        elif not seen.bridge_up:
+            actions.append(
+                CreateNetwork(
+                    name,
+                    f"its bridge {want.bridge} is missing",
+                    want.network,
+                    want.bridge,
+                    want.config_hash,
+                )
+            )
+    return actions
 
 
 def start_order(desired: Mapping[str, Desired]) -> list[str]:
@@ -102,11 +146,16 @@ def plan(
     built: Iterable[str],
     *,
     prune: bool = False,
+    networks: Mapping[str, DesiredNetwork] | None = None,
+    observed_networks: Mapping[str, ObservedNetwork] | None = None,
 ) -> list[Action]:
     """The actions that make observed into desired. ``built`` are the image keys
-    already in the cache; ``prune`` removes recorded machines no spec declares."""
+    already in the cache; ``prune`` removes recorded machines and networks no
+    spec declares."""
     built = set(built)
-    actions: list[Action] = []
+    networks = networks or {}
+    observed_networks = observed_networks or {}
+    actions: list[Action] = plan_networks(networks, observed_networks)
     stopping: list[Action] = []
     queued_builds: set[str] = set()
     for name in start_order(desired):
@@ -154,6 +203,12 @@ def plan(
     if prune:
         gone = sorted(n for n in observed if n not in desired and observed[n].record is not None)
         actions += [RemoveMachine(n, "no spec declares it") for n in reversed(gone)]
+        unused = sorted(
+            n
+            for n, seen in observed_networks.items()
+            if n not in networks and seen.record is not None
+        )
+        actions += [RemoveNetwork(n, "no spec declares it") for n in unused]
     return actions
 
 

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pymachined.actions import Action
-from pymachined.desired import Desired, desire
+from pymachined.desired import Desired, desire, desire_networks
 from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
 from pymachined.images import ImageStore
 from pymachined.layout import Layout
-from pymachined.observe import observe
+from pymachined.observe import observe, observe_networks
 from pymachined.plan import Observed, plan
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
-from pymachined.validate import SpecSet
+from pymachined.validate import SpecSet, check_recorded_addresses
 
 
 def program() -> tuple[str, ...]:
@@ -109,8 +109,20 @@ class Reconciler:
         """The desired state and the actions that reach it."""
         check_host(spec_set)
         desired = self.desired(spec_set)
+        problems = check_recorded_addresses(spec_set, self.state.all().values())
+        if problems:
+            raise SpecError(problems)
+        networks = desire_networks(spec_set, self.layout)
         built = {record.key for record in self.images.records()}
-        return desired, plan(desired, self.observed(desired), built, prune=prune)
+        actions = plan(
+            desired,
+            self.observed(desired),
+            built,
+            prune=prune,
+            networks=networks,
+            observed_networks=observe_networks(self.state, networks),
+        )
+        return desired, actions
 
     def execute(
         self,

@@ -179,7 +179,8 @@ def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
     if machine.network == "none":
         argv.append("--private-network")
     elif machine.network != "host":
-        argv.append(f"--network-namespace-path={netns_path(machine.name)}")
+        # The host's resolver list, copied: the machine reaches it through NAT.
+        argv += [f"--network-namespace-path={netns_path(machine.name)}", "--resolv-conf=copy-host"]
     if machine.boot:
         argv += ["--boot", "--kill-signal=SIGRTMIN+3"]
         return argv

@@ -109,11 +109,15 @@ def stream(
 
 
 def spawn(
-    argv: Sequence[str], output: BinaryIO | int, stdin: int | None = None
+    argv: Sequence[str],
+    output: BinaryIO | int,
+    stdin: int | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start argv in its own session, detached from pymachine's terminal, its
     stdout and stderr appended to output (a file or a pipe's fd), its stdin
-    from the fd stdin (else /dev/null); the caller watches it."""
+    from the fd stdin (else /dev/null), and pass_fds open in it; the caller
+    watches it."""
     argv = [str(a) for a in argv]
     logger.debug("+ %s &", shlex.join(argv))
     try:
@@ -124,6 +128,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as exc:
         raise PymachineError(f"{argv[0]}: command not found") from exc

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from pymachined.errors import Diagnostic, SpecError
 from pymachined.load import Located, Path_, collect
+from pymachined.records import MachineRecord
 from pymachined.spec import Image, Machine, Network
 
 
@@ -291,6 +292,37 @@ def _check_address(
         ]
     taken[(network.name, address)] = machine.name
     return []
+
+
+def check_recorded_addresses(
+    spec_set: SpecSet, records: Iterable[MachineRecord]
+) -> list[Diagnostic]:
+    """Declared addresses that another machine holds on the same network, as
+    pymachine allocated it one earlier (its record says so)."""
+    holders = {
+        (record.network, record.address): record.name
+        for record in records
+        if record.address is not None and record.network is not None
+    }
+    problems = []
+    for name, machine in spec_set.machines.items():
+        if machine.address is None:
+            continue
+        holder = holders.get((machine.network, str(machine.address)))
+        if holder is not None and holder != name:
+            other = spec_set.machines.get(holder)
+            if other is not None and other.address == machine.address:
+                continue  # both declare it: reported by check
+            problems.append(
+                _at(
+                    spec_set.sources[("machine", name)],
+                    ("address",),
+                    f"{machine.address} is already the address of machine {holder!r} "
+                    f"on network {machine.network!r}",
+                    f"choose another address, or remove {holder} (pymachine destroy {holder})",
+                )
+            )
+    return problems
 
 
 def resolve(

@@ -1,0 +1,326 @@
+"""Networks made real: bridges, network namespaces, veth pairs, addresses,
+routes, the nft table and the IPv6 port forwarders.
+
+The edge of networking; names, addresses and rule text come from the pure
+``netplan``. pyroute2 is imported inside the functions that need it, so the
+CLI stays light. Every bridge and host-side veth pymachine makes carries an
+interface alias (``pymachine:<scope>:<name>``); nothing without it is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pymachined import files, netplan, run
+from pymachined.errors import PymachineError
+from pymachined.layout import Layout
+from pymachined.netplan import MACHINE_IFNAME
+from pymachined.records import NetworkRecord
+from pymachined.spec import Machine, Network, Protocol
+from pymachined.state import StateStore
+
+NETNS_DIR = Path("/run/netns")
+IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate detection
+
+_rules_lock = threading.Lock()
+
+
+def _marker(layout: Layout, name: str) -> str:
+    return f"pymachine:{netplan.scope(layout) or 'host'}:{name}"
+
+
+def link_exists(ifname: str) -> bool:
+    """Whether the host has an interface of that name."""
+    return Path("/sys/class/net", ifname).exists()
+
+
+def netns_exists(machine: str) -> bool:
+    """Whether a machine's named network namespace exists."""
+    return (NETNS_DIR / netplan.netns_name(machine)).exists()
+
+
+def _alias(ifname: str) -> str:
+    try:
+        return Path("/sys/class/net", ifname, "ifalias").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _sysctl(key: str, value: str) -> None:
+    path = Path("/proc/sys") / key.replace(".", "/")
+    with path.open("w") as handle:
+        handle.write(value)
+
+
+@contextlib.contextmanager
+def _ipr() -> Iterator[Any]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        yield ipr
+
+
+def _index(ipr: Any, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise PymachineError(f"interface {ifname} vanished while pymachine set it up")
+    return int(found[0])
+
+
+# -- bridges ------------------------------------------------------------------
+
+
+def create_bridge(layout: Layout, network: Network) -> str:
+    """Make (or finish) a network's bridge with its gateway addresses, and let it
+    route from the host's loopback; its name. A bridge of that name that
+    pymachine did not make is refused."""
+    bridge = netplan.bridge_name(layout, network)
+    marker = _marker(layout, network.name)
+    if link_exists(bridge) and _alias(bridge) != marker:
+        raise PymachineError(
+            f"interface {bridge} exists and was not made by pymachine for network {network.name}",
+            hint="choose another bridge: name in the network's spec",
+        )
+    with _ipr() as ipr:
+        if not link_exists(bridge):
+            ipr.link("add", ifname=bridge, kind="bridge")
+        index = _index(ipr, bridge)
+        ipr.link("set", index=index, ifalias=marker)
+        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+        gateway = str(network.gateway_address)
+        if gateway not in have:
+            ipr.addr("add", index=index, address=gateway, prefixlen=network.subnet.prefixlen)
+        gateway6 = netplan.gateway6(network)
+        if gateway6 is not None and network.subnet6 is not None and str(gateway6) not in have:
+            _sysctl(f"net.ipv6.conf.{bridge}.disable_ipv6", "0")
+            ipr.addr(
+                "add",
+                index=index,
+                address=str(gateway6),
+                prefixlen=network.subnet6.prefixlen,
+                flags=IFA_F_NODAD,
+            )
+        ipr.link("set", index=index, state="up")
+    # Port forwards from 127.0.0.1 leave through the bridge (then masqueraded).
+    _sysctl(f"net.ipv4.conf.{bridge}.route_localnet", "1")
+    if network.nat:
+        # As every container engine does: masquerading outward needs forwarding.
+        _sysctl("net.ipv4.ip_forward", "1")
+        if network.subnet6 is not None:
+            _sysctl("net.ipv6.conf.all.forwarding", "1")
+    return bridge
+
+
+def remove_bridge(layout: Layout, record: NetworkRecord) -> None:
+    """Delete a network's bridge if it is there and pymachine made it."""
+    if link_exists(record.bridge) and _alias(record.bridge) == _marker(layout, record.name):
+        with _ipr() as ipr:
+            ipr.link("del", index=_index(ipr, record.bridge))
+
+
+# -- machines -----------------------------------------------------------------
+
+
+def attach(
+    layout: Layout,
+    machine: str,
+    network: Network,
+    address: ipaddress.IPv4Address,
+) -> None:
+    """A machine's network namespace with loopback, and a veth pair from the
+    network's bridge (host side) to ``eth0`` inside, addressed and routed
+    through the gateway. Whatever was left of an earlier one goes first."""
+    from pyroute2 import NetNS, netns
+
+    detach(layout, machine)
+    bridge = netplan.bridge_name(layout, network)
+    if not link_exists(bridge):
+        raise PymachineError(
+            f"the bridge {bridge} of network {network.name} is missing",
+            hint="run pymachine apply, which makes it again",
+        )
+    name = netplan.netns_name(machine)
+    host_side = netplan.veth_name(layout, machine)
+    netns.create(name)
+    with _ipr() as ipr:
+        ipr.link(
+            "add",
+            ifname=host_side,
+            kind="veth",
+            peer={"ifname": MACHINE_IFNAME, "net_ns_fd": name},
+        )
+        index = _index(ipr, host_side)
+        ipr.link(
+            "set",
+            index=index,
+            master=_index(ipr, bridge),
+            ifalias=_marker(layout, machine),
+            state="up",
+        )
+    address6 = netplan.address6(network, address)
+    with NetNS(name) as ns:
+        ns.link("set", index=_index(ns, "lo"), state="up")
+        inside = _index(ns, MACHINE_IFNAME)
+        ns.addr("add", index=inside, address=str(address), prefixlen=network.subnet.prefixlen)
+        if address6 is not None and network.subnet6 is not None:
+            ns.addr(
+                "add",
+                index=inside,
+                address=str(address6),
+                prefixlen=network.subnet6.prefixlen,
+                flags=IFA_F_NODAD,
+            )
+        ns.link("set", index=inside, state="up")
+        ns.route("add", dst="default", gateway=str(network.gateway_address))
+        gateway6 = netplan.gateway6(network)
+        if gateway6 is not None:
+            ns.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
+
+
+def detach(layout: Layout, machine: str) -> None:
+    """Remove a machine's IPv6 forwarders, host-side veth and network namespace,
+    whichever exist."""
+    from pyroute2 import netns
+
+    stop_forwarders(layout, machine)
+    host_side = netplan.veth_name(layout, machine)
+    if link_exists(host_side) and _alias(host_side) == _marker(layout, machine):
+        with _ipr() as ipr:
+            ipr.link("del", index=_index(ipr, host_side))
+    if netns_exists(machine):
+        netns.remove(netplan.netns_name(machine))
+
+
+# -- nftables -----------------------------------------------------------------
+
+
+def _forwards(
+    layout: Layout, state: StateStore, bridges: dict[str, str]
+) -> Iterator[tuple[netplan.Forward, Any]]:
+    """The port forwards of every machine whose network is up, with each port."""
+    for name, record in state.all().items():
+        if record.address is None or record.network not in bridges or not netns_exists(name):
+            continue
+        machine = Machine.model_validate(record.spec or {})
+        for port in machine.ports:
+            yield (
+                netplan.Forward(
+                    machine=name,
+                    bridge=bridges[record.network],
+                    protocol=port.protocol,
+                    host_port=port.host,
+                    address=ipaddress.IPv4Address(record.address),
+                    port=port.machine,
+                    host_ip=port.host_ip
+                    if isinstance(port.host_ip, ipaddress.IPv4Address)
+                    else None,
+                ),
+                port,
+            )
+
+
+def sync_rules(layout: Layout, state: StateStore) -> str:
+    """Rewrite pymachine's nft table from the records, in one transaction: NAT
+    and isolation for every recorded network, DNAT for the ports of every
+    machine whose network is up; the script it ran."""
+    with _rules_lock:
+        networks = state.networks()
+        bridges = []
+        for record in networks.values():
+            spec = Network.model_validate(record.spec)
+            bridges.append(
+                netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
+            )
+        by_name = {record.name: record.bridge for record in networks.values()}
+        forwards = [
+            forward
+            for forward, port in _forwards(layout, state, by_name)
+            if port.host_ip is None or isinstance(port.host_ip, ipaddress.IPv4Address)
+        ]
+        script = netplan.ruleset(netplan.table_name(layout), bridges, forwards)
+        path = Path(layout.net_run_dir) / "rules.nft"
+        files.atomic_write(path, script, 0o600)
+        run.run(netplan.nft_apply_argv(path))
+        return script
+
+
+# -- IPv6 forwarders ----------------------------------------------------------
+
+
+def _pidfile(layout: Layout, machine: str) -> Path:
+    return Path(layout.net_run_dir) / f"{machine}.forwarders.json"
+
+
+def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Address) -> list[int]:
+    """One forwarder process per TCP port forward over IPv6 (``::1`` cannot be
+    DNATed to another host): it listens on the host's IPv6 address (or every
+    one) and connects to the machine's IPv4 address. Their pids."""
+    pids = []
+    log = Path(layout.machine_dir(machine.name)) / "forwarders.log"
+    for port in machine.ports:
+        if port.protocol is not Protocol.TCP:
+            continue
+        if port.host_ip is not None and not isinstance(port.host_ip, ipaddress.IPv6Address):
+            continue
+        listen = str(port.host_ip) if port.host_ip is not None else "::"
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((listen, port.host))
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            raise PymachineError(
+                f"cannot forward [{listen}]:{port.host} to machine {machine.name}: {exc.strerror}",
+                hint="another program uses that port; change ports: in the spec",
+            ) from exc
+        argv = [
+            sys.executable,
+            "-m",
+            "pymachined.forward",
+            str(listener.fileno()),
+            str(address),
+            str(port.machine),
+            machine.name,
+        ]
+        with listener, log.open("ab") as output:
+            child = run.spawn(argv, output, pass_fds=(listener.fileno(),))
+        pids.append(child.pid)
+    if pids:
+        files.atomic_write_json(_pidfile(layout, machine.name), {"pids": pids})
+    return pids
+
+
+def _is_forwarder(pid: int, machine: str) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"pymachined.forward" in argv and machine.encode() in argv
+
+
+def stop_forwarders(layout: Layout, machine: str) -> None:
+    """End a machine's forwarders (only processes that still are its forwarders)."""
+    path = _pidfile(layout, machine)
+    try:
+        pids = json.loads(path.read_text()).get("pids", [])
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        if isinstance(pid, int) and _is_forwarder(pid, machine):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    path.unlink(missing_ok=True)
