@@ -928,6 +928,18 @@ def network_inspect(
     raise PymachineError(f"no network named {name!r}", hint="see pymachine network ls")
 
 
+@network_app.command("rm")
+def network_rm(name: Annotated[str, typer.Argument(help="The network.")]) -> None:
+    """Remove a network pymachine made (its bridge, rules and record); its
+    machines must be gone first."""
+    from pymachined.execute import remove_network
+    from pymachined.state import StateStore
+
+    with _host_lock(None):
+        remove_network(options.layout, StateStore(options.layout), name)
+    typer.echo(f"removed network {name}")
+
+
 # ---------------------------------------------------------------------------
 # Images
 

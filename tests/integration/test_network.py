@@ -1,0 +1,296 @@
+"""Networks against real bridges, network namespaces, veth pairs and nftables (as root).
+
+Every object a test makes is named from its own host root (bridges, veths and
+the nft table carry the root's scope) or its machine names (namespaces
+``pm-<prefix>...``); a finalizer removes whatever is left. Traffic goes only to
+loopback and to the test's own namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from pymachined import netplan
+from pymachined.images import ImageRecord
+from pymachined.layout import Layout
+from tests.integration.test_apply import Host
+from tests.integration.test_apply import host as host
+
+pytestmark = pytest.mark.integration
+
+SPECS = """\
+kind: network
+name: "@n1"
+subnet: 10.213.1.0/24
+subnet6: fd42:213:1::/64
+---
+kind: network
+name: "@n2"
+subnet: 10.213.2.0/24
+---
+name: "@srv"
+image: debian-bookworm-slim
+packages: [python3]
+network: "@n1"
+address: 10.213.1.10
+ports: ["127.0.0.1:18213:8080", "[::1]:18213:8080", "18214:8081/udp"]
+command: [python3, -m, http.server, --bind, 0.0.0.0, "8080"]
+---
+name: "@cli"
+image: debian-bookworm-slim
+packages: [python3]
+network: "@n1"
+command: [sleep, infinity]
+---
+name: "@far"
+image: debian-bookworm-slim
+network: "@n2"
+command: [sleep, infinity]
+---
+name: "@lone"
+image: debian-bookworm-slim
+network: none
+command: [sleep, infinity]
+---
+name: "@shared"
+image: debian-bookworm-slim
+network: host
+command: [sleep, infinity]
+"""
+
+
+def netns_run(machine: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """argv on the host, inside a machine's network namespace."""
+    return subprocess.run(
+        ["ip", "netns", "exec", netplan.netns_name(machine), *argv],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=30,
+    )
+
+
+def tcp_probe(address: str, port: int) -> list[str]:
+    """A host python3 that connects to address:port and prints OK or the error."""
+    code = (
+        "import socket,sys\n"
+        "try:\n"
+        f"    s=socket.create_connection(({address!r},{port}),timeout=2)\n"
+        "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print('OK', s.recv(12).decode())\n"
+        "except OSError as e:\n"
+        "    print('FAIL', e)\n"
+    )
+    return ["python3", "-c", code]
+
+
+def scoped_leftovers(host: Host) -> list[str]:
+    """Links, namespaces and nft objects of this test's root that still exist."""
+    layout = Layout(PurePosixPath(host.root))
+    marker = f"pymachine:{netplan.scope(layout)}:"
+    found = [
+        f"link {p.name}"
+        for p in Path("/sys/class/net").iterdir()
+        if (p / "ifalias").exists() and (p / "ifalias").read_text().startswith(marker)
+    ]
+    netns = Path("/run/netns")
+    if netns.is_dir():
+        found += [
+            f"netns {p.name}" for p in netns.iterdir() if p.name.startswith(f"pm-{host.prefix}")
+        ]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    found += [f"nft {t}" for t in tables.splitlines() if netplan.table_name(layout) in t.split()]
+    return found
+
+
+FORWARDING = ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding")
+
+
+@pytest.fixture
+def net_host(host: Host, slim_image: ImageRecord) -> Iterator[Host]:
+    """A host whose networks (and anything left of them) go after the test, and
+    whose forwarding switches (which networks with nat turn on) are put back."""
+    switches = {key: Path("/proc/sys", key).read_text() for key in FORWARDING}
+    yield host
+    for name in host.machines():
+        host.pymachine("destroy", "--yes", host.prefix + name, check=False)
+    listed = host.pymachine("network", "ls", "-o", "json", check=False)
+    for doc in json.loads(listed.stdout or "[]"):
+        host.pymachine("network", "rm", doc["name"], check=False)
+    layout = Layout(PurePosixPath(host.root))
+    for leftover in scoped_leftovers(host):  # a failed test's remains, never others'
+        kind, name = leftover.split(" ", 1)
+        if kind == "link":
+            subprocess.run(["ip", "link", "del", name], check=False)
+        elif kind == "netns":
+            subprocess.run(["ip", "netns", "del", name], check=False)
+    for key, value in switches.items():
+        Path("/proc/sys", key).write_text(value)
+    subprocess.run(
+        ["nft", "delete", "table", "inet", netplan.table_name(layout)],
+        check=False,
+        capture_output=True,
+    )
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.status)
+
+
+def wait_http(url: str) -> str:
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return http_get(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
+    host = net_host
+    p = host.prefix
+    host.declare(SPECS)
+    host.apply()
+    machines = host.machines()
+    assert machines["srv"]["address"] == "10.213.1.10"
+    assert machines["cli"]["address"] == "10.213.1.2"  # the lowest free one
+    assert machines["lone"]["address"] is None
+
+    # Two machines on one network reach each other (TCP, from cli's namespace
+    # and from inside srv itself to cli's address).
+    wait_http("http://127.0.0.1:18213/")
+    assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK HTTP/1.0")
+    inside = host.pymachine(
+        "exec",
+        p + "srv",
+        "--",
+        "python3",
+        "-c",
+        "import socket; socket.create_connection(('10.213.1.2', 9), timeout=2)",
+        check=False,
+    )
+    assert "Connection refused" in inside.stderr  # reached cli, whose port 9 is closed
+    # ... but not from another network.
+    far = netns_run(p + "far", *tcp_probe("10.213.1.10", 8080)).stdout
+    assert far.startswith("FAIL"), far
+
+    # Interfaces: eth0 and lo on a network; lo only with none; the host's with host.
+    def interfaces(name: str) -> set[str]:
+        out = host.pymachine("exec", p + name, "--", "cat", "/proc/net/dev").stdout
+        return {line.split(":")[0].strip() for line in out.splitlines() if ":" in line}
+
+    assert interfaces("srv") == {"eth0", "lo"}
+    assert interfaces("lone") == {"lo"}
+    assert {"eth0", "lo"} <= interfaces("shared")
+    assert interfaces("shared") == {
+        line.split(":")[0].strip()
+        for line in Path("/proc/net/dev").read_text().splitlines()
+        if ":" in line
+    }
+    addresses = netns_run(p + "srv", "ip", "-br", "addr", "show", "eth0").stdout
+    assert "10.213.1.10/24" in addresses and "fd42:213:1::a/64" in addresses
+    route = netns_run(p + "srv", "ip", "route", "show", "default").stdout
+    assert "via 10.213.1.1" in route
+
+    # DNS: the machine has the host's resolver list.
+    resolv = host.pymachine("exec", p + "srv", "--", "cat", "/etc/resolv.conf").stdout
+    assert resolv == Path("/etc/resolv.conf").read_text()
+
+    # Port forwards from the host's loopback, IPv4 and IPv6.
+    assert http_get("http://127.0.0.1:18213/") == "200"
+    assert http_get("http://[::1]:18213/") == "200"
+    rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    assert "udp dport 18214 dnat ip to 10.213.1.10:8081" in rules
+
+    # Visible: network ls and inspect.
+    doc = json.loads(host.pymachine("network", "inspect", p + "n1", "-o", "json").stdout)
+    assert doc["subnet"] == "10.213.1.0/24" and doc["gateway"] == "10.213.1.1"
+    assert {m["name"]: m["address"] for m in doc["machines"]} == {
+        p + "cli": "10.213.1.2",
+        p + "srv": "10.213.1.10",
+    }
+    assert Path("/sys/class/net", doc["bridge"]).exists()
+    table = host.pymachine("network", "ls").stdout
+    assert p + "n2" in table and "10.213.2.0/24" in table
+
+    # Converged: nothing to do; a restart keeps the allocated address.
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+    host.pymachine("restart", p + "cli")
+    assert host.machines()["cli"]["address"] == "10.213.1.2"
+    assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+    # A stopped machine loses its namespace, veth and rules.
+    host.declare(SPECS.replace('ports: ["127', 'state: stopped\nports: ["127'))
+    host.apply()
+    assert not Path("/run/netns", f"pm-{p}srv").exists()
+    rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    assert "18213" not in rules
+    with pytest.raises(OSError):
+        http_get("http://127.0.0.1:18213/")
+
+    # Prune: no trace of machines or networks.
+    host.declare(
+        'name: "@lone"\nimage: debian-bookworm-slim\nnetwork: none\ncommand: [sleep, infinity]\n'
+    )
+    host.apply("--prune")
+    assert scoped_leftovers(host) == []
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    namespaces = subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+    ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+    for machine in ("srv", "cli", "far"):
+        veth = netplan.veth_name(Layout(PurePosixPath(host.root)), p + machine)
+        assert veth not in links
+        assert p + machine not in namespaces
+        assert p + machine not in ruleset
+    assert json.loads(host.pymachine("network", "ls", "-o", "json").stdout) == []
+
+
+def test_a_declared_address_held_by_another_machine_fails_at_plan(net_host: Host) -> None:
+    host = net_host
+    one = '---\nname: "@one"\nimage: debian-bookworm-slim\nnetwork: "@n1"\n'
+    host.declare(SPECS.split('---\nname: "@srv"')[0] + one + "command: [sleep, infinity]\n")
+    host.apply()
+    assert host.machines()["one"]["address"] == "10.213.1.2"
+    links_before = sorted(p.name for p in Path("/sys/class/net").iterdir())
+    two = (
+        '---\nname: "@two"\nimage: debian-bookworm-slim\nnetwork: "@n1"\n'
+        "address: 10.213.1.2\ncommand: [sleep, infinity]\n"
+    )
+    host.declare((host.specs / "machines.yaml").read_text().replace(host.prefix, "@") + two)
+    failed = host.apply(check=False)
+    assert failed.returncode == 1
+    assert "machines.yaml:" in failed.stderr
+    assert (
+        f"address: 10.213.1.2 is already the address of machine '{host.prefix}one'" in failed.stderr
+    )
+    assert sorted(p.name for p in Path("/sys/class/net").iterdir()) == links_before
+    assert "two" not in host.machines()
+
+
+def test_a_host_port_in_use_is_refused(net_host: Host) -> None:
+    host = net_host
+    with contextlib.closing(socket.socket(socket.AF_INET6)) as busy:
+        busy.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        busy.bind(("::1", 18215))
+        busy.listen()
+        host.declare(
+            'kind: network\nname: "@n1"\nsubnet: 10.213.1.0/24\n---\n'
+            'name: "@web"\nimage: debian-bookworm-slim\nnetwork: "@n1"\n'
+            'ports: ["[::1]:18215:80"]\ncommand: [sleep, infinity]\n'
+        )
+        failed = host.apply(check=False)
+    assert failed.returncode == 1
+    assert "cannot forward [::1]:18215" in failed.stderr
