@@ -1,0 +1,283 @@
+"""Networks on paper: names, addresses, the nft ruleset, and the plan for
+networks (each plan case also checks that planning after its apply gives nothing)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from pymachined import netplan
+from pymachined.actions import CreateNetwork, RemoveNetwork, ReplaceNetwork
+from pymachined.desired import DesiredNetwork, desire, desire_networks
+from pymachined.errors import PymachineError
+from pymachined.layout import Layout
+from pymachined.plan import Observed, ObservedNetwork, plan
+from pymachined.recipes import Salts
+from pymachined.records import MachineRecord, NetworkRecord, parse_network_record
+from pymachined.render import nspawn_run_argv
+from pymachined.spec import Machine, Network, Protocol
+from pymachined.validate import SpecSet, check_recorded_addresses, load_set
+
+HOST = Layout()
+TRIAL = Layout(PurePosixPath("/tmp/trial-root"))
+SALTS = Salts(bootstrap="debootstrap 1.0 http://mirror", derive="layer")
+A = ipaddress.IPv4Address
+
+
+def net(**fields: object) -> Network:
+    return Network.model_validate(
+        {"kind": "network", "name": "backend", "subnet": "10.70.0.0/24", **fields}
+    )
+
+
+# -- names ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "web-1", "x" * 63])
+def test_interface_names_fit_the_kernel_whatever_the_name(name: str) -> None:
+    for layout in (HOST, TRIAL):
+        veth = netplan.veth_name(layout, name)
+        bridge = netplan.bridge_name(layout, net(name=name))
+        assert len(veth) <= netplan.IFNAMSIZ and veth.startswith("pmve-")
+        assert len(bridge) <= netplan.IFNAMSIZ and bridge.startswith("pmbr-")
+
+
+def test_names_are_deterministic_distinct_and_scoped_by_root() -> None:
+    assert netplan.veth_name(HOST, "web") == netplan.veth_name(HOST, "web")
+    assert netplan.veth_name(HOST, "web") != netplan.veth_name(HOST, "db")
+    # Names that share a 15-character prefix still differ.
+    long_a, long_b = "a" * 40 + "-one", "a" * 40 + "-two"
+    assert netplan.veth_name(HOST, long_a) != netplan.veth_name(HOST, long_b)
+    assert netplan.veth_name(HOST, "web") != netplan.veth_name(TRIAL, "web")
+    assert netplan.table_name(HOST) == "pymachine"
+    assert netplan.table_name(TRIAL).startswith("pymachine-")
+    assert netplan.bridge_name(TRIAL, net(bridge="br-lab")) == "br-lab"
+
+
+# -- addresses -----------------------------------------------------------------
+
+
+def test_allocation_takes_the_lowest_free_address_but_the_gateway() -> None:
+    network = net()
+    assert netplan.allocate(network, []) == A("10.70.0.2")
+    assert netplan.allocate(network, [A("10.70.0.2"), A("10.70.0.3")]) == A("10.70.0.4")
+    with_gateway = net(gateway="10.70.0.2")
+    assert netplan.allocate(with_gateway, []) == A("10.70.0.1")
+
+
+def test_allocation_keeps_a_previous_address_while_it_is_free() -> None:
+    network = net()
+    assert netplan.allocate(network, [], previous=A("10.70.0.77")) == A("10.70.0.77")
+    taken = [A("10.70.0.77")]
+    assert netplan.allocate(network, taken, previous=A("10.70.0.77")) == A("10.70.0.2")
+    # An address from another subnet (the network changed) is not kept.
+    assert netplan.allocate(network, [], previous=A("10.71.0.5")) == A("10.70.0.2")
+    assert netplan.allocate(network, [], previous=A("10.70.0.1")) == A("10.70.0.2")
+
+
+def test_a_declared_address_wins_and_a_full_network_is_an_error() -> None:
+    tiny = net(subnet="10.70.0.0/30")  # hosts .1 (gateway) and .2
+    assert netplan.allocate(tiny, [], wanted=A("10.70.0.2")) == A("10.70.0.2")
+    assert netplan.allocate(tiny, []) == A("10.70.0.2")
+    with pytest.raises(PymachineError, match=r"no free address left in 10\.70\.0\.0/30"):
+        netplan.allocate(tiny, [A("10.70.0.2")])
+
+
+def test_ipv6_addresses_mirror_the_ipv4_offset() -> None:
+    network = net(subnet6="fd00:70::/64")
+    assert netplan.address6(network, A("10.70.0.10")) == ipaddress.IPv6Address("fd00:70::a")
+    assert netplan.gateway6(network) == ipaddress.IPv6Address("fd00:70::1")
+    assert netplan.address6(net(), A("10.70.0.10")) is None
+
+
+# -- the ruleset ---------------------------------------------------------------
+
+
+def bridge(name: str, subnet: str, nat: bool = True, subnet6: str | None = None) -> netplan.Bridge:
+    return netplan.Bridge(
+        name,
+        f"pmbr-{name}",
+        ipaddress.IPv4Network(subnet),
+        ipaddress.IPv6Network(subnet6) if subnet6 else None,
+        nat,
+    )
+
+
+def test_the_ruleset_replaces_the_table_in_one_script() -> None:
+    script = netplan.ruleset(
+        "pymachine",
+        [bridge("a", "10.1.0.0/24", subnet6="fd00:1::/64"), bridge("b", "10.2.0.0/24", nat=False)],
+        [
+            netplan.Forward("web", "pmbr-a", Protocol.TCP, 8080, A("10.1.0.5"), 80),
+            netplan.Forward("dns", "pmbr-a", Protocol.UDP, 5353, A("10.1.0.6"), 53, A("127.0.0.1")),
+        ],
+    )
+    lines = [line.strip() for line in script.splitlines()]
+    assert lines[:3] == [
+        "table inet pymachine",
+        "delete table inet pymachine",
+        "table inet pymachine {",
+    ]
+    dnat_any = (
+        'meta nfproto ipv4 fib daddr type local tcp dport 8080 dnat ip to 10.1.0.5:80 comment "web"'
+    )
+    dnat_lo = 'ip daddr 127.0.0.1 udp dport 5353 dnat ip to 10.1.0.6:53 comment "dns"'
+    assert lines.count(dnat_any) == 2  # prerouting (from outside) and output (from the host)
+    assert lines.count(dnat_lo) == 2
+    assert 'ip saddr 10.1.0.0/24 oifname != "pmbr-a" masquerade' in lines
+    assert 'ip6 saddr fd00:1::/64 oifname != "pmbr-a" masquerade' in lines
+    assert not any("10.2.0.0/24" in line and "masquerade" in line for line in lines)  # nat: false
+    assert 'oifname "pmbr-b" ip saddr 127.0.0.0/8 masquerade' in lines
+    assert 'iifname "pmbr-a" oifname "pmbr-b" drop' in lines
+    assert 'iifname "pmbr-b" oifname "pmbr-a" drop' in lines
+
+
+def test_an_empty_ruleset_only_deletes_the_table() -> None:
+    assert netplan.ruleset("pymachine-x", [], []) == (
+        "table inet pymachine-x\ndelete table inet pymachine-x\n"
+    )
+
+
+def test_nft_argv() -> None:
+    assert netplan.nft_apply_argv(PurePosixPath("/run/pymachine/net/rules.nft")) == [
+        "nft",
+        "-f",
+        "/run/pymachine/net/rules.nft",
+    ]
+
+
+# -- desired state and plans ---------------------------------------------------
+
+SPECS = """\
+kind: network
+name: backend
+subnet: 10.70.0.0/24
+---
+name: web
+image: debian-bookworm-slim
+command: [sleep, infinity]
+network: backend
+ports: ["8080:80"]
+"""
+
+
+def spec_set(repo: Path, tmp_path: Path, text: str = SPECS) -> SpecSet:
+    path = tmp_path / "specs.yaml"
+    path.write_text(text)
+    return load_set([path], repo / "machines")
+
+
+def test_a_machine_on_a_network_joins_its_namespace_with_the_hosts_resolvers() -> None:
+    machine = Machine(name="web", command=["true"], network="backend")
+    argv = nspawn_run_argv(machine, HOST)
+    assert "--network-namespace-path=/run/netns/pm-web" in argv
+    assert "--resolv-conf=copy-host" in argv
+    assert "--private-network" in nspawn_run_argv(
+        Machine(name="web", command=["true"], network="none"), HOST
+    )
+
+
+def converged_networks(networks: dict[str, DesiredNetwork]) -> dict[str, ObservedNetwork]:
+    return {
+        name: ObservedNetwork(
+            name,
+            NetworkRecord(name, want.bridge, want.config_hash, want.network.model_dump()),
+            bridge_up=True,
+        )
+        for name, want in networks.items()
+    }
+
+
+def test_networks_are_created_first_and_then_plan_nothing(repo: Path, tmp_path: Path) -> None:
+    specs = spec_set(repo, tmp_path)
+    desired = desire(specs, HOST, repo / "templates", SALTS)
+    networks = desire_networks(specs, HOST)
+    actions = plan(desired, {}, [], networks=networks, observed_networks={})
+    assert isinstance(actions[0], CreateNetwork)
+    assert actions[0].as_json() == {
+        "action": "CreateNetwork",
+        "network": "backend",
+        "reason": "new network",
+        "bridge": netplan.bridge_name(HOST, specs.networks["backend"]),
+    }
+    assert actions[0].describe() == "create network backend: new network"
+    assert desired["web"].network == specs.networks["backend"]
+    seen = converged_networks(networks)
+    again = plan({}, {}, [], networks=networks, observed_networks=seen)
+    assert again == []
+
+
+def test_a_missing_bridge_is_made_again(repo: Path, tmp_path: Path) -> None:
+    networks = desire_networks(spec_set(repo, tmp_path), HOST)
+    seen = {n: replace_up(o) for n, o in converged_networks(networks).items()}
+    actions = plan({}, {}, [], networks=networks, observed_networks=seen)
+    assert [(a.kind, a.reason) for a in actions] == [
+        ("CreateNetwork", f"its bridge {networks['backend'].bridge} is missing")
+    ]
+
+
+def replace_up(observed: ObservedNetwork) -> ObservedNetwork:
+    return ObservedNetwork(observed.name, observed.record, bridge_up=False)
+
+
+def test_a_changed_network_is_replaced_and_its_machines_restart(repo: Path, tmp_path: Path) -> None:
+    before = spec_set(repo, tmp_path)
+    after = spec_set(repo, tmp_path, SPECS.replace("10.70.0.0/24", "10.71.0.0/24"))
+    old = desire(before, HOST, repo / "templates", SALTS)
+    new = desire(after, HOST, repo / "templates", SALTS)
+    assert old["web"].config_hash != new["web"].config_hash
+    networks = desire_networks(after, HOST)
+    seen = converged_networks(desire_networks(before, HOST))
+    actions = plan({}, {}, [], networks=networks, observed_networks=seen)
+    assert [type(a) for a in actions] == [ReplaceNetwork]
+
+
+def test_ports_or_an_address_change_restart_the_machine(repo: Path, tmp_path: Path) -> None:
+    base = desire(spec_set(repo, tmp_path), HOST, repo / "templates", SALTS)["web"]
+    ported = SPECS.replace('"8080:80"', '"8081:80"')
+    moved = SPECS + "address: 10.70.0.9\n"
+    for text in (ported, moved):
+        changed = desire(spec_set(repo, tmp_path, text), HOST, repo / "templates", SALTS)["web"]
+        assert changed.config_hash != base.config_hash
+
+
+def test_prune_removes_only_recorded_networks_after_machines() -> None:
+    record = NetworkRecord("old", "pmbr-old", "h", {"kind": "network"})
+    observed = {
+        "old": ObservedNetwork("old", record, bridge_up=True),
+        "handmade": ObservedNetwork("handmade", None, bridge_up=True),
+    }
+    machine = MachineRecord(name="m", config_hash="h", layers=())
+    machines = {"m": Observed("m", record=machine)}
+    assert plan({}, machines, [], observed_networks=observed) == []
+    actions = plan({}, machines, [], prune=True, observed_networks=observed)
+    assert [(a.kind, a.machine) for a in actions] == [
+        ("RemoveMachine", "m"),
+        ("RemoveNetwork", "old"),
+    ]
+    assert isinstance(actions[-1], RemoveNetwork)
+
+
+def test_network_records_round_trip() -> None:
+    record = NetworkRecord("lab", "pmbr-1", "abc", {"subnet": "10.0.0.0/24"}, created="now")
+    text = __import__("json").dumps(record.as_json())
+    assert parse_network_record(text, Path("lab.json")) == record
+
+
+# -- addresses held on record --------------------------------------------------
+
+
+def test_a_declared_address_held_by_another_machine_is_reported_with_its_line(
+    repo: Path, tmp_path: Path
+) -> None:
+    specs = spec_set(repo, tmp_path, SPECS + "address: 10.70.0.2\n")
+    holder = MachineRecord("db", "h", (), address="10.70.0.2", network="backend")
+    problems = check_recorded_addresses(specs, [holder])
+    assert [(p.line, p.field) for p in problems] == [(10, "address")]
+    assert "10.70.0.2 is already the address of machine 'db'" in problems[0].message
+    # Its own record, or another network, is no clash.
+    mine = MachineRecord("web", "h", (), address="10.70.0.2", network="backend")
+    elsewhere = MachineRecord("db", "h", (), address="10.70.0.2", network="other")
+    assert check_recorded_addresses(specs, [mine, elsewhere]) == []
