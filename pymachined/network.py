@@ -222,14 +222,14 @@ def attach(
 def detach(layout: Layout, machine: str) -> None:
     """Remove a machine's IPv6 forwarders, host-side veth and network namespace,
     whichever exist."""
-    from pyroute2 import netns
-
     stop_forwarders(layout, machine)
     host_side = netplan.veth_name(layout, machine)
     if link_exists(host_side) and _alias(host_side) == _marker(layout, machine):
         with _ipr() as ipr:
             ipr.link("del", index=_index(ipr, host_side))
     if netns_exists(machine):
+        from pyroute2 import netns
+
         netns.remove(netplan.netns_name(machine))
 
 

@@ -294,3 +294,19 @@ def test_a_host_port_in_use_is_refused(net_host: Host) -> None:
         failed = host.apply(check=False)
     assert failed.returncode == 1
     assert "cannot forward [::1]:18215" in failed.stderr
+
+
+def test_bad_networks_fail_before_anything_is_made(net_host: Host) -> None:
+    host = net_host
+    host.declare(
+        'kind: network\nname: "@n1"\nsubnet: 10.213.0.0/16\n---\n'
+        'kind: network\nname: "@n2"\nsubnet: 10.213.1.0/24\n---\n'
+        'name: "@web"\nimage: debian-bookworm-slim\nnetwork: "@n1"\naddress: 10.214.0.9\n'
+        "command: [sleep, infinity]\n"
+    )
+    failed = host.apply(check=False)
+    assert failed.returncode == 1
+    assert "machines.yaml:7:1: subnet: 10.213.1.0/24 overlaps 10.213.0.0/16" in failed.stderr
+    assert "machines.yaml:12:1: address: 10.214.0.9 is outside 10.213.0.0/16" in failed.stderr
+    assert scoped_leftovers(host) == []
+    assert host.machines() == {}
