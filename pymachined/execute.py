@@ -331,6 +331,8 @@ class Executor:
         if record is not None and isinstance(action, ReplaceNetwork):
             network.remove_bridge(self.layout, record)
         bridge = network.create_bridge(self.layout, action.spec)
+        members = [n for n, r in self.state.all().items() if r.network == action.network]
+        network.reconnect(self.layout, bridge, members)
         if record is None:
             record = NetworkRecord(action.network, bridge, "", {}, created=_now())
         record = replace(

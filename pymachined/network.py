@@ -153,6 +153,17 @@ def create_bridge(layout: Layout, network: Network) -> str:
     return bridge
 
 
+def reconnect(layout: Layout, bridge: str, machines: list[str]) -> None:
+    """Put machines' host-side veths (those that exist) back on a bridge made
+    again, such as after someone deleted it."""
+    with _ipr() as ipr:
+        master = _index(ipr, bridge)
+        for machine in machines:
+            host_side = netplan.veth_name(layout, machine)
+            if link_exists(host_side) and _alias(host_side) == _marker(layout, machine):
+                ipr.link("set", index=_index(ipr, host_side), master=master, state="up")
+
+
 def remove_bridge(layout: Layout, record: NetworkRecord) -> None:
     """Delete a network's bridge if it is there and pymachine made it."""
     if link_exists(record.bridge) and _alias(record.bridge) == _marker(layout, record.name):

@@ -232,6 +232,14 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
+    # A bridge deleted behind pymachine's back is made again, its machines back on it.
+    subprocess.run(["ip", "link", "del", doc["bridge"]], check=True)
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 2 and "is missing" in planned.stdout
+    host.apply()
+    assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
     # A stopped machine loses its namespace, veth and rules.
     host.declare(SPECS.replace('ports: ["127', 'state: stopped\nports: ["127'))
     host.apply()

@@ -4,6 +4,7 @@ networks (each plan case also checks that planning after its apply gives nothing
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -262,7 +263,7 @@ def test_prune_removes_only_recorded_networks_after_machines() -> None:
 
 def test_network_records_round_trip() -> None:
     record = NetworkRecord("lab", "pmbr-1", "abc", {"subnet": "10.0.0.0/24"}, created="now")
-    text = __import__("json").dumps(record.as_json())
+    text = json.dumps(record.as_json())
     assert parse_network_record(text, Path("lab.json")) == record
 
 
@@ -281,3 +282,43 @@ def test_a_declared_address_held_by_another_machine_is_reported_with_its_line(
     mine = MachineRecord("web", "h", (), address="10.70.0.2", network="backend")
     elsewhere = MachineRecord("db", "h", (), address="10.70.0.2", network="other")
     assert check_recorded_addresses(specs, [mine, elsewhere]) == []
+
+
+# -- the CLI -------------------------------------------------------------------
+
+
+def test_network_ls_and_inspect_read_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pymachined.state import StateStore
+    from tests.unit.test_cli import run_cli
+
+    layout = Layout(PurePosixPath(tmp_path))
+    store = StateStore(layout)
+    spec = net(subnet6="fd00:70::/64").model_dump(mode="json")
+    store.put_network(NetworkRecord("backend", "pmbr-test", "h", spec, created="then"))
+    store.put(MachineRecord("web", "h", (), address="10.70.0.2", network="backend"))
+    store.put(MachineRecord("solo", "h", ()))
+    monkeypatch.setenv("PYMACHINE_ROOT", str(tmp_path))
+    code, out, _ = run_cli(monkeypatch, capsys, "network", "ls")
+    assert code == 0
+    assert out.split("\n")[1].split() == [
+        "backend",
+        "pmbr-test",
+        "10.70.0.0/24",
+        "fd00:70::/64",
+        "10.70.0.1",
+        "web=10.70.0.2",
+    ]
+    code, out, _ = run_cli(monkeypatch, capsys, "network", "inspect", "backend", "-o", "json")
+    doc = json.loads(out)
+    assert doc["machines"] == [
+        {
+            "name": "web",
+            "address": "10.70.0.2",
+            "interface": netplan.veth_name(layout, "web"),
+            "attached": False,
+        }
+    ]
+    code, _, err = run_cli(monkeypatch, capsys, "network", "inspect", "nope")
+    assert code == 1 and "no network named 'nope'" in err
