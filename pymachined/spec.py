@@ -625,6 +625,22 @@ class Network(Model):
             raise ValueError(f"{value} is too small: use a /30 or larger")
         return value
 
+    @field_validator("subnet6")
+    @classmethod
+    def _subnet6_size(
+        cls, value: ipaddress.IPv6Network | None, info: ValidationInfo
+    ) -> ipaddress.IPv6Network | None:
+        subnet = info.data.get("subnet")
+        if value is None or subnet is None:
+            return value
+        # A machine's IPv6 address takes the offset of its IPv4 address.
+        if 128 - value.prefixlen < 32 - subnet.prefixlen:
+            raise ValueError(
+                f"{value} has fewer addresses than subnet {subnet}: "
+                f"use a /{128 - (32 - subnet.prefixlen)} or larger"
+            )
+        return value
+
     @field_validator("gateway")
     @classmethod
     def _gateway_in_subnet(
