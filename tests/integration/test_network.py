@@ -15,14 +15,16 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pymachined import netplan
 from pymachined.images import ImageRecord
 from pymachined.layout import Layout
-from tests.integration.test_apply import Host
-from tests.integration.test_apply import host as host
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Host
 
 pytestmark = pytest.mark.integration
 
