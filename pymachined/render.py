@@ -25,6 +25,7 @@ NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
 PROGRAM = ("pymachine",)
 """How a unit runs pymachine when the caller names no interpreter: systemd finds
 a bare name in its fixed search path (/usr/local/bin, /usr/bin, …)."""
+NSENTER_BINARY = "/usr/bin/nsenter"
 MARKER = "pymachine-owner: managed by pymachine; do not edit"
 
 
@@ -180,11 +181,17 @@ def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
         argv.append("--private-network")
     elif machine.network != "host":
         # The host's resolver list, copied: the machine reaches it through NAT.
-        argv += [f"--network-namespace-path={netns_path(machine.name)}", "--resolv-conf=copy-host"]
+        argv.append("--resolv-conf=copy-host")
     if machine.boot:
         argv += ["--boot", "--kill-signal=SIGRTMIN+3"]
+    else:
+        argv += ["--", *context["parameters"]]
+    if machine.network in ("host", "none"):
         return argv
-    return [*argv, "--", *context["parameters"]]
+    # nspawn starts inside the machine's namespace rather than joining it with
+    # --network-namespace-path, which nspawn 252 does after entering the user
+    # namespace, where joining is not permitted.
+    return [NSENTER_BINARY, f"--net={netns_path(machine.name)}", "--", *argv]
 
 
 def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:

@@ -17,7 +17,7 @@ from pymachined.layout import Layout
 from pymachined.plan import Observed, ObservedNetwork, plan
 from pymachined.recipes import Salts
 from pymachined.records import MachineRecord, NetworkRecord, parse_network_record
-from pymachined.render import nspawn_run_argv
+from pymachined.render import NSPAWN_BINARY, nspawn_run_argv
 from pymachined.spec import Machine, Network, Protocol
 from pymachined.validate import SpecSet, check_recorded_addresses, load_set
 
@@ -173,8 +173,9 @@ def spec_set(repo: Path, tmp_path: Path, text: str = SPECS) -> SpecSet:
 def test_a_machine_on_a_network_joins_its_namespace_with_the_hosts_resolvers() -> None:
     machine = Machine(name="web", command=["true"], network="backend")
     argv = nspawn_run_argv(machine, HOST)
-    assert "--network-namespace-path=/run/netns/pm-web" in argv
+    assert argv[:4] == ["/usr/bin/nsenter", "--net=/run/netns/pm-web", "--", NSPAWN_BINARY]
     assert "--resolv-conf=copy-host" in argv
+    assert not any(a.startswith("--network-namespace-path") for a in argv)
     assert "--private-network" in nspawn_run_argv(
         Machine(name="web", command=["true"], network="none"), HOST
     )
