@@ -19,7 +19,7 @@ from pathlib import PurePath, PurePosixPath
 
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
-from pymachined.spec import Network, Protocol
+from pymachined.spec import Network, Port, Protocol
 
 IFNAMSIZ = 15
 MACHINE_IFNAME = "eth0"
@@ -135,6 +135,26 @@ class Forward:
     address: Address
     port: int
     host_ip: ipaddress.IPv4Address | None = None  # None: every local address
+
+
+def ipv4_forwards(
+    machine: str, bridge: str, address: Address, ports: Iterable[Port]
+) -> list[Forward]:
+    """A machine's port forwards that nft makes: those on every host address
+    or on an IPv4 one (IPv6 ones are the forwarders' work)."""
+    return [
+        Forward(
+            machine=machine,
+            bridge=bridge,
+            protocol=port.protocol,
+            host_port=port.host,
+            address=address,
+            port=port.machine,
+            host_ip=port.host_ip if isinstance(port.host_ip, ipaddress.IPv4Address) else None,
+        )
+        for port in ports
+        if port.host_ip is None or isinstance(port.host_ip, ipaddress.IPv4Address)
+    ]
 
 
 def _quote(name: str) -> str:

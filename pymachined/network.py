@@ -247,29 +247,15 @@ def detach(layout: Layout, machine: str) -> None:
 # -- nftables -----------------------------------------------------------------
 
 
-def _forwards(
-    layout: Layout, state: StateStore, bridges: dict[str, str]
-) -> Iterator[tuple[netplan.Forward, Any]]:
-    """The port forwards of every machine whose network is up, with each port."""
+def _forwards(state: StateStore, bridges: dict[str, str]) -> Iterator[netplan.Forward]:
+    """The IPv4 port forwards of every machine whose network is up."""
     for name, record in state.all().items():
         if record.address is None or record.network not in bridges or not netns_exists(name):
             continue
         machine = Machine.model_validate(record.spec or {})
-        for port in machine.ports:
-            yield (
-                netplan.Forward(
-                    machine=name,
-                    bridge=bridges[record.network],
-                    protocol=port.protocol,
-                    host_port=port.host,
-                    address=ipaddress.IPv4Address(record.address),
-                    port=port.machine,
-                    host_ip=port.host_ip
-                    if isinstance(port.host_ip, ipaddress.IPv4Address)
-                    else None,
-                ),
-                port,
-            )
+        yield from netplan.ipv4_forwards(
+            name, bridges[record.network], ipaddress.IPv4Address(record.address), machine.ports
+        )
 
 
 def sync_rules(layout: Layout, state: StateStore) -> str:
@@ -285,11 +271,7 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
                 netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
             )
         by_name = {record.name: record.bridge for record in networks.values()}
-        forwards = [
-            forward
-            for forward, port in _forwards(layout, state, by_name)
-            if port.host_ip is None or isinstance(port.host_ip, ipaddress.IPv4Address)
-        ]
+        forwards = list(_forwards(state, by_name))
         script = netplan.ruleset(netplan.table_name(layout), bridges, forwards)
         path = Path(layout.net_run_dir) / "rules.nft"
         files.atomic_write(path, script, 0o600)

@@ -135,6 +135,22 @@ def test_the_ruleset_replaces_the_table_in_one_script() -> None:
     assert 'iifname "pmbr-b" oifname "pmbr-a" drop' in lines
 
 
+def test_nft_forwards_leave_ipv6_host_addresses_to_the_forwarders() -> None:
+    machine = Machine.model_validate(
+        {
+            "name": "web",
+            "command": ["true"],
+            "network": "backend",
+            "ports": ["8080:80", "127.0.0.1:5353:53/udp", "[::1]:8443:443"],
+        }
+    )
+    forwards = netplan.ipv4_forwards("web", "pmbr-a", A("10.70.0.5"), machine.ports)
+    assert [(f.host_ip, f.host_port, f.protocol, f.port) for f in forwards] == [
+        (None, 8080, Protocol.TCP, 80),
+        (A("127.0.0.1"), 5353, Protocol.UDP, 53),
+    ]
+
+
 def test_an_empty_ruleset_only_deletes_the_table() -> None:
     assert netplan.ruleset("pymachine-x", [], []) == (
         "table inet pymachine-x\ndelete table inet pymachine-x\n"
