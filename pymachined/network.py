@@ -286,44 +286,59 @@ def _pidfile(layout: Layout, machine: str) -> Path:
     return Path(layout.net_run_dir) / f"{machine}.forwarders.json"
 
 
+def _bind6(protocol: Protocol, listen: str, port: int) -> socket.socket:
+    """A bound IPv6-only socket (listening, for TCP) for a forwarder to inherit."""
+    kind = socket.SOCK_STREAM if protocol is Protocol.TCP else socket.SOCK_DGRAM
+    sock = socket.socket(socket.AF_INET6, kind)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if protocol is Protocol.TCP:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen, port))
+        if protocol is Protocol.TCP:
+            sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Address) -> list[int]:
-    """One forwarder process per TCP port forward over IPv6 (``::1`` cannot be
+    """One forwarder process per port forward over IPv6 (``::1`` cannot be
     DNATed to another host): it listens on the host's IPv6 address (or every
-    one) and connects to the machine's IPv4 address. Their pids."""
-    pids = []
+    one) and relays to the machine's IPv4 address. The sockets are bound here,
+    so a port already in use fails the start at once. Their pids."""
+    pids: list[int] = []
     log = Path(layout.machine_dir(machine.name)) / "forwarders.log"
-    for port in machine.ports:
-        if port.protocol is not Protocol.TCP:
-            continue
-        if port.host_ip is not None and not isinstance(port.host_ip, ipaddress.IPv6Address):
-            continue
-        listen = str(port.host_ip) if port.host_ip is not None else "::"
-        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((listen, port.host))
-            listener.listen(128)
-        except OSError as exc:
-            listener.close()
-            raise PymachineError(
-                f"cannot forward [{listen}]:{port.host} to machine {machine.name}: {exc.strerror}",
-                hint="another program uses that port; change ports: in the spec",
-            ) from exc
-        argv = [
-            sys.executable,
-            "-m",
-            "pymachined.forward",
-            str(listener.fileno()),
-            str(address),
-            str(port.machine),
-            machine.name,
-        ]
-        with listener, log.open("ab") as output:
-            child = run.spawn(argv, output, pass_fds=(listener.fileno(),))
-        pids.append(child.pid)
-    if pids:
-        files.atomic_write_json(_pidfile(layout, machine.name), {"pids": pids})
+    try:
+        for port in machine.ports:
+            if port.host_ip is not None and not isinstance(port.host_ip, ipaddress.IPv6Address):
+                continue
+            listen = str(port.host_ip) if port.host_ip is not None else "::"
+            try:
+                sock = _bind6(port.protocol, listen, port.host)
+            except OSError as exc:
+                raise PymachineError(
+                    f"cannot forward [{listen}]:{port.host}/{port.protocol.value} to machine "
+                    f"{machine.name}: {exc.strerror}",
+                    hint="another program uses that port; change ports: in the spec",
+                ) from exc
+            argv = [
+                sys.executable,
+                "-m",
+                "pymachined.forward",
+                port.protocol.value,
+                str(sock.fileno()),
+                str(address),
+                str(port.machine),
+                machine.name,
+            ]
+            with sock, log.open("ab") as output:
+                child = run.spawn(argv, output, pass_fds=(sock.fileno(),))
+            pids.append(child.pid)
+    finally:
+        if pids:  # recorded even if a later port failed, so that detach ends them
+            files.atomic_write_json(_pidfile(layout, machine.name), {"pids": pids})
     return pids
 
 

@@ -142,6 +142,19 @@ def net_host(host: Host, slim_image: ImageRecord) -> Iterator[Host]:
     )
 
 
+def udp_ask(family: socket.AddressFamily, address: str, port: int, data: bytes) -> bytes:
+    """A datagram's answer (retried for a moment, until the server listens)."""
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        for _ in range(20):
+            sock.sendto(data, (address, port))
+            try:
+                return sock.recv(100)
+            except TimeoutError:
+                continue
+    raise AssertionError(f"no answer from {address} port {port}/udp")
+
+
 def http_get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.status)
@@ -215,6 +228,22 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     assert http_get("http://[::1]:18213/") == "200"
     rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     assert "udp dport 18214 dnat ip to 10.213.1.10:8081" in rules
+    # UDP: a server in srv's namespace answers through 127.0.0.1 (DNAT) and ::1
+    # (the forwarder).
+    echo = subprocess.Popen(
+        [
+            "ip", "netns", "exec", f"pm-{p}srv", "python3", "-c",
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "s.bind(('0.0.0.0',8081))\n"
+            "while True:\n d,a=s.recvfrom(100); s.sendto(b'echo '+d,a)",
+        ]
+    )  # fmt: skip
+    try:
+        for family, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            assert udp_ask(family, loopback, 18214, b"hi") == b"echo hi"
+    finally:
+        echo.kill()
+        echo.wait()
 
     # Visible: network ls and inspect.
     doc = json.loads(host.pymachine("network", "inspect", p + "n1", "-o", "json").stdout)
