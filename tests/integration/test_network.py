@@ -271,6 +271,13 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
+    # A network whose subnet changes is made again; its machine moves with it.
+    host.declare(SPECS.replace("10.213.2.0/24", "10.213.3.0/24"))
+    assert "replace network" in host.apply().stderr
+    assert host.machines()["far"]["address"] == "10.213.3.2"
+    assert "10.213.3.2/24" in netns_run(p + "far", "ip", "-br", "addr").stdout
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
     # A stopped machine loses its namespace, veth and rules.
     host.declare(SPECS.replace('ports: ["127', 'state: stopped\nports: ["127'))
     host.apply()
