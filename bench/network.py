@@ -40,9 +40,11 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-def bare_setup(name: str, bridge: str, address: str, gateway: str, prefix: int) -> None:
+def bare_setup(
+    layout: Layout, name: str, bridge: str, address: str, gateway: str, prefix: int
+) -> None:
     """The baseline: the same namespace and veth made with ip(8)."""
-    ns = netplan.netns_name(name)
+    ns = netplan.netns_name(layout, name)
     veth = f"bv{abs(hash(name)) % 10**10}"
     for argv in (
         ["ip", "netns", "add", ns],
@@ -89,7 +91,7 @@ def main() -> int:
         baseline = []
         for i in range(10):
             start = time.perf_counter()
-            bare_setup(f"{tag}-b{i}", bridge, f"10.214.0.{200 + i}", "10.214.0.1", 24)
+            bare_setup(layout, f"{tag}-b{i}", bridge, f"10.214.0.{200 + i}", "10.214.0.1", 24)
             baseline.append(time.perf_counter() - start)
 
         setup = []
@@ -123,7 +125,7 @@ def main() -> int:
                 "ip",
                 "netns",
                 "exec",
-                netplan.netns_name(names[0]),
+                netplan.netns_name(layout, names[0]),
                 sys.executable,
                 "-c",
                 "import socket\ns=socket.create_server(('0.0.0.0',7000))\n"
@@ -138,7 +140,7 @@ def main() -> int:
                     "ip",
                     "netns",
                     "exec",
-                    netplan.netns_name(name),
+                    netplan.netns_name(layout, name),
                     sys.executable,
                     "-c",
                     "import socket; socket.create_connection(('10.214.0.10', 7000), timeout=2)",

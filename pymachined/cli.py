@@ -875,7 +875,7 @@ def _network_documents() -> list[dict[str, Any]]:
                 "name": m.name,
                 "address": m.address,
                 "interface": netplan.veth_name(options.layout, m.name),
-                "attached": network.netns_exists(m.name),
+                "attached": network.netns_exists(options.layout, m.name),
             }
             for m in machines.values()
             if m.network == name and m.address is not None

@@ -6,6 +6,7 @@ trial runs never touch the host's real /etc, /var or /run.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -60,6 +61,23 @@ class Layout:
     def run_dir(self) -> PurePosixPath:
         """Runtime state: the lock, supervisor socket, pids."""
         return self._at("/run/pymachine")
+
+    @property
+    def scope(self) -> str:
+        """What host-wide names (interfaces, network namespaces, the nft table)
+        carry to stay apart from the host's own: '' for the real root, else a
+        short hash of the root."""
+        if self.root == _SLASH:
+            return ""
+        return hashlib.sha256(str(self.root).encode()).hexdigest()[:6]
+
+    def netns_name(self, name: str) -> str:
+        """The named network namespace a machine on a declared network runs in."""
+        return f"pm-{self.scope}-{name}" if self.scope else f"pm-{name}"
+
+    def netns_path(self, name: str) -> PurePosixPath:
+        """Its path: network namespaces are host-wide, so never under the root."""
+        return PurePosixPath("/run/netns") / self.netns_name(name)
 
     def image_dir(self, key: str) -> PurePosixPath:
         """The tree of one built image."""

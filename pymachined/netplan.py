@@ -15,7 +15,7 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import PurePath, PurePosixPath
+from pathlib import PurePath
 
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
@@ -30,9 +30,7 @@ Address = ipaddress.IPv4Address
 
 def scope(layout: Layout) -> str:
     """The scope of host-wide names: '' for the real root, else a hash of the root."""
-    if layout.root == PurePosixPath("/"):
-        return ""
-    return hashlib.sha256(str(layout.root).encode()).hexdigest()[:6]
+    return layout.scope
 
 
 def _short(prefix: str, *parts: str) -> str:
@@ -50,9 +48,9 @@ def veth_name(layout: Layout, machine: str) -> str:
     return _short("pmve-", scope(layout), machine)
 
 
-def netns_name(machine: str) -> str:
-    """The named network namespace (under /run/netns) a machine joins."""
-    return f"pm-{machine}"
+def netns_name(layout: Layout, machine: str) -> str:
+    """The named network namespace (under /run/netns) a machine runs in."""
+    return layout.netns_name(machine)
 
 
 def table_name(layout: Layout) -> str:

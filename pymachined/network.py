@@ -45,9 +45,9 @@ def link_exists(ifname: str) -> bool:
     return Path("/sys/class/net", ifname).exists()
 
 
-def netns_exists(machine: str) -> bool:
+def netns_exists(layout: Layout, machine: str) -> bool:
     """Whether a machine's named network namespace exists."""
-    return (NETNS_DIR / netplan.netns_name(machine)).exists()
+    return (NETNS_DIR / netplan.netns_name(layout, machine)).exists()
 
 
 def _alias(ifname: str) -> str:
@@ -192,7 +192,7 @@ def attach(
             f"the bridge {bridge} of network {network.name} is missing",
             hint="run pymachine apply, which makes it again",
         )
-    name = netplan.netns_name(machine)
+    name = netplan.netns_name(layout, machine)
     host_side = netplan.veth_name(layout, machine)
     netns.create(name)
     with _ipr() as ipr:
@@ -238,19 +238,25 @@ def detach(layout: Layout, machine: str) -> None:
     if link_exists(host_side) and _alias(host_side) == _marker(layout, machine):
         with _ipr() as ipr:
             ipr.link("del", index=_index(ipr, host_side))
-    if netns_exists(machine):
+    if netns_exists(layout, machine):
         from pyroute2 import netns
 
-        netns.remove(netplan.netns_name(machine))
+        netns.remove(netplan.netns_name(layout, machine))
 
 
 # -- nftables -----------------------------------------------------------------
 
 
-def _forwards(state: StateStore, bridges: dict[str, str]) -> Iterator[netplan.Forward]:
+def _forwards(
+    layout: Layout, state: StateStore, bridges: dict[str, str]
+) -> Iterator[netplan.Forward]:
     """The IPv4 port forwards of every machine whose network is up."""
     for name, record in state.all().items():
-        if record.address is None or record.network not in bridges or not netns_exists(name):
+        if (
+            record.address is None
+            or record.network not in bridges
+            or not netns_exists(layout, name)
+        ):
             continue
         machine = Machine.model_validate(record.spec or {})
         yield from netplan.ipv4_forwards(
@@ -271,7 +277,7 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
                 netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
             )
         by_name = {record.name: record.bridge for record in networks.values()}
-        forwards = list(_forwards(state, by_name))
+        forwards = list(_forwards(layout, state, by_name))
         script = netplan.ruleset(netplan.table_name(layout), bridges, forwards)
         path = Path(layout.net_run_dir) / "rules.nft"
         files.atomic_write(path, script, 0o600)

@@ -97,11 +97,6 @@ class RenderedFile:
     mode: int = 0o644
 
 
-def netns_path(name: str) -> PurePosixPath:
-    """The network namespace a machine on a declared network joins."""
-    return PurePosixPath("/run/netns") / f"pm-{name}"
-
-
 def nspawn_context(machine: Machine) -> dict[str, Any]:
     """The values of a machine's .nspawn file, as plain data."""
     security = machine.security
@@ -191,7 +186,7 @@ def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
     # nspawn starts inside the machine's namespace rather than joining it with
     # --network-namespace-path, which nspawn 252 does after entering the user
     # namespace, where joining is not permitted.
-    return [NSENTER_BINARY, f"--net={netns_path(machine.name)}", "--", *argv]
+    return [NSENTER_BINARY, f"--net={layout.netns_path(machine.name)}", "--", *argv]
 
 
 def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:
@@ -206,7 +201,7 @@ def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:
         f"--directory={layout.rootfs(machine.name)}",
     ]
     if machine.network not in ("host", "none"):
-        argv.append(f"--network-namespace-path={netns_path(machine.name)}")
+        argv.append(f"--network-namespace-path={layout.netns_path(machine.name)}")
     return argv
 
 

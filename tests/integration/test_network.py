@@ -69,10 +69,17 @@ command: [sleep, infinity]
 """
 
 
-def netns_run(machine: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def netns_of(host: Host, machine: str) -> str:
+    """The named network namespace of one of the host's machines."""
+    return netplan.netns_name(Layout(PurePosixPath(host.root)), host.prefix + machine)
+
+
+def netns_run(
+    host: Host, machine: str, *argv: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """argv on the host, inside a machine's network namespace."""
     return subprocess.run(
-        ["ip", "netns", "exec", netplan.netns_name(machine), *argv],
+        ["ip", "netns", "exec", netns_of(host, machine), *argv],
         capture_output=True,
         text=True,
         check=check,
@@ -105,7 +112,9 @@ def scoped_leftovers(host: Host) -> list[str]:
     netns = Path("/run/netns")
     if netns.is_dir():
         found += [
-            f"netns {p.name}" for p in netns.iterdir() if p.name.startswith(f"pm-{host.prefix}")
+            f"netns {p.name}"
+            for p in netns.iterdir()
+            if p.name.startswith(netplan.netns_name(layout, host.prefix))
         ]
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     found += [f"nft {t}" for t in tables.splitlines() if netplan.table_name(layout) in t.split()]
@@ -186,7 +195,7 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     # Two machines on one network reach each other (TCP, from cli's namespace
     # and from inside srv itself to cli's address).
     wait_http("http://127.0.0.1:18213/")
-    assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK HTTP/1.0")
+    assert netns_run(host, "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK HTTP/1.0")
     inside = host.pymachine(
         "exec",
         p + "srv",
@@ -198,7 +207,7 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     )
     assert "Connection refused" in inside.stderr  # reached cli, whose port 9 is closed
     # ... but not from another network.
-    far = netns_run(p + "far", *tcp_probe("10.213.1.10", 8080)).stdout
+    far = netns_run(host, "far", *tcp_probe("10.213.1.10", 8080)).stdout
     assert far.startswith("FAIL"), far
 
     # Interfaces: eth0 and lo on a network; lo only with none; the host's with host.
@@ -214,9 +223,9 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
         for line in Path("/proc/net/dev").read_text().splitlines()
         if ":" in line
     }
-    addresses = netns_run(p + "srv", "ip", "-br", "addr", "show", "eth0").stdout
+    addresses = netns_run(host, "srv", "ip", "-br", "addr", "show", "eth0").stdout
     assert "10.213.1.10/24" in addresses and "fd42:213:1::a/64" in addresses
-    route = netns_run(p + "srv", "ip", "route", "show", "default").stdout
+    route = netns_run(host, "srv", "ip", "route", "show", "default").stdout
     assert "via 10.213.1.1" in route
 
     # DNS: the machine has the host's resolver list.
@@ -232,7 +241,7 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     # (the forwarder).
     echo = subprocess.Popen(
         [
-            "ip", "netns", "exec", f"pm-{p}srv", "python3", "-c",
+            "ip", "netns", "exec", netns_of(host, "srv"), "python3", "-c",
             "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
             "s.bind(('0.0.0.0',8081))\n"
             "while True:\n d,a=s.recvfrom(100); s.sendto(b'echo '+d,a)",
@@ -260,7 +269,7 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
     host.pymachine("restart", p + "cli")
     assert host.machines()["cli"]["address"] == "10.213.1.2"
-    assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
+    assert netns_run(host, "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
     # A bridge deleted behind pymachine's back is made again, its machines back on it.
@@ -268,20 +277,20 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     planned = host.pymachine("plan", str(host.specs), check=False)
     assert planned.returncode == 2 and "is missing" in planned.stdout
     host.apply()
-    assert netns_run(p + "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
+    assert netns_run(host, "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
     # A network whose subnet changes is made again; its machine moves with it.
     host.declare(SPECS.replace("10.213.2.0/24", "10.213.3.0/24"))
     assert "replace network" in host.apply().stderr
     assert host.machines()["far"]["address"] == "10.213.3.2"
-    assert "10.213.3.2/24" in netns_run(p + "far", "ip", "-br", "addr").stdout
+    assert "10.213.3.2/24" in netns_run(host, "far", "ip", "-br", "addr").stdout
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
     # A stopped machine loses its namespace, veth and rules.
     host.declare(SPECS.replace('ports: ["127', 'state: stopped\nports: ["127'))
     host.apply()
-    assert not Path("/run/netns", f"pm-{p}srv").exists()
+    assert not Path("/run/netns", netns_of(host, "srv")).exists()
     rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     assert "18213" not in rules
     with pytest.raises(OSError):

@@ -52,6 +52,11 @@ def test_names_are_deterministic_distinct_and_scoped_by_root() -> None:
     long_a, long_b = "a" * 40 + "-one", "a" * 40 + "-two"
     assert netplan.veth_name(HOST, long_a) != netplan.veth_name(HOST, long_b)
     assert netplan.veth_name(HOST, "web") != netplan.veth_name(TRIAL, "web")
+    assert netplan.netns_name(HOST, "web") == "pm-web"
+    assert netplan.netns_name(TRIAL, "web") == f"pm-{TRIAL.scope}-web"
+    assert nspawn_run_argv(Machine(name="web", command=["true"], network="n"), TRIAL)[1] == (
+        f"--net=/run/netns/pm-{TRIAL.scope}-web"
+    )
     assert netplan.table_name(HOST) == "pymachine"
     assert netplan.table_name(TRIAL).startswith("pymachine-")
     assert netplan.bridge_name(TRIAL, net(bridge="br-lab")) == "br-lab"
