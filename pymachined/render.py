@@ -133,7 +133,9 @@ def nspawn_context(machine: Machine) -> dict[str, Any]:
             t.path + ":mode=1777" + (f",size={t.size}" if t.size is not None else "")
             for t in machine.tmpfs
         ],
-        "private_network": machine.network != "host",
+        # A declared network's namespace is entered before nspawn starts, so
+        # nspawn itself makes a private one only for network: none.
+        "private_network": machine.network == "none",
     }
 
 
@@ -200,9 +202,10 @@ def nspawn_exec_argv(machine: Machine, layout: Layout) -> list[str]:
         f"--machine={machine.name}",
         f"--directory={layout.rootfs(machine.name)}",
     ]
-    if machine.network not in ("host", "none"):
-        argv.append(f"--network-namespace-path={layout.netns_path(machine.name)}")
-    return argv
+    if machine.network in ("host", "none"):
+        return argv
+    # Started inside the machine's namespace, as under pymachined (see there).
+    return [NSENTER_BINARY, f"--net={layout.netns_path(machine.name)}", "--", *argv]
 
 
 def _timespan(seconds: float) -> str:
