@@ -43,6 +43,7 @@ HOST_PACKAGES = (
     "mmdebstrap",
     "debootstrap",
     "iproute2",
+    "nftables",
     "util-linux",
     "ca-certificates",
 )

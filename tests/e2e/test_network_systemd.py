@@ -1,0 +1,48 @@
+"""Networks under systemd: machines on a declared network run as units that
+enter their namespace, reach each other and publish ports on the inner host's
+loopback. The inner host has a private network, so its bridges and nft table
+never meet the outer host's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import MakeHost
+from tests.e2e.harness import BootedHost
+
+pytestmark = pytest.mark.e2e
+
+SPECS = "/root/specs"
+SPEC_DIR = Path(__file__).resolve().parent / "network_specs"
+FETCH = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=5).status)\n"
+
+
+def _active(host: BootedHost, unit: str) -> bool:
+    return host.show(unit, "ActiveState")["ActiveState"] == "active"
+
+
+def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
+    host = make_host(SPEC_DIR)
+    host.run(["pymachine", "apply", "--yes", SPECS])
+    for unit in ("pymachine-srv.service", "pymachine-cli.service"):
+        host.wait_for(f"{unit} active", lambda unit=unit: _active(host, unit), timeout=60)
+    for url in ("http://127.0.0.1:18217/", "http://[::1]:18217/"):
+        host.wait_for(
+            f"{url} answering",
+            lambda url=url: (
+                host.run(["python3", "-c", FETCH, url], check=False).stdout.strip() == "200"
+            ),
+            timeout=60,
+        )
+    probe = "import socket; socket.create_connection(('10.217.0.10', 8080), timeout=3)"
+    host.run(["ip", "netns", "exec", "pm-cli", "python3", "-c", probe])
+    ls = host.run(["pymachine", "network", "ls"]).stdout
+    assert "cli=10.217.0.2" in ls and "srv=10.217.0.10" in ls, ls
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
+    host.run(["pymachine", "destroy", "--yes", "srv"])
+    host.run(["pymachine", "destroy", "--yes", "cli"])
+    host.run(["pymachine", "network", "rm", "lab"])
+    assert "pm-" not in host.run(["ip", "netns"]).stdout
+    assert "pymachine" not in host.run(["nft", "list", "tables"]).stdout
