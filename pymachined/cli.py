@@ -690,11 +690,12 @@ def stats(
     output: OutputOption = Format.TABLE,
     supervisor: SupervisorOption = "auto",
 ) -> None:
-    """CPU %, memory use and limit, processes and block I/O of running machines;
-    refreshed every 2 s on a terminal, one sample otherwise."""
+    """CPU %, memory use and limit, processes, network and block I/O of running
+    machines; refreshed every 2 s on a terminal, one sample otherwise."""
     import time
 
     from pymachined.cgroups import MachineCgroup
+    from pymachined.network import machine_traffic
 
     for name in names or []:
         _known(name)
@@ -718,6 +719,7 @@ def stats(
             cpu = None
             if old.cpu_ns is not None and new.cpu_ns is not None:
                 cpu = round(100 * (new.cpu_ns - old.cpu_ns) / (elapsed * 1e9), 1)
+            traffic = machine_traffic(options.layout, name)
             rows.append(
                 {
                     "name": name,
@@ -725,19 +727,20 @@ def stats(
                     "memory": new.memory,
                     "memory_limit": new.memory_limit,
                     "pids": new.pids,
+                    "net_rx": traffic[0] if traffic else None,
+                    "net_tx": traffic[1] if traffic else None,
                     "block_io": new.io_bytes,
                     "oom_kills": new.oom_kills,
                 }
             )
         if output is Format.TABLE:
             for row in rows:
-                for key in ("memory", "memory_limit", "block_io"):
+                for key in ("memory", "memory_limit", "net_rx", "net_tx", "block_io"):
                     row[key] = _human(row[key]) if row[key] is not None else None
         if stream:
             typer.echo("\x1b[H\x1b[2J", nl=False)
-        _print_rows(
-            rows, ["name", "cpu_percent", "memory", "memory_limit", "pids", "block_io"], output
-        )
+        columns = ["name", "cpu_percent", "memory", "memory_limit", "pids", "net_rx", "net_tx"]
+        _print_rows(rows, [*columns, "block_io"], output)
         if not stream:
             return
         before, started = now, time.monotonic()

@@ -45,6 +45,19 @@ def link_exists(ifname: str) -> bool:
     return Path("/sys/class/net", ifname).exists()
 
 
+def machine_traffic(layout: Layout, machine: str) -> tuple[int, int] | None:
+    """Bytes a machine on a declared network has received and sent, read from
+    the host side of its veth pair (what the host sends, the machine
+    receives); None for a machine without one (network host or none)."""
+    statistics = Path("/sys/class/net") / netplan.veth_name(layout, machine) / "statistics"
+    try:
+        received = int((statistics / "tx_bytes").read_text())
+        sent = int((statistics / "rx_bytes").read_text())
+    except (OSError, ValueError):
+        return None
+    return received, sent
+
+
 def netns_exists(layout: Layout, machine: str) -> bool:
     """Whether a machine's named network namespace exists."""
     return (NETNS_DIR / netplan.netns_name(layout, machine)).exists()

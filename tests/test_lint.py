@@ -39,3 +39,12 @@ def test_linter(argv: list[str]) -> None:
         [tool(argv[0]), *argv[1:]], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_test_modules_have_distinct_names() -> None:
+    # pytest imports test modules by their base name (the test directories are
+    # not packages): two of one name stop the whole run at collection.
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
+        seen[path.name] = path

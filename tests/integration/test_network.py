@@ -209,6 +209,13 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     # ... but not from another network.
     far = netns_run(host, "far", *tcp_probe("10.213.1.10", 8080)).stdout
     assert far.startswith("FAIL"), far
+    # stats: network I/O from each machine's veth; none for a machine without one.
+    sample = json.loads(
+        host.pymachine("stats", p + "srv", p + "lone", "--no-stream", "-o", "json").stdout
+    )
+    traffic = {row["name"].removeprefix(p): (row["net_rx"], row["net_tx"]) for row in sample}
+    assert traffic["srv"][0] > 0 and traffic["srv"][1] > 0, traffic
+    assert traffic["lone"] == (None, None)
 
     # Interfaces: eth0 and lo on a network; lo only with none; the host's with host.
     def interfaces(name: str) -> set[str]:
