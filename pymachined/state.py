@@ -33,13 +33,8 @@ class StateStore:
     def get(self, name: str) -> MachineRecord | None:
         """A machine's record, None if it has none; StateError if it is unreadable."""
         path = self.path(name)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateError(f"cannot read {path}: {exc.strerror}") from exc
-        return parse_record(text, path)
+        text = _read(path)
+        return None if text is None else parse_record(text, path)
 
     def names(self) -> list[str]:
         """Machines that have a record (the inventory)."""
@@ -74,13 +69,8 @@ class StateStore:
     def network(self, name: str) -> NetworkRecord | None:
         """A network's record, None if it has none; StateError if it is unreadable."""
         path = self.network_path(name)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StateError(f"cannot read {path}: {exc.strerror}") from exc
-        return parse_network_record(text, path)
+        text = _read(path)
+        return None if text is None else parse_network_record(text, path)
 
     def networks(self) -> dict[str, NetworkRecord]:
         """Every network record, by name."""
@@ -99,3 +89,13 @@ class StateStore:
     def delete_network(self, name: str) -> None:
         """Forget a network (after its bridge is gone)."""
         self.network_path(name).unlink(missing_ok=True)
+
+
+def _read(path: Path) -> str | None:
+    """A record's text, None if there is none; StateError if it cannot be read."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from exc
