@@ -476,21 +476,9 @@ def inspect(
         "history": list(record.history),
         "resources": (record.spec or {}).get("resources"),
         "limits": (record.run or {}).get("limits"),
-        "user_namespace": _user_namespace(Path(options.layout.rootfs(name))),
+        "user_namespace": rootfs.user_namespace(options.layout, name),
     }
     _print_data(document, Format.JSON if output is Format.TABLE else output)
-
-
-def _user_namespace(root: Path) -> dict[str, int] | None:
-    """The UID range a machine's root is shifted to (nspawn keeps it in the
-    root's ownership), or None if its ids are the host's."""
-    try:
-        owner = root.lstat()
-    except FileNotFoundError:
-        return None
-    if owner.st_uid == 0:
-        return None
-    return {"uid_base": owner.st_uid, "gid_base": owner.st_gid, "size": 65536}
 
 
 SinceOption = Annotated[

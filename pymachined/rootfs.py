@@ -167,3 +167,15 @@ def users(layout: Layout) -> dict[str, list[str]]:
         for key in root.layers if root else ():
             out.setdefault(key, []).append(entry.name)
     return out
+
+
+def user_namespace(layout: Layout, name: str) -> dict[str, int] | None:
+    """The ID range a machine's root is shifted to (nspawn keeps it in the
+    root's ownership), or None if its ids are the host's."""
+    try:
+        owner = Path(layout.rootfs(name)).lstat()
+    except FileNotFoundError:
+        return None
+    if owner.st_uid == 0:
+        return None
+    return {"uid_base": owner.st_uid, "gid_base": owner.st_gid, "size": 65536}
