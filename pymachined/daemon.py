@@ -213,7 +213,11 @@ class Daemon:
     def _exited(self, machine: Machine, code: int | None) -> None:
         ran = time.time() - (machine.started or time.time())
         self._check_oom(machine)
-        MachineCgroup(machine.spec.name).remove()
+        group = MachineCgroup(machine.spec.name)
+        left = group.kill_all()
+        if left:
+            log.info("%s: killed %d process(es) its nspawn left behind", machine.spec.name, left)
+        group.remove()
         machine.exit_code = code
         machine.pid = None
         machine.pid_start = None

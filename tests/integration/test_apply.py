@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pymachined.faults import STEPS
+from pymachined.observe import leader_pid
 from pymachined.parsers import parse_log_line
 
 if TYPE_CHECKING:
@@ -171,8 +172,17 @@ def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
     assert {n: (r["pid"], r["state"]) for n, r in after.items()} == {
         n: (r["pid"], "running") for n, r in before.items()
     }
+    deadline = time.monotonic() + 30
+    while (payload := leader_pid(after["a"]["pid"])) is None:  # a first start shifts the root
+        assert time.monotonic() < deadline, "machine a has no PID 1 after 30 s"
+        time.sleep(0.1)
     os.kill(after["a"]["pid"], signal.SIGKILL)  # the new pymachined restarts it
     host.wait_for(lambda m: m["a"]["restarts"] == 1 and m["a"]["pid"], "a restarted")
+    # What the killed nspawn left running in the machine's cgroups is gone too.
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{payload}").exists():
+        assert time.monotonic() < deadline, f"the old payload {payload} outlived its nspawn"
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("step", STEPS)
