@@ -197,6 +197,9 @@ def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) 
         # Forwards from the host's loopback reach the machine from 127.0.0.1,
         # which it would answer itself: give them the bridge's address.
         lines.append(f"\t\toifname {br} ip saddr 127.0.0.0/8 masquerade")
+        # A machine reaching a port forward of its own network (hairpin): the
+        # server would answer it directly, from an address it did not call.
+        lines.append(f"\t\toifname {br} ip saddr {b.subnet} ct status dnat masquerade")
         if b.nat:
             lines.append(f"\t\tip saddr {b.subnet} oifname != {br} masquerade")
             if b.subnet6 is not None:
@@ -206,6 +209,9 @@ def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) 
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
     ]
+    if len(bridges) > 1:
+        # Published ports are open to every network, as to any other client.
+        lines.append("\t\tct status dnat accept")
     for a in bridges:
         for b in bridges:
             if a.bridge != b.bridge:

@@ -134,10 +134,16 @@ def test_the_ruleset_replaces_the_table_in_one_script() -> None:
     assert lines.count(dnat_lo) == 2
     assert 'ip saddr 10.1.0.0/24 oifname != "pmbr-a" masquerade' in lines
     assert 'ip6 saddr fd00:1::/64 oifname != "pmbr-a" masquerade' in lines
-    assert not any("10.2.0.0/24" in line and "masquerade" in line for line in lines)  # nat: false
+    assert not any("ip saddr 10.2.0.0/24 oifname !=" in line for line in lines)  # nat: false
     assert 'oifname "pmbr-b" ip saddr 127.0.0.0/8 masquerade' in lines
-    assert 'iifname "pmbr-a" oifname "pmbr-b" drop' in lines
-    assert 'iifname "pmbr-b" oifname "pmbr-a" drop' in lines
+    assert 'oifname "pmbr-a" ip saddr 10.1.0.0/24 ct status dnat masquerade' in lines  # hairpin
+    # Networks are isolated from each other, but for published ports.
+    forward = lines[lines.index("chain forward {") :]
+    assert forward[2:5] == [
+        "ct status dnat accept",
+        'iifname "pmbr-a" oifname "pmbr-b" drop',
+        'iifname "pmbr-b" oifname "pmbr-a" drop',
+    ]
 
 
 def test_nft_forwards_leave_ipv6_host_addresses_to_the_forwarders() -> None:
