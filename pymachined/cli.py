@@ -144,6 +144,7 @@ def render(
     name: Annotated[str, typer.Argument(help="The machine whose files to print.")],
 ) -> None:
     """Print the files a machine would get on this host."""
+    from pymachined.reconcile import host_resolv_conf, program
     from pymachined.render import machine_files
     from pymachined.resources import data_dir
 
@@ -154,7 +155,10 @@ def render(
         raise PymachineError(
             f"no machine named {name!r} in {path}", hint=f"machines declared: {known}"
         )
-    for index, rendered in enumerate(machine_files(machine, options.layout, data_dir("templates"))):
+    files = machine_files(
+        machine, options.layout, data_dir("templates"), program(), host_resolv_conf()
+    )
+    for index, rendered in enumerate(files):
         if index:
             typer.echo()
         typer.echo(f"### {rendered.path}")

@@ -101,9 +101,11 @@ def desire(
     template_dir: Path,
     salts: Salts,
     program: Sequence[str] = PROGRAM,
+    resolv_conf: str = "copy-host",
 ) -> dict[str, Desired]:
     """The desired state of every declared machine, by name. ``program`` is how
-    units run pymachine."""
+    units run pymachine; ``resolv_conf`` how machines on networks get their
+    resolvers."""
     out = {}
     networks = desire_networks(spec_set, layout)
     for name, machine in spec_set.machines.items():
@@ -111,7 +113,7 @@ def desire(
         layers = tuple(machine_layers(spec_set, machine, salts))
         run = RunSpec(
             name=name,
-            argv=tuple(nspawn_run_argv(machine, layout)),
+            argv=tuple(nspawn_run_argv(machine, layout, resolv_conf)),
             restart=machine.restart.value,
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
@@ -135,7 +137,7 @@ def desire(
         out[name] = Desired(
             machine=machine,
             layers=layers,
-            files=tuple(machine_files(machine, layout, template_dir, program)),
+            files=tuple(machine_files(machine, layout, template_dir, program, resolv_conf)),
             run=run,
             config_hash=digest,
             network=joined.network if joined else None,

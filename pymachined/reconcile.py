@@ -19,15 +19,29 @@ from pymachined.execute import Executor
 from pymachined.images import ImageStore
 from pymachined.layout import Layout
 from pymachined.observe import observe, observe_networks
+from pymachined.parsers import machine_resolv_conf
 from pymachined.plan import Observed, plan
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
 from pymachined.validate import SpecSet, check_recorded_addresses
 
+# systemd-resolved's list of the servers it asks (what nspawn's copy-uplink copies).
+UPLINK_RESOLV_CONF = "/run/systemd/resolve/resolv.conf"
+
 
 def program() -> tuple[str, ...]:
     """How units run this pymachine: the interpreter it runs under."""
     return (sys.executable, "-m", "pymachined")
+
+
+def host_resolv_conf() -> str:
+    """How machines on networks get their resolvers on this host (see
+    ``parsers.machine_resolv_conf``)."""
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        text = ""
+    return machine_resolv_conf(text, Path(UPLINK_RESOLV_CONF).is_file())
 
 
 def choose_supervisor(layout: Layout, name: str) -> Supervisor:
@@ -99,7 +113,14 @@ class Reconciler:
 
     def desired(self, spec_set: SpecSet) -> dict[str, Desired]:
         """The desired state of the declared machines on this host."""
-        return desire(spec_set, self.layout, self.template_dir, self.images.salts(), program())
+        return desire(
+            spec_set,
+            self.layout,
+            self.template_dir,
+            self.images.salts(),
+            program(),
+            host_resolv_conf(),
+        )
 
     def observed(self, desired: dict[str, Desired]) -> dict[str, Observed]:
         """The observed state of declared and recorded machines."""

@@ -97,8 +97,10 @@ class RenderedFile:
     mode: int = 0o644
 
 
-def nspawn_context(machine: Machine) -> dict[str, Any]:
-    """The values of a machine's .nspawn file, as plain data."""
+def nspawn_context(machine: Machine, resolv_conf: str = "copy-host") -> dict[str, Any]:
+    """The values of a machine's .nspawn file, as plain data. ``resolv_conf`` is
+    how a machine on a declared network gets its resolvers (an nspawn
+    --resolv-conf mode, chosen for the host by ``parsers.machine_resolv_conf``)."""
     security = machine.security
     filters = []
     if security.seccomp.allow:
@@ -136,14 +138,17 @@ def nspawn_context(machine: Machine) -> dict[str, Any]:
         # A declared network's namespace is entered before nspawn starts, so
         # nspawn itself makes a private one only for network: none.
         "private_network": machine.network == "none",
+        # nspawn cannot tell such a machine's network is private, so it is told
+        # where its resolvers come from; the host's own serve host and none.
+        "resolv_conf": None if machine.network in ("host", "none") else resolv_conf,
     }
 
 
-def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
+def nspawn_run_argv(machine: Machine, layout: Layout, resolv_conf: str = "copy-host") -> list[str]:
     """The systemd-nspawn command line pymachined runs a machine with: the same
     settings as its .nspawn file (from the same context), as options, since a
     file under --root is not where nspawn looks for settings."""
-    context = nspawn_context(machine)
+    context = nspawn_context(machine, resolv_conf)
     argv = [
         NSPAWN_BINARY,
         "--quiet",
@@ -176,9 +181,8 @@ def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
     argv += [f"--tmpfs={t}" for t in context["tmpfs"]]
     if machine.network == "none":
         argv.append("--private-network")
-    elif machine.network != "host":
-        # The host's resolver list, copied: the machine reaches it through NAT.
-        argv.append("--resolv-conf=copy-host")
+    if context["resolv_conf"]:
+        argv.append(f"--resolv-conf={context['resolv_conf']}")
     if machine.boot:
         argv += ["--boot", "--kill-signal=SIGRTMIN+3"]
     else:
@@ -252,10 +256,15 @@ def render_template(template_dir: Path, name: str, context: Mapping[str, Any]) -
 
 
 def machine_files(
-    machine: Machine, layout: Layout, template_dir: Path, program: Sequence[str] = PROGRAM
+    machine: Machine,
+    layout: Layout,
+    template_dir: Path,
+    program: Sequence[str] = PROGRAM,
+    resolv_conf: str = "copy-host",
 ) -> list[RenderedFile]:
     """Every file a machine gets on the host, rendered: its .nspawn file and unit."""
-    nspawn = render_template(template_dir, "machine.nspawn.j2", nspawn_context(machine))
+    context = nspawn_context(machine, resolv_conf)
+    nspawn = render_template(template_dir, "machine.nspawn.j2", context)
     service = render_template(
         template_dir, "machine.service.j2", service_context(machine, layout, program)
     )

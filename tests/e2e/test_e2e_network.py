@@ -25,6 +25,14 @@ def _active(host: BootedHost, unit: str) -> bool:
 
 def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host = make_host(SPEC_DIR)
+    # The inner host resolves through a stub on its loopback, as with
+    # systemd-resolved: machines get resolved's upstream list instead.
+    stub = (
+        "rm -f /etc/resolv.conf && printf 'nameserver 127.0.0.53\\noptions edns0\\n' "
+        ">/etc/resolv.conf && mkdir -p /run/systemd/resolve && "
+        "echo nameserver 10.217.0.53 >/run/systemd/resolve/resolv.conf"
+    )
+    host.run(["sh", "-c", stub])
     host.run(["pymachine", "apply", "--yes", SPECS])
     for unit in ("pymachine-srv.service", "pymachine-cli.service"):
         host.wait_for(f"{unit} active", lambda unit=unit: _active(host, unit), timeout=60)
@@ -38,6 +46,8 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
         )
     probe = "import socket; socket.create_connection(('10.217.0.10', 8080), timeout=3)"
     host.run(["ip", "netns", "exec", "pm-cli", "python3", "-c", probe])
+    resolvers = host.run(["pymachine", "exec", "cli", "--", "cat", "/etc/resolv.conf"]).stdout
+    assert resolvers == "nameserver 10.217.0.53\n", resolvers
     ls = host.run(["pymachine", "network", "ls"]).stdout
     assert "cli=10.217.0.2" in ls and "srv=10.217.0.10" in ls, ls
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0

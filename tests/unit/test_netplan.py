@@ -203,9 +203,11 @@ def test_a_machine_on_a_network_joins_its_namespace_with_the_hosts_resolvers() -
     assert argv[:4] == ["/usr/bin/nsenter", "--net=/run/netns/pm-web", "--", NSPAWN_BINARY]
     assert "--resolv-conf=copy-host" in argv
     assert not any(a.startswith("--network-namespace-path") for a in argv)
-    assert "--private-network" in nspawn_run_argv(
-        Machine(name="web", command=["true"], network="none"), HOST
-    )
+    assert "--resolv-conf=copy-uplink" in nspawn_run_argv(machine, HOST, "copy-uplink")
+    for mode in ("none", "host"):  # nspawn knows these; the host's resolvers serve them
+        argv = nspawn_run_argv(Machine(name="web", command=["true"], network=mode), HOST)
+        assert ("--private-network" in argv) == (mode == "none")
+        assert not any(a.startswith("--resolv-conf") for a in argv)
 
 
 def converged_networks(networks: dict[str, DesiredNetwork]) -> dict[str, ObservedNetwork]:
