@@ -394,16 +394,37 @@ def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     typer.echo(f"started {name}")
 
 
-@app.command("mount-root", hidden=True)
-def mount_root(name: NameArg) -> None:
-    """Assemble a machine's root if it is not mounted (its unit runs this
-    before systemd-nspawn, so machines start at boot)."""
+@app.command("prepare", hidden=True)
+def prepare(name: NameArg) -> None:
+    """Assemble what a machine needs to start if the host lacks it: its root
+    and its network (bridge, namespace, rules). Its unit runs this before
+    systemd-nspawn, so machines start at boot and by systemctl alone."""
     from pymachined import rootfs
+    from pymachined.execute import attach_recorded
+    from pymachined.state import StateStore
 
     root = rootfs.read(options.layout, name)
     if root is None:
         raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
     rootfs.mount(options.layout, _store(), root)
+    state = StateStore(options.layout)
+    record = state.get(name)
+    if record is not None:
+        # Forwarders started here would not outlive this step: forward-ports.
+        attach_recorded(options.layout, state, record, forwarders=False)
+
+
+# The name units rendered by earlier versions run before their next apply.
+app.command("mount-root", hidden=True)(prepare)
+
+
+@app.command("forward-ports", hidden=True)
+def forward_ports(name: NameArg) -> None:
+    """Start a machine's IPv6 port forwarders (its unit runs this once the
+    machine is up, so they live and die with the unit)."""
+    from pymachined.execute import start_recorded_forwarders
+
+    start_recorded_forwarders(options.layout, _known(name))
 
 
 @app.command()

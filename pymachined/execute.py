@@ -374,9 +374,13 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     events.record(layout, name, "remove")
 
 
-def attach_recorded(layout: Layout, state: StateStore, record: MachineRecord) -> None:
+def attach_recorded(
+    layout: Layout, state: StateStore, record: MachineRecord, *, forwarders: bool = True
+) -> None:
     """Set up the network of a machine started by name, as it was last applied
-    (its recorded network, address and ports)."""
+    (its recorded network, address and ports), and its network's bridge if the
+    host has lost it (as a reboot does). ``forwarders``: start its IPv6 port
+    forwarders too (a systemd unit starts them itself, after the machine)."""
     if record.network is None or record.address is None:
         return
     made = state.network(record.network)
@@ -385,10 +389,23 @@ def attach_recorded(layout: Layout, state: StateStore, record: MachineRecord) ->
             f"machine {record.name} joins network {record.network}, which is not on record",
             hint="run pymachine apply",
         )
+    spec = Network.model_validate(made.spec)
+    if not network.link_exists(made.bridge):
+        bridge = network.create_bridge(layout, spec)
+        members = [n for n, r in state.all().items() if r.network == record.network]
+        network.reconnect(layout, bridge, members)
     address = ipaddress.IPv4Address(record.address)
-    network.attach(layout, record.name, Network.model_validate(made.spec), address)
-    network.start_forwarders(layout, Machine.model_validate(record.spec or {}), address)
+    network.attach(layout, record.name, spec, address)
+    if forwarders:
+        start_recorded_forwarders(layout, record)
     network.sync_rules(layout, state)
+
+
+def start_recorded_forwarders(layout: Layout, record: MachineRecord) -> None:
+    """Start the IPv6 port forwarders of a machine as it was last applied."""
+    if record.address is not None:
+        machine = Machine.model_validate(record.spec or {})
+        network.start_forwarders(layout, machine, ipaddress.IPv4Address(record.address))
 
 
 def detach_recorded(layout: Layout, state: StateStore, record: MachineRecord) -> None:

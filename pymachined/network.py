@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,16 +196,44 @@ def attach(
 ) -> None:
     """A machine's network namespace with loopback, and a veth pair from the
     network's bridge (host side) to ``eth0`` inside, addressed and routed
-    through the gateway. Whatever was left of an earlier one goes first."""
-    from pyroute2 import netns
-
-    detach(layout, machine)
+    through the gateway. One that is already so is kept (an apply and the
+    machine's unit may both get here as the host boots); whatever else was left
+    of an earlier one goes first."""
     bridge = netplan.bridge_name(layout, network)
     if not link_exists(bridge):
         raise PymachineError(
             f"the bridge {bridge} of network {network.name} is missing",
             hint="run pymachine apply, which makes it again",
         )
+    with files.locked(Path(layout.net_run_dir) / "attach.lock"):
+        if not _attached(layout, machine, bridge, address):
+            detach(layout, machine)
+            _make_namespace(layout, machine, network, bridge, address)
+
+
+def _attached(layout: Layout, machine: str, bridge: str, address: ipaddress.IPv4Address) -> bool:
+    """Whether a machine's namespace exists with its veth on the bridge and
+    its address inside."""
+    host_side = netplan.veth_name(layout, machine)
+    if not netns_exists(layout, machine) or _alias(host_side) != _marker(layout, machine):
+        return False
+    if Path("/sys/class/net", host_side, "master").resolve().name != bridge:
+        return False
+    with _ipr(netplan.netns_name(layout, machine)) as ns:
+        found = ns.link_lookup(ifname=MACHINE_IFNAME)
+        have = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=found[0])} if found else set()
+    return str(address) in have
+
+
+def _make_namespace(
+    layout: Layout,
+    machine: str,
+    network: Network,
+    bridge: str,
+    address: ipaddress.IPv4Address,
+) -> None:
+    from pyroute2 import netns
+
     name = netplan.netns_name(layout, machine)
     host_side = netplan.veth_name(layout, machine)
     netns.create(name)
@@ -326,7 +355,9 @@ def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Ad
     """One forwarder process per port forward over IPv6 (``::1`` cannot be
     DNATed to another host): it listens on the host's IPv6 address (or every
     one) and relays to the machine's IPv4 address. The sockets are bound here,
-    so a port already in use fails the start at once. Their pids."""
+    so a port already in use fails the start at once. Forwarders the machine
+    had are ended first. Their pids."""
+    stop_forwarders(layout, machine.name)
     pids: list[int] = []
     log = Path(layout.machine_dir(machine.name)) / "forwarders.log"
     try:
@@ -376,10 +407,17 @@ def stop_forwarders(layout: Layout, machine: str) -> None:
         pids = json.loads(path.read_text()).get("pids", [])
     except (OSError, ValueError):
         return
+    ended = []
     for pid in pids:
         if isinstance(pid, int) and _is_forwarder(pid, machine):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+                ended.append(pid)
+    for pid in ended:  # gone, and so their ports free, before this returns
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # another process started it: poll
+            deadline = time.monotonic() + 5
+            while _is_forwarder(pid, machine) and time.monotonic() < deadline:
+                time.sleep(0.01)
     path.unlink(missing_ok=True)

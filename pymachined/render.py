@@ -227,15 +227,22 @@ def service_context(
     machine: Machine, layout: Layout, program: Sequence[str] = PROGRAM
 ) -> dict[str, Any]:
     """The values of a machine's systemd unit, as plain data. ``program`` runs
-    pymachine (the unit mounts the machine's root with it before starting)."""
+    pymachine (the unit prepares the machine's root and network with it before
+    starting, and its port forwarders after)."""
     resources = machine.resources
     return {
         "marker": Escaped(MARKER),
         "name": machine.name,
         "dependencies": [layout.unit_name(d) for d in machine.depends_on],
         "machine_dir": str(layout.machine_dir(machine.name)),
-        "exec_start_pre": program_argv(program, layout, "mount-root", "--", machine.name),
+        "exec_start_pre": program_argv(program, layout, "prepare", "--", machine.name),
         "exec_start": nspawn_exec_argv(machine, layout),
+        # IPv6 port forwarders run in the unit, started once the machine is up.
+        "exec_start_post": (
+            program_argv(program, layout, "forward-ports", "--", machine.name)
+            if machine.ports and machine.network not in ("host", "none")
+            else None
+        ),
         "restart": machine.restart.value,
         # A machine declared stopped is not started at boot either.
         "autostart": machine.autostart and machine.state is MachineState.RUNNING,

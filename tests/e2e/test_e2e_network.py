@@ -51,6 +51,35 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     ls = host.run(["pymachine", "network", "ls"]).stdout
     assert "cli=10.217.0.2" in ls and "srv=10.217.0.10" in ls, ls
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
+
+    # Power off and boot, with no apply at boot: each machine's unit makes its
+    # bridge, namespace, rules and IPv6 forwarders again as it starts.
+    host.poweroff()
+    host.boot()
+    host.run(["sh", "-c", stub])  # what resolved would write again at boot
+    for unit in ("pymachine-srv.service", "pymachine-cli.service"):
+        host.wait_for(f"{unit} active after boot", lambda unit=unit: _active(host, unit), 60)
+    for url in ("http://127.0.0.1:18217/", "http://[::1]:18217/"):
+        host.wait_for(
+            f"{url} answering after boot",
+            lambda url=url: (
+                host.run(["python3", "-c", FETCH, url], check=False).stdout.strip() == "200"
+            ),
+            timeout=60,
+        )
+    host.run(["ip", "netns", "exec", "pm-cli", "python3", "-c", probe])
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
+    # A restart by systemd alone (no pymachine) keeps the forwarders.
+    host.run(["systemctl", "restart", "pymachine-srv.service"])
+    host.wait_for(
+        "[::1]:18217 answering after a restart",
+        lambda: (
+            host.run(["python3", "-c", FETCH, "http://[::1]:18217/"], check=False).stdout.strip()
+            == "200"
+        ),
+        timeout=60,
+    )
+
     host.run(["pymachine", "destroy", "--yes", "srv"])
     host.run(["pymachine", "destroy", "--yes", "cli"])
     host.run(["pymachine", "network", "rm", "lab"])

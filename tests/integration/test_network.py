@@ -288,6 +288,14 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     table = host.pymachine("network", "ls").stdout
     assert p + "n2" in table and "10.213.2.0/24" in table
 
+    # What a unit runs before nspawn keeps a machine's intact network as it is
+    # (the same namespace; the machine still answers).
+    namespace = Path("/run/netns", netns_of(host, "srv"))
+    inode = namespace.stat().st_ino
+    host.pymachine("prepare", p + "srv")
+    assert namespace.stat().st_ino == inode
+    assert netns_run(host, "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
+
     # Converged: nothing to do; a restart keeps the allocated address.
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
     host.pymachine("restart", p + "cli")

@@ -101,7 +101,8 @@ def test_round_trip_unit_file(repo: Path) -> None:
         ("Unit", "After", "network.target systemd-resolved.service pymachine-db.service"),
         ("Unit", "Requires", ("pymachine-db.service",)),
         ("Unit", "RequiresMountsFor", "/var/lib/pymachine/machines/web"),
-        ("Service", "ExecStartPre", "pymachine --root=/ mount-root -- web"),
+        ("Service", "ExecStartPre", "pymachine --root=/ prepare -- web"),
+        ("Service", "ExecStartPost", "pymachine --root=/ forward-ports -- web"),
         (
             "Service",
             "ExecStart",
