@@ -71,6 +71,12 @@ def _alias(ifname: str) -> str:
         return ""
 
 
+def _links_lock(layout: Layout) -> contextlib.AbstractContextManager[None]:
+    """Held while making bridges and namespaces: an apply and machine units
+    (which make what they lack as the host boots) may get there at once."""
+    return files.locked(Path(layout.net_run_dir) / "links.lock")
+
+
 def _sysctl(key: str, value: str) -> None:
     path = Path("/proc/sys") / key.replace(".", "/")
     with path.open("w") as handle:
@@ -132,12 +138,13 @@ def create_bridge(layout: Layout, network: Network) -> str:
     pymachine did not make is refused."""
     bridge = netplan.bridge_name(layout, network)
     marker = _marker(layout, network.name)
-    if link_exists(bridge) and _alias(bridge) != marker:
-        raise PymachineError(
-            f"interface {bridge} exists and was not made by pymachine for network {network.name}",
-            hint="choose another bridge: name in the network's spec",
-        )
-    with _ipr() as ipr:
+    with _links_lock(layout), _ipr() as ipr:
+        if link_exists(bridge) and _alias(bridge) != marker:
+            raise PymachineError(
+                f"interface {bridge} exists and was not made by pymachine for network "
+                f"{network.name}",
+                hint="choose another bridge: name in the network's spec",
+            )
         if not link_exists(bridge):
             ipr.link("add", ifname=bridge, kind="bridge")
         index = _index(ipr, bridge)
@@ -205,7 +212,7 @@ def attach(
             f"the bridge {bridge} of network {network.name} is missing",
             hint="run pymachine apply, which makes it again",
         )
-    with files.locked(Path(layout.net_run_dir) / "attach.lock"):
+    with _links_lock(layout):
         if not _attached(layout, machine, bridge, address):
             detach(layout, machine)
             _make_namespace(layout, machine, network, bridge, address)

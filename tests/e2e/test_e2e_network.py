@@ -23,22 +23,31 @@ def _active(host: BootedHost, unit: str) -> bool:
     return host.show(unit, "ActiveState")["ActiveState"] == "active"
 
 
-def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
-    host = make_host(SPEC_DIR)
-    # The inner host resolves through a stub on its loopback, as with
-    # systemd-resolved: machines get resolved's upstream list instead.
-    stub = (
-        "rm -f /etc/resolv.conf && printf 'nameserver 127.0.0.53\\noptions edns0\\n' "
-        ">/etc/resolv.conf && mkdir -p /run/systemd/resolve && "
-        "echo nameserver 10.217.0.53 >/run/systemd/resolve/resolv.conf"
-    )
-    host.run(["sh", "-c", stub])
-    host.run(["pymachine", "apply", "--yes", SPECS])
+UPLINK_UNIT = """\
+[Unit]
+Description=Upstream resolvers, where systemd-resolved would list them
+DefaultDependencies=no
+Before=sysinit.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/mkdir -p /run/systemd/resolve
+ExecStart=/bin/sh -c 'echo nameserver 10.217.0.53 >/run/systemd/resolve/resolv.conf'
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+
+def _serving(host: BootedHost, when: str) -> None:
+    """Both machines' units active, srv's ports answering on 127.0.0.1 and ::1
+    (DNAT and forwarder), and cli reaching srv over the network."""
     for unit in ("pymachine-srv.service", "pymachine-cli.service"):
-        host.wait_for(f"{unit} active", lambda unit=unit: _active(host, unit), timeout=60)
+        host.wait_for(f"{unit} active {when}", lambda unit=unit: _active(host, unit), timeout=60)
     for url in ("http://127.0.0.1:18217/", "http://[::1]:18217/"):
         host.wait_for(
-            f"{url} answering",
+            f"{url} answering {when}",
             lambda url=url: (
                 host.run(["python3", "-c", FETCH, url], check=False).stdout.strip() == "200"
             ),
@@ -46,6 +55,20 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
         )
     probe = "import socket; socket.create_connection(('10.217.0.10', 8080), timeout=3)"
     host.run(["ip", "netns", "exec", "pm-cli", "python3", "-c", probe])
+
+
+def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
+    host = make_host(SPEC_DIR)
+    # The inner host resolves through a stub on its loopback, as with
+    # systemd-resolved, which lists the upstream servers in /run at each boot:
+    # machines get that list.
+    host.run(["sh", "-c", "rm -f /etc/resolv.conf && echo nameserver 127.0.0.53 >/etc/resolv.conf"])
+    host.write("/etc/systemd/system/uplink-resolvers.service", UPLINK_UNIT)
+    host.run(["systemctl", "daemon-reload"])
+    host.run(["systemctl", "enable", "--now", "uplink-resolvers.service"])
+
+    host.run(["pymachine", "apply", "--yes", SPECS])
+    _serving(host, "after apply")
     resolvers = host.run(["pymachine", "exec", "cli", "--", "cat", "/etc/resolv.conf"]).stdout
     assert resolvers == "nameserver 10.217.0.53\n", resolvers
     ls = host.run(["pymachine", "network", "ls"]).stdout
@@ -56,30 +79,28 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     # bridge, namespace, rules and IPv6 forwarders again as it starts.
     host.poweroff()
     host.boot()
-    host.run(["sh", "-c", stub])  # what resolved would write again at boot
-    for unit in ("pymachine-srv.service", "pymachine-cli.service"):
-        host.wait_for(f"{unit} active after boot", lambda unit=unit: _active(host, unit), 60)
-    for url in ("http://127.0.0.1:18217/", "http://[::1]:18217/"):
-        host.wait_for(
-            f"{url} answering after boot",
-            lambda url=url: (
-                host.run(["python3", "-c", FETCH, url], check=False).stdout.strip() == "200"
-            ),
-            timeout=60,
-        )
-    host.run(["ip", "netns", "exec", "pm-cli", "python3", "-c", probe])
+    _serving(host, "after a boot")
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
-    # A restart by systemd alone (no pymachine) keeps the forwarders.
+    # A restart by systemd alone (no pymachine) brings the forwarders back too.
     host.run(["systemctl", "restart", "pymachine-srv.service"])
+    _serving(host, "after systemctl restart")
+
+    # And with the boot-time apply, which runs beside the machines' units.
+    host.run(["pymachine", "install", SPECS])
+    host.poweroff()
+    host.boot()
+    _serving(host, "after a boot with pymachine-apply")
     host.wait_for(
-        "[::1]:18217 answering after a restart",
+        "pymachine-apply.service done",
         lambda: (
-            host.run(["python3", "-c", FETCH, "http://[::1]:18217/"], check=False).stdout.strip()
-            == "200"
+            host.show("pymachine-apply.service", "Result", "ExecMainStatus")
+            == {"Result": "success", "ExecMainStatus": "0"}
         ),
         timeout=60,
     )
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
 
+    host.run(["pymachine", "uninstall"])
     host.run(["pymachine", "destroy", "--yes", "srv"])
     host.run(["pymachine", "destroy", "--yes", "cli"])
     host.run(["pymachine", "network", "rm", "lab"])
