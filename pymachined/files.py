@@ -40,6 +40,12 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, *, durable: b
             if durable:
                 os.fsync(handle.fileno())
         Path(temp).replace(path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            Path(temp).unlink()
+        if error.filename is None:  # a failed write names no file: name the one meant
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             Path(temp).unlink()

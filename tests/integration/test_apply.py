@@ -268,6 +268,45 @@ def test_the_quick_start_examples_run(host: Host) -> None:
         host.pymachine("destroy", "--yes", name)
 
 
+def test_a_full_disk_fails_plainly_and_loses_nothing(host: Host) -> None:
+    machines = host.root / "var/lib/pymachine/machines"
+    machines.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "pmfull", machines], check=True)
+    try:
+        one = 'name: "@a"\nimage: debian-bookworm-slim\ncommand: [sleep, infinity]\n'
+        one += "network: none\nsecurity: {private_users: false}\n"  # no chown into the upper
+        host.declare(one)
+        host.apply()
+        host.wait_for(lambda m: m["a"]["state"] == "running", "a running")
+        running = host.machines()["a"]
+        filler = machines / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+
+        # A change to a and a new machine b: the disk is full when apply writes.
+        changed = one.replace("command:", 'environment: {X: "1"}\ncommand:')
+        host.declare(changed + "---\n" + one.replace('"@a"', '"@b"'))
+        failed = host.apply(check=False)
+        assert failed.returncode == 1, failed.stderr
+        assert "internal error" not in failed.stderr
+        assert f"error: No space left on device: {machines}/" in failed.stderr, failed.stderr
+        assert "hint: free space on that file system" in failed.stderr
+        # What was on record is intact: a runs as before; no temporary file is left.
+        now = host.machines()["a"]
+        assert (now["state"], now["pid"], now["restarts"]) == ("running", running["pid"], 0)
+        assert list(machines.rglob("*.tmp")) == []
+
+        filler.unlink()
+        host.apply()
+        assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+        after = host.machines()
+        assert after["a"]["pid"] != running["pid"]  # restarted with the change
+        assert set(after) == {"a", "b"}
+    finally:
+        for name in host.machines():
+            host.pymachine("destroy", "--yes", host.prefix + name, check=False)
+        subprocess.run(["umount", machines], check=True)
+
+
 def test_drift_is_detected_and_repaired(host: Host) -> None:
     host.declare(TWO)
     host.apply()
