@@ -213,23 +213,33 @@ def attach(
             hint="run pymachine apply, which makes it again",
         )
     with _links_lock(layout):
-        if not _attached(layout, machine, bridge, address):
+        if not _attached(layout, machine, network, address):
             detach(layout, machine)
             _make_namespace(layout, machine, network, bridge, address)
 
 
-def _attached(layout: Layout, machine: str, bridge: str, address: ipaddress.IPv4Address) -> bool:
-    """Whether a machine's namespace exists with its veth on the bridge and
-    its address inside."""
+def _attached(
+    layout: Layout, machine: str, network: Network, address: ipaddress.IPv4Address
+) -> bool:
+    """Whether a machine's namespace is as attach makes it: its veth on the
+    network's bridge, its addresses inside, its default route via the gateway."""
     host_side = netplan.veth_name(layout, machine)
     if not netns_exists(layout, machine) or _alias(host_side) != _marker(layout, machine):
         return False
-    if Path("/sys/class/net", host_side, "master").resolve().name != bridge:
+    master = Path("/sys/class/net", host_side, "master").resolve().name
+    if master != netplan.bridge_name(layout, network):
         return False
+    wanted = {str(address)}
+    address6 = netplan.address6(network, address)
+    if address6 is not None:
+        wanted.add(str(address6))
     with _ipr(netplan.netns_name(layout, machine)) as ns:
         found = ns.link_lookup(ifname=MACHINE_IFNAME)
-        have = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=found[0])} if found else set()
-    return str(address) in have
+        if not found:
+            return False
+        have = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=found[0])}
+        gateways = {r.get_attr("RTA_GATEWAY") for r in ns.get_default_routes(family=socket.AF_INET)}
+    return wanted <= have and gateways == {str(network.gateway_address)}
 
 
 def _make_namespace(

@@ -317,6 +317,12 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     assert host.machines()["far"]["address"] == "10.213.3.2"
     assert "10.213.3.2/24" in netns_run(host, "far", "ip", "-br", "addr").stdout
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+    # Only its gateway changes: the machine keeps its address, routed anew.
+    host.declare(SPECS.replace("10.213.2.0/24", "10.213.3.0/24\ngateway: 10.213.3.254"))
+    host.apply()
+    assert host.machines()["far"]["address"] == "10.213.3.2"
+    route = netns_run(host, "far", "ip", "route", "show", "default").stdout
+    assert "via 10.213.3.254" in route, route
 
     # A stopped machine loses its namespace, veth and rules.
     host.declare(SPECS.replace('ports: ["127', 'state: stopped\nports: ["127'))
