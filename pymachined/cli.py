@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pymachined.images import ImageStore
     from pymachined.reconcile import Reconciler
     from pymachined.records import MachineRecord
+    from pymachined.spec import Machine
     from pymachined.validate import SpecSet
 
 app = typer.Typer(
@@ -371,22 +372,25 @@ def _known(name: str) -> MachineRecord:
     return record
 
 
+def _recorded_machine(record: MachineRecord) -> Machine | None:
+    """A machine's spec as it was last started (None before its first start)."""
+    from pymachined.spec import Machine
+
+    return Machine.model_validate(record.spec) if record.spec else None
+
+
 NameArg = Annotated[str, typer.Argument(help="The machine.")]
 
 
 @app.command()
 def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Start a machine with the configuration it was last applied with."""
-    from pymachined import rootfs
-    from pymachined.execute import attach_recorded, resume_run_spec
+    from pymachined.execute import attach_recorded, ready_root, resume_run_spec
     from pymachined.state import StateStore
 
     record = _known(name)
     reconciler = _reconciler(supervisor)
-    root = rootfs.read(options.layout, name)
-    if root is None:
-        raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
-    rootfs.mount(options.layout, reconciler.images, root)
+    ready_root(options.layout, reconciler.images, name, _recorded_machine(record))
     spec = resume_run_spec(record)
     status = reconciler.supervisor.status().get(name)
     if status is None or status.pid is None:  # a running machine keeps its network
@@ -400,19 +404,14 @@ def prepare(name: NameArg) -> None:
     """Assemble what a machine needs to start if the host lacks it: its root
     and its network (bridge, namespace, rules). Its unit runs this before
     systemd-nspawn, so machines start at boot and by systemctl alone."""
-    from pymachined import rootfs
-    from pymachined.execute import attach_recorded
+    from pymachined.execute import attach_recorded, ready_root
     from pymachined.state import StateStore
 
-    root = rootfs.read(options.layout, name)
-    if root is None:
-        raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
-    rootfs.mount(options.layout, _store(), root)
     state = StateStore(options.layout)
-    record = state.get(name)
-    if record is not None:
-        # Forwarders started here would not outlive this step: forward-ports.
-        attach_recorded(options.layout, state, record, forwarders=False)
+    record = _known(name)
+    ready_root(options.layout, _store(), name, _recorded_machine(record))
+    # Forwarders started here would not outlive this step: forward-ports.
+    attach_recorded(options.layout, state, record, forwarders=False)
 
 
 # The name units rendered by earlier versions run before their next apply.
@@ -1049,23 +1048,24 @@ def image_rm(
     from pymachined import rootfs
 
     store = _store()
-    users = rootfs.users(options.layout)
-    keys = _resolve_images(store, names)
-    children = {r.parent: r.key for r in store.records() if r.parent}
-    for key in keys:
-        if users.get(key):
-            raise PymachineError(
-                f"image {key} is used by {', '.join(users[key])}",
-                hint="remove those machines first",
-            )
-        if key in children and children[key] not in keys:
-            raise PymachineError(
-                f"image {key} is the parent of image {children[key]}",
-                hint=f"remove {children[key]} too",
-            )
-    for key in sorted(keys, key=lambda k: len(store.chain(k)), reverse=True):
-        store.remove(key)
-        typer.echo(f"removed {key}")
+    with _host_lock(None):  # an apply may be about to make a root from one of them
+        users = rootfs.users(options.layout)
+        keys = _resolve_images(store, names)
+        children = {r.parent: r.key for r in store.records() if r.parent}
+        for key in keys:
+            if users.get(key):
+                raise PymachineError(
+                    f"image {key} is used by {', '.join(users[key])}",
+                    hint="remove those machines first",
+                )
+            if key in children and children[key] not in keys:
+                raise PymachineError(
+                    f"image {key} is the parent of image {children[key]}",
+                    hint=f"remove {children[key]} too",
+                )
+        for key in sorted(keys, key=lambda k: len(store.chain(k)), reverse=True):
+            store.remove(key)
+            typer.echo(f"removed {key}")
 
 
 @image_app.command("prune")
@@ -1099,16 +1099,20 @@ def _prune(machines: list[str], yes: bool, supervisor: str) -> None:
         if not sys.stdin.isatty():
             raise PymachineError("not removing without confirmation", hint="add --yes")
         typer.confirm(f"remove {len(machines)} machines and {len(unused)} images?", abort=True)
-    if machines:
-        running = _reconciler(supervisor).supervisor
-        with _host_lock(None):
+    with _host_lock(None):  # an apply may be about to make a root from an image
+        if machines:
+            running = _reconciler(supervisor).supervisor
             for name in machines:
                 remove_machine(options.layout, StateStore(options.layout), running, name)
                 typer.echo(f"removed machine {name}")
             running.commit({}, reload=True)
-    for record in sorted(unused, key=lambda r: len(store.chain(r.key)), reverse=True):
-        store.remove(record.key)
-        typer.echo(f"removed {record.key}")
+        users = rootfs.users(options.layout)  # again: an apply may have run meanwhile
+        for record in sorted(unused, key=lambda r: len(store.chain(r.key)), reverse=True):
+            if users.get(record.key):
+                typer.echo(f"kept {record.key}: now used by {', '.join(users[record.key])}")
+                continue
+            store.remove(record.key)
+            typer.echo(f"removed {record.key}")
 
 
 @app.command()

@@ -172,12 +172,13 @@ def log_stamp_argv() -> list[str]:
     return ["/usr/bin/env", "TZ=UTC", "mawk", "-W", "interactive", _STAMP]
 
 
-_ENTER = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f"; done; exec "$@"'
+_ENTER = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; exec "$@"'
 
 
 def cgroup_enter_argv(procs: Sequence[PurePosixPath], argv: Sequence[str]) -> list[str]:
     """argv started inside the cgroups whose cgroup.procs files are procs, so that
-    everything it forks is in them from the first instant."""
+    everything it forks is in them from the first instant; if it cannot enter
+    one, it does not start (exit 125), rather than run unlimited."""
     return ["/bin/sh", "-c", _ENTER, "sh", *map(str, procs), "--", *argv]
 
 

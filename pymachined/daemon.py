@@ -31,6 +31,7 @@ import socket
 import subprocess  # for the Popen type of children
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -139,18 +140,29 @@ class Daemon:
                 log.error("ignoring unreadable supervisor record %s: %s", path, exc)
                 continue
             self.machines[machine.spec.name] = machine
+            # The pidfd first: checked after, the start time proves it is the
+            # recorded process, not one that got its pid since.
+            pidfd = None
+            if machine.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    pidfd = os.pidfd_open(machine.pid)
             alive = (
-                machine.pid is not None
+                pidfd is not None
+                and machine.pid is not None
                 and machine.pid_start is not None
                 and process_start_time(machine.pid) == machine.pid_start
             )
-            if alive and machine.pid is not None:
+            if alive and pidfd is not None and machine.pid is not None:
                 log.info("adopted %s (pid %d)", machine.spec.name, machine.pid)
                 machine.oom_kills = MachineCgroup(machine.spec.name).oom_kills() or 0
-                self._watch(machine, machine.pid)
-            elif machine.state in (RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING):
+                machine.pidfd = pidfd
+                self.selector.register(pidfd, selectors.EVENT_READ, machine)
+                continue
+            if pidfd is not None:
+                os.close(pidfd)
+            if machine.state in (RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING):
                 # It ended while nobody watched: its exit code is unknown.
-                self._exited(machine, None)
+                self._guarded(self._exited, machine, None)
 
     # -- running -----------------------------------------------------------
 
@@ -192,7 +204,7 @@ class Daemon:
         machine.restart_at = None
         self._watch(machine, child.pid)
         self.save(machine)
-        events.record(self.layout, spec.name, "start", pid=child.pid, restarts=machine.restarts)
+        self._event(spec.name, "start", pid=child.pid, restarts=machine.restarts)
         log.info("started %s (pid %d)", spec.name, child.pid)
 
     def _reap(self, machine: Machine) -> int | None:
@@ -226,11 +238,11 @@ class Daemon:
         again = machine.wanted == "running" and (
             policy == "always" or (policy == "on-failure" and code != 0)
         )
-        events.record(self.layout, machine.spec.name, "die", exit_code=code)
+        self._event(machine.spec.name, "die", exit_code=code)
         machine.failures = 0 if ran > HEALTHY_AFTER else machine.failures + 1
         if again and machine.failures > START_LIMIT:
             machine.state = RunState.DEAD
-            events.record(self.layout, machine.spec.name, "dead", exit_code=code)
+            self._event(machine.spec.name, "dead", exit_code=code)
             log.info(
                 "%s exited (%s) %d times in a row; giving up",
                 machine.spec.name,
@@ -241,7 +253,7 @@ class Daemon:
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, machine.failures - 1))
             machine.state = RunState.RESTARTING
             machine.restart_at = time.monotonic() + delay
-            events.record(self.layout, machine.spec.name, "restart", delay=delay)
+            self._event(machine.spec.name, "restart", delay=delay)
             log.info("%s exited (%s); restarting in %.1f s", machine.spec.name, code, delay)
         else:
             machine.state = RunState.EXITED
@@ -254,6 +266,32 @@ class Daemon:
     def _drop(self, name: str) -> None:
         self.machines.pop(name, None)
         (self.records / f"{name}.json").unlink(missing_ok=True)
+
+    def _event(self, name: str, event: str, **fields: Any) -> None:
+        """Record a lifecycle event; a failure to (a full disk) is logged, and
+        never stops supervision."""
+        try:
+            events.record(self.layout, name, event, **fields)
+        except OSError as exc:
+            log.error("%s: cannot record event %s: %s", name, event, exc)
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        """One step of the event loop; an error in it is logged, and the
+        supervisor carries on with the other machines."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("%s failed", getattr(step, "__name__", "a step"))
+
+    @staticmethod
+    def _signal(machine: Machine, sig: int) -> None:
+        """Signal a machine's nspawn through its pidfd: an adopted one is not our
+        child, so its pid may be reused as soon as it exits."""
+        with contextlib.suppress(ProcessLookupError):
+            if machine.pidfd is not None:
+                signal.pidfd_send_signal(machine.pidfd, sig)
+            elif machine.pid is not None:
+                os.kill(machine.pid, sig)
 
     def on_exit(self, machine: Machine) -> None:
         """A machine's process ended."""
@@ -278,7 +316,7 @@ class Daemon:
             log.error("%s: cannot restart: %s", machine.spec.name, exc)
             machine.state = RunState.DEAD
             machine.restart_at = None
-            events.record(self.layout, machine.spec.name, "dead", error=str(exc))
+            self._event(machine.spec.name, "dead", error=str(exc))
             self.save(machine)
 
     def tick(self) -> None:
@@ -293,8 +331,7 @@ class Daemon:
             if machine.restart_at is not None and now >= machine.restart_at:
                 self._relaunch(machine)
             if machine.kill_at is not None and now >= machine.kill_at and machine.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(machine.pid, signal.SIGKILL)
+                self._signal(machine, signal.SIGKILL)
                 machine.kill_at = None
 
     def next_deadline(self) -> float | None:
@@ -326,6 +363,8 @@ class Daemon:
             self.launch(machine)
             return {"status": machine.status().as_json()}
         machine = self.machines.get(name)
+        if machine is None and op == "stop":  # never started here (since a reboot): stopped
+            return {"status": Status(name, RunState.EXITED).as_json(), "stop_timeout": 0}
         if machine is None:
             return {"error": f"no machine {name!r} is supervised"}
         if op == "limits":
@@ -341,18 +380,17 @@ class Daemon:
                 return {"error": f"{name} is not running"}
             MachineCgroup(name).freeze(op == "pause")
             machine.state = RunState.PAUSED if op == "pause" else RunState.RUNNING
-            events.record(self.layout, name, op)
+            self._event(name, op)
             self.save(machine)
             return {"status": machine.status().as_json()}
         if op in ("stop", "forget"):
             if machine.state is RunState.PAUSED:
                 MachineCgroup(name).freeze(False)  # a frozen process cannot act on SIGTERM
-            events.record(self.layout, name, "stop")
+            self._event(name, "stop")
             machine.wanted = "stopped"
             machine.restart_at = None
             if machine.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(machine.pid, signal.SIGTERM)
+                self._signal(machine, signal.SIGTERM)
                 machine.kill_at = time.monotonic() + machine.spec.stop_timeout
             elif machine.state is RunState.RESTARTING:
                 machine.state = RunState.EXITED
@@ -361,7 +399,7 @@ class Daemon:
                 self._drop(name)
             else:
                 self.save(machine)
-            return {"status": machine.status().as_json()}
+            return {"status": machine.status().as_json(), "stop_timeout": machine.spec.stop_timeout}
         return {"error": f"unknown request {op!r}"}
 
     def serve(self) -> None:
@@ -393,8 +431,8 @@ class Daemon:
                     with contextlib.suppress(BlockingIOError):
                         wake_read.recv(4096)
                 else:
-                    self.on_exit(key.data)
-            self.tick()
+                    self._guarded(self.on_exit, key.data)
+            self._guarded(self.tick)
         notify("STOPPING=1")
         server.close()
         path.unlink(missing_ok=True)

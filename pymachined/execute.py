@@ -223,10 +223,8 @@ class Executor:
     def _ReplaceRoot(self, action: ReplaceRoot) -> None:
         want = self.desired[action.machine]
         self.supervisor.stop(want.name)
-        rootfs.unmount(self.layout, want.name)
-        base = Path(self.layout.machine_dir(want.name))
-        for part in ("rootfs", "upper", "work", "ephemeral", rootfs.RECORD):
-            files.remove_tree(base / part)
+        rootfs.remove(self.layout, want.name)
+        crash_point("replace")
         self._make_root(want)
         self._event(replace(self._record(want.name), layers=want.layer_keys), "root replaced")
 
@@ -277,18 +275,7 @@ class Executor:
             network.sync_rules(self.layout, self.state)
 
     def _start(self, want: Desired, event: str, *, restart: bool = False) -> None:
-        root = rootfs.read(self.layout, want.name)
-        if root is None:
-            raise PymachineError(f"machine {want.name} has no root")
-        mounted = rootfs.mount(self.layout, self.images, root)
-        # Written at every start, so that a changed file (which restarts the
-        # machine) reaches the root; the same content is a harmless rewrite.
-        for file in want.machine.files:
-            files.write_in_root(mounted, file.path, file.content, int(file.mode, 8))
-        for bind in want.machine.binds:
-            files.make_mount_point(mounted, bind.target, Path(bind.source).is_dir())
-        for tmpfs in want.machine.tmpfs:
-            files.make_mount_point(mounted, tmpfs.path, directory=True)
+        ready_root(self.layout, self.images, want.name, want.machine)
         self._attach(want)
         if restart:
             self.supervisor.restart(want.run)
@@ -363,15 +350,38 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     for path in record.files:
         remove_owned_file(Path(path))
     crash_point("remove")
-    rootfs.unmount(layout, name)
+    rootfs.remove(layout, name)
     base = Path(layout.machine_dir(name))
+    last = {state.path(name).name, rootfs.OWNER}
     for entry in sorted(base.iterdir()) if base.is_dir() else []:
-        if entry.name != state.path(name).name:
+        if entry.name not in last:
             files.remove_tree(entry)
+    (base / rootfs.OWNER).unlink(missing_ok=True)
     state.delete(name)
     with contextlib.suppress(FileNotFoundError):
         base.rmdir()
     events.record(layout, name, "remove")
+
+
+def ready_root(layout: Layout, images: ImageStore, name: str, machine: Machine | None) -> Path:
+    """Mount a machine's root and put in it what a start of ``machine`` (its
+    spec; None: only mount) needs: its ``files:`` (written at every start, so
+    that a changed file, which restarts the machine, reaches the root, and an
+    ephemeral root has them after a boot) and the mount points of its binds
+    and tmpfs."""
+    root = rootfs.read(layout, name)
+    if root is None:
+        raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
+    mounted = rootfs.mount(layout, images, root)
+    if machine is None:
+        return mounted
+    for file in machine.files:
+        files.write_in_root(mounted, file.path, file.content, int(file.mode, 8))
+    for bind in machine.binds:
+        files.make_mount_point(mounted, bind.target, Path(bind.source).is_dir())
+    for tmpfs in machine.tmpfs:
+        files.make_mount_point(mounted, tmpfs.path, directory=True)
+    return mounted
 
 
 def attach_recorded(

@@ -40,6 +40,7 @@ def observe(
             name=name,
             record=records.get(name),
             root=root.layers if root is not None and has_root else None,
+            root_mode=root.mode if root is not None and has_root else None,
             files={str(p): _hash_of(p) for p in paths},
             status=statuses.get(name),
         )

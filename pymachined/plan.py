@@ -31,7 +31,7 @@ from pymachined.actions import (
 from pymachined.desired import Desired, DesiredNetwork, file_hash
 from pymachined.limits import Limits, describe_change
 from pymachined.records import MachineRecord, NetworkRecord
-from pymachined.spec import MachineState
+from pymachined.spec import MachineState, RootfsMode
 from pymachined.supervise.base import RunState, Status
 
 
@@ -42,6 +42,7 @@ class Observed:
     name: str
     record: MachineRecord | None = None
     root: tuple[str, ...] | None = None  # the layers of its root, if it has one
+    root_mode: RootfsMode | None = None  # how that root is made
     files: Mapping[str, str | None] = field(default_factory=dict)  # path -> hash on disk
     status: Status | None = None
 
@@ -158,6 +159,9 @@ def plan(
     actions: list[Action] = plan_networks(networks, observed_networks)
     stopping: list[Action] = []
     queued_builds: set[str] = set()
+    # Machines stopped on the way (a root made again): their running dependents
+    # stop with them under systemd (Requires=), so they are restarted after.
+    bounced: set[str] = set()
     for name in start_order(desired):
         want = desired[name]
         seen = observed.get(name, Observed(name))
@@ -176,12 +180,23 @@ def plan(
         elif seen.root != want.layer_keys:
             actions.append(ReplaceRoot(name, "its image changed"))
             recreated = True
+        elif seen.root_mode is not None and seen.root_mode is not want.machine.rootfs:
+            change = f"rootfs: {seen.root_mode.value} -> {want.machine.rootfs.value}"
+            actions.append(ReplaceRoot(name, change))
+            recreated = True
         actions += _file_actions(want, seen)
         wants_running = want.machine.state is MachineState.RUNNING
+        stopped_with = next((d for d in want.machine.depends_on if d in bounced), None)
+        if recreated or (stopped_with is not None and seen.running):
+            bounced.add(name)
         if wants_running and not seen.running:
             actions.append(StartMachine(name, "not running"))
         elif wants_running and recreated:
             actions.append(RestartMachine(name, "its root was made again"))
+        elif wants_running and stopped_with is not None:
+            actions.append(
+                RestartMachine(name, f"{stopped_with}, which it needs, is stopped on the way")
+            )
         elif wants_running and seen.record and seen.record.config_hash != want.config_hash:
             actions.append(RestartMachine(name, "its configuration changed"))
         elif wants_running and seen.record and _limits(seen.record.run) != want.run.limits:

@@ -29,6 +29,10 @@ OWNER = ".pymachine-owner"
 left by a create that was killed half-way is still known as pymachine's."""
 
 
+PARTS = ("rootfs", "upper", "work", "ephemeral", "rootfs.partial", "rootfs.view")
+"""What a root is made of in a machine's directory, besides its record."""
+
+
 @dataclass(frozen=True)
 class Root:
     """A machine's root: how it is made and from which layers (topmost first)."""
@@ -71,6 +75,12 @@ def create(
     base = _dir(layout, name)
     base.mkdir(parents=True, exist_ok=True)
     (base / OWNER).write_text("pymachine\n")
+    if not (base / RECORD).exists():
+        # Whatever a create or a removal killed half-way left is never mixed
+        # into the new root (the record goes first when a root is removed).
+        files.unmount_under(base)
+        for part in PARTS:
+            files.remove_tree(base / part)
     rootfs = base / "rootfs"
     if mode is RootfsMode.COPY:
         _copy(base, chain)
@@ -152,8 +162,13 @@ def unmount(layout: Layout, name: str) -> None:
 
 
 def remove(layout: Layout, name: str) -> None:
-    """Remove a machine's root after unmounting everything under it."""
-    files.remove_tree(_dir(layout, name))
+    """Remove a machine's root, its record first (so a removal killed half-way
+    leaves no root taken as complete), after unmounting everything under it."""
+    base = _dir(layout, name)
+    unmount(layout, name)
+    (base / RECORD).unlink(missing_ok=True)
+    for part in PARTS:
+        files.remove_tree(base / part)
 
 
 def users(layout: Layout) -> dict[str, list[str]]:

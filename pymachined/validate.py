@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from pymachined.errors import Diagnostic, SpecError
 from pymachined.load import Located, Path_, collect
 from pymachined.records import MachineRecord
-from pymachined.spec import Image, Machine, Network
+from pymachined.spec import Image, Machine, MachineState, Network
 
 
 @dataclass(frozen=True)
@@ -201,13 +201,24 @@ def _check_machines(spec_set: SpecSet, state_dirs: Sequence[PurePosixPath]) -> l
                 )
             )
         for index, dependency in enumerate(machine.depends_on):
-            if dependency not in spec_set.machines:
+            needed = spec_set.machines.get(dependency)
+            if needed is None:
                 problems.append(
                     _at(
                         located,
                         ("depends_on", index),
                         f"unknown machine {dependency!r}",
                         _suggest(dependency, spec_set.machines),
+                    )
+                )
+            elif machine.state is MachineState.RUNNING and needed.state is MachineState.STOPPED:
+                # Under systemd, starting this would start the dependency too (Requires=).
+                problems.append(
+                    _at(
+                        located,
+                        ("depends_on", index),
+                        f"depends on {dependency!r}, which is declared state: stopped",
+                        f"set state: stopped here too, or run {dependency}",
                     )
                 )
         network = spec_set.networks.get(machine.network)

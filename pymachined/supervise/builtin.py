@@ -131,16 +131,16 @@ class BuiltinSupervisor:
     def stop(self, name: str) -> Status:
         """Stop a machine and wait until its process is gone."""
         reply = self.request({"op": "stop", "name": name})
-        timeout = float(reply.get("stop_timeout", 0)) or 30.0
-        status = self._wait_stopped(name, timeout + 10)
+        # pymachined SIGKILLs the machine after its stop_timeout: wait that, and a margin.
+        status = self._wait_stopped(name, float(reply.get("stop_timeout", 0)) + 10)
         return status or Status(name, RunState.EXITED)
 
     def forget(self, name: str) -> None:
         """Stop a machine if needed and drop it from pymachined."""
         if name not in self.status():
             return
-        self.request({"op": "forget", "name": name})
-        self._wait_stopped(name, 60)
+        reply = self.request({"op": "forget", "name": name})
+        self._wait_stopped(name, float(reply.get("stop_timeout", 0)) + 10)
 
     def pause(self, name: str, paused: bool) -> Status:
         """Freeze or thaw a running machine."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +200,10 @@ files: [{{path: /etc/test-marker, content: "{host.prefix}"}}]
         host.declare(specs)
         host.apply()
         specs = image + TWO.split("---\n")[0].replace("debian-bookworm-slim", '"@img"')
+    if step == "replace":  # the image changes under running machines
+        host.declare(specs)
+        host.apply()
+        specs = specs.replace('content: "', 'content: "v2 ')
     host.declare(specs)
     crashed = host.apply("--prune", env={"PYMACHINE_CRASH_AT": step}, check=False)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
@@ -307,6 +312,29 @@ def test_a_full_disk_fails_plainly_and_loses_nothing(host: Host) -> None:
         subprocess.run(["umount", machines], check=True)
 
 
+def test_a_stopped_machine_gets_its_new_root_after_a_reboot(host: Host) -> None:
+    image = 'kind: image\nname: "@img"\nfrom: debian-bookworm-slim\n'
+    image += 'files: [{path: /etc/test-marker, content: "@one"}]\n---\n'  # a key of its own
+    machine = 'name: "@b"\nimage: "@img"\ncommand: [sleep, infinity]\nnetwork: none\n'
+    host.declare(image + machine + "state: stopped\n")
+    host.apply()
+    # A reboot: pymachined (if it ran) and everything under run/ are gone.
+    if (host.root / "run/pymachine/pymachined.lock").exists():
+        daemon = host.daemon_pid()
+        os.kill(daemon, signal.SIGTERM)
+        while Path(f"/proc/{daemon}").exists():
+            time.sleep(0.05)
+    shutil.rmtree(host.root / "run", ignore_errors=True)
+    host.declare(image.replace('"@one"', '"@two"') + machine + "state: stopped\n")
+    planned = host.pymachine("plan", str(host.specs), check=False).stdout
+    assert "replace the root of" in planned, planned
+    host.apply()
+    root = host.root / f"var/lib/pymachine/machines/{host.prefix}b/rootfs"
+    assert (root / "etc/test-marker").read_text() == f"{host.prefix}two"  # mounted by the replace
+    host.pymachine("destroy", "--yes", f"{host.prefix}b")
+    host.pymachine("image", "rm", f"{host.prefix}img")
+
+
 def test_drift_is_detected_and_repaired(host: Host) -> None:
     host.declare(TWO)
     host.apply()
@@ -346,6 +374,16 @@ def test_a_deleted_root_is_made_again(host: Host) -> None:
     host.apply()
     host.wait_for(lambda m: m["b"]["state"] == "running", "b running again")
     assert (base / "rootfs.json").exists()
+    # A removal killed after the root's record went, with its writes still
+    # there: they are not mixed into the root made again.
+    host.pymachine("stop", name)
+    subprocess.run(["umount", str(base / "rootfs")], check=True)
+    (base / "rootfs.json").unlink()
+    (base / "upper/leftover").write_text("from the old root\n")
+    host.apply()
+    host.wait_for(lambda m: m["b"]["state"] == "running", "b running again")
+    assert not (base / "upper/leftover").exists()
+    assert not (base / "rootfs/leftover").exists()
 
 
 def test_an_unreadable_record_stops_apply_and_changes_nothing(host: Host) -> None:

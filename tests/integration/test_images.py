@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from pymachined import rootfs
+from pymachined import files, rootfs
 from pymachined.images import ImageRecord, ImageStore, Progress
 from pymachined.layout import Layout
 from pymachined.recipes import layers, machine_layers
@@ -297,8 +297,11 @@ def test_removing_a_root_spares_a_bind_mounted_host_directory(
     subprocess.run(["mount", "--bind", str(host), str(merged / "mnt/host")], check=True)
     rootfs.remove(cache_layout, name)
     assert (host / "data").read_text() == "keep me\n"
-    assert not Path(cache_layout.machine_dir(name)).exists()
-    assert mounted_under(Path(cache_layout.machine_dir(name))) == []
+    base = Path(cache_layout.machine_dir(name))
+    assert rootfs.read(cache_layout, name) is None
+    assert sorted(p.name for p in base.iterdir()) == [rootfs.OWNER]  # the machine's, for now
+    assert mounted_under(base) == []
+    files.remove_tree(base)
 
 
 # ---------------------------------------------------------------------------

@@ -61,6 +61,7 @@ def converged(desired: dict[str, Desired]) -> tuple[dict[str, Observed], set[str
             name=name,
             record=record,
             root=want.layer_keys,
+            root_mode=want.machine.rootfs,
             files=dict(record.files),
             status=Status(name, RunState.RUNNING, pid=100),
         )
@@ -170,7 +171,25 @@ def test_an_image_change_replaces_the_root(repo: Path, tmp_path: Path) -> None:
         ("BuildImage", "web"),
         ("ReplaceRoot", "web"),
         ("RestartMachine", "web"),
+        ("RestartMachine", "cache"),  # stopped with web under systemd (Requires=)
     ]
+    assert actions[3].reason == "web, which it needs, is stopped on the way"
+
+
+def test_a_rootfs_mode_change_replaces_the_root(repo: Path, tmp_path: Path) -> None:
+    observed, built = converged(desired_from(repo, tmp_path))
+    copied = desired_from(repo, tmp_path, SPECS.replace("name: db\n", "name: db\nrootfs: copy\n"))
+    actions = plan(copied, observed, built)
+    assert kinds(actions) == [
+        ("ReplaceRoot", "db"),
+        ("RestartMachine", "db"),
+        ("RestartMachine", "web"),
+        ("RestartMachine", "cache"),  # through web: what needs db is restarted after it
+    ]
+    assert actions[0].reason == "rootfs: overlay -> copy"
+    assert actions[3].reason == "web, which it needs, is stopped on the way"
+    observed, built = converged(copied)
+    assert plan(copied, observed, built) == []
 
 
 def test_state_stopped_stops_dependents_first(repo: Path, tmp_path: Path) -> None:
