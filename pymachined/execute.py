@@ -276,11 +276,16 @@ class Executor:
 
     def _start(self, want: Desired, event: str, *, restart: bool = False) -> None:
         ready_root(self.layout, self.images, want.name, want.machine)
-        self._attach(want)
-        if restart:
-            self.supervisor.restart(want.run)
-        else:
-            self.supervisor.start(want.run)
+        try:
+            self._attach(want)
+            if restart:
+                self.supervisor.restart(want.run)
+            else:
+                self.supervisor.start(want.run)
+        except Exception:
+            if want.network is not None:  # no namespace, forwarder or rule outlives a failure
+                self._detach(want.name)
+            raise
         crash_point("start")
         record = replace(
             self._record(want.name),

@@ -107,8 +107,9 @@ def address6(network: Network, address: Address) -> ipaddress.IPv6Address | None
 
 
 def gateway6(network: Network) -> ipaddress.IPv6Address | None:
-    """The bridge's IPv6 address: the first of subnet6."""
-    return None if network.subnet6 is None else network.subnet6.network_address + 1
+    """The bridge's IPv6 address: the gateway's offset in subnet6, as a
+    machine's is its address's (so the two never clash)."""
+    return address6(network, network.gateway_address)
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,19 @@ def ipv4_forwards(
             host_port=port.host,
             address=address,
             port=port.machine,
-            host_ip=port.host_ip if isinstance(port.host_ip, ipaddress.IPv4Address) else None,
+            host_ip=_specific(port.host_ip),
         )
         for port in ports
         if port.host_ip is None or isinstance(port.host_ip, ipaddress.IPv4Address)
     ]
+
+
+def _specific(host_ip: Address | ipaddress.IPv6Address | None) -> ipaddress.IPv4Address | None:
+    """An IPv4 host address to match, or None for every one (0.0.0.0 included,
+    as in docker's ports)."""
+    if isinstance(host_ip, ipaddress.IPv4Address) and not host_ip.is_unspecified:
+        return host_ip
+    return None
 
 
 def _quote(name: str) -> str:

@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +32,6 @@ from pymachined.state import StateStore
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate detection
-
-_rules_lock = threading.Lock()
 
 
 def _marker(layout: Layout, name: str) -> str:
@@ -326,8 +323,10 @@ def _forwards(
 def sync_rules(layout: Layout, state: StateStore) -> str:
     """Rewrite pymachine's nft table from the records, in one transaction: NAT
     and isolation for every recorded network, DNAT for the ports of every
-    machine whose network is up; the script it ran."""
-    with _rules_lock:
+    machine whose network is up; the script it ran. Under a lock across
+    processes (an apply and units starting at boot rewrite it too), so that
+    each rewrite reads the records and namespaces after the one before loaded."""
+    with files.locked(Path(layout.net_run_dir) / "rules.lock"):
         networks = state.networks()
         bridges = []
         for record in networks.values():

@@ -96,6 +96,10 @@ def test_ipv6_addresses_mirror_the_ipv4_offset() -> None:
     assert netplan.address6(network, A("10.70.0.10")) == ipaddress.IPv6Address("fd00:70::a")
     assert netplan.gateway6(network) == ipaddress.IPv6Address("fd00:70::1")
     assert netplan.address6(net(), A("10.70.0.10")) is None
+    # Another gateway: the bridge's IPv6 address follows it, never a machine's.
+    moved = net(subnet6="fd00:70::/64", gateway="10.70.0.254")
+    assert netplan.gateway6(moved) == ipaddress.IPv6Address("fd00:70::fe")
+    assert netplan.address6(moved, A("10.70.0.1")) != netplan.gateway6(moved)
 
 
 # -- the ruleset ---------------------------------------------------------------
@@ -152,13 +156,14 @@ def test_nft_forwards_leave_ipv6_host_addresses_to_the_forwarders() -> None:
             "name": "web",
             "command": ["true"],
             "network": "backend",
-            "ports": ["8080:80", "127.0.0.1:5353:53/udp", "[::1]:8443:443"],
+            "ports": ["8080:80", "127.0.0.1:5353:53/udp", "[::1]:8443:443", "0.0.0.0:9090:90"],
         }
     )
     forwards = netplan.ipv4_forwards("web", "pmbr-a", A("10.70.0.5"), machine.ports)
     assert [(f.host_ip, f.host_port, f.protocol, f.port) for f in forwards] == [
         (None, 8080, Protocol.TCP, 80),
         (A("127.0.0.1"), 5353, Protocol.UDP, 53),
+        (None, 9090, Protocol.TCP, 90),  # 0.0.0.0: every host address, as docker reads it
     ]
 
 
