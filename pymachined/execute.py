@@ -339,6 +339,14 @@ class Executor:
     _ReplaceNetwork = _CreateNetwork
 
     def _RemoveNetwork(self, action: RemoveNetwork) -> None:
+        # A stopped machine declared on another network now still names this
+        # one in its record (a start would move it): it is no longer on it.
+        for name, record in self.state.all().items():
+            want = self.desired.get(name)
+            if want is None or record.network != action.network:
+                continue
+            if want.network is None or want.network.name != action.network:
+                self.state.put(replace(record, network=None, address=None))
         remove_network(self.layout, self.state, action.network)
 
 

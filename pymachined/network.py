@@ -10,6 +10,7 @@ interface alias (``pymachine:<scope>:<name>``); nothing without it is deleted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import os
@@ -384,6 +385,8 @@ def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Ad
             try:
                 sock = _bind6(port.protocol, listen, port.host)
             except OSError as exc:
+                if port.host_ip is None and exc.errno == errno.EAFNOSUPPORT:
+                    continue  # a host without IPv6: the IPv4 forward is all there is
                 raise PymachineError(
                     f"cannot forward [{listen}]:{port.host}/{port.protocol.value} to machine "
                     f"{machine.name}: {exc.strerror}",

@@ -406,3 +406,21 @@ def test_bad_networks_fail_before_anything_is_made(net_host: Host) -> None:
     assert "machines.yaml:12:1: address: 10.214.0.9 is outside 10.213.0.0/16" in failed.stderr
     assert scoped_leftovers(host) == []
     assert host.machines() == {}
+
+
+def test_a_stopped_machine_moved_off_a_network_lets_it_go(net_host: Host) -> None:
+    host = net_host
+    n1 = 'kind: network\nname: "@n1"\nsubnet: 10.213.1.0/24\n---\n'
+    n2 = 'kind: network\nname: "@n2"\nsubnet: 10.213.2.0/24\n---\n'
+    machine = 'name: "@m"\nimage: debian-bookworm-slim\ncommand: [sleep, infinity]\n'
+    host.declare(n1 + n2 + machine + 'network: "@n1"\n')
+    host.apply()
+    assert host.machines()["m"]["address"] == "10.213.1.2"
+    # Stopped, moved to n2, and n1 no longer declared: prune removes n1.
+    host.declare(n2 + machine + 'network: "@n2"\nstate: stopped\n')
+    host.apply("--prune")
+    listed = json.loads(host.pymachine("network", "ls", "-o", "json").stdout)
+    assert [doc["name"] for doc in listed] == [host.prefix + "n2"]
+    host.declare(n2 + machine + 'network: "@n2"\n')
+    host.apply()
+    assert host.machines()["m"]["address"] == "10.213.2.2"
