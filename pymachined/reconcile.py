@@ -23,7 +23,7 @@ from pymachined.parsers import machine_resolv_conf
 from pymachined.plan import Observed, plan
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
-from pymachined.validate import SpecSet, check_recorded_addresses
+from pymachined.validate import SpecSet, check_recorded_addresses, check_recorded_networks
 
 # systemd-resolved's list of the servers it asks (what nspawn's copy-uplink copies).
 UPLINK_RESOLV_CONF = "/run/systemd/resolve/resolv.conf"
@@ -131,6 +131,7 @@ class Reconciler:
         check_host(spec_set)
         desired = self.desired(spec_set)
         problems = check_recorded_addresses(spec_set, self.state.all().values())
+        problems += check_recorded_networks(spec_set, self.state.networks().values(), prune=prune)
         if problems:
             raise SpecError(problems)
         networks = desire_networks(spec_set, self.layout)

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from pymachined.errors import Diagnostic, SpecError
 from pymachined.load import Located, Path_, collect
-from pymachined.records import MachineRecord
+from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.spec import Image, Machine, MachineState, Network
 
 
@@ -333,6 +333,37 @@ def check_recorded_addresses(
                     f"choose another address, or remove {holder} (pymachine destroy {holder})",
                 )
             )
+    return problems
+
+
+def check_recorded_networks(
+    spec_set: SpecSet, records: Iterable[NetworkRecord], *, prune: bool
+) -> list[Diagnostic]:
+    """Declared networks whose subnet or bridge a network no longer declared
+    still holds on this host (it stays until an apply with --prune)."""
+    if prune:
+        return []  # removed in the same apply
+    problems = []
+    for record in records:
+        if record.name in spec_set.networks:
+            continue
+        held = Network.model_validate(record.spec)
+        for name, network in spec_set.networks.items():
+            clash = None
+            if network.subnet.overlaps(held.subnet):
+                clash = f"{network.subnet} overlaps {held.subnet}"
+            elif network.bridge is not None and network.bridge == record.bridge:
+                clash = f"bridge {record.bridge!r} is the bridge"
+            if clash is not None:
+                problems.append(
+                    _at(
+                        spec_set.sources[("network", name)],
+                        ("subnet",) if "overlaps" in clash else ("bridge",),
+                        f"{clash} of network {record.name!r}, no longer declared but still "
+                        "on this host",
+                        f"apply with --prune to remove {record.name}, or choose another",
+                    )
+                )
     return problems
 
 

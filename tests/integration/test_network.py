@@ -424,3 +424,16 @@ def test_a_stopped_machine_moved_off_a_network_lets_it_go(net_host: Host) -> Non
     host.declare(n2 + machine + 'network: "@n2"\n')
     host.apply()
     assert host.machines()["m"]["address"] == "10.213.2.2"
+    # Renamed, same subnet: refused while the old one holds it; --prune moves.
+    host.declare(n2.replace('"@n2"', '"@n3"') + machine + 'network: "@n3"\n')
+    refused = host.apply(check=False)
+    assert refused.returncode == 1
+    assert "subnet: 10.213.2.0/24 overlaps 10.213.2.0/24 of network" in refused.stderr
+    assert "apply with --prune" in refused.stderr
+    host.apply("--prune")
+    listed = json.loads(host.pymachine("network", "ls", "-o", "json").stdout)
+    assert [doc["name"] for doc in listed] == [host.prefix + "n3"]
+    host.wait_for(lambda m: m["m"]["state"] == "running", "m running on n3")
+    assert netns_run(host, "m", "ip", "route", "show", "default").stdout.startswith(
+        "default via 10.213.2.1"
+    )
