@@ -75,6 +75,16 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     assert "cli=10.217.0.2" in ls and "srv=10.217.0.10" in ls, ls
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
 
+    # srv's root is made again (another rootfs mode): stopping its unit stops
+    # cli's too (Requires=), and apply starts both again.
+    spec = host.run(["cat", f"{SPECS}/net.yaml"]).stdout
+    host.write(f"{SPECS}/net.yaml", spec.replace("name: srv\n", "name: srv\nrootfs: copy\n"))
+    out = host.run(["pymachine", "apply", "--yes", SPECS]).stdout
+    assert "replace the root of srv: rootfs: overlay -> copy" in out, out
+    assert "restart cli: srv, which it needs, is stopped on the way" in out, out
+    _serving(host, "after srv's root was made again")
+    assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
+
     # Power off and boot, with no apply at boot: each machine's unit makes its
     # bridge, namespace, rules and IPv6 forwarders again as it starts.
     host.poweroff()
