@@ -100,6 +100,7 @@ class Machine:
             "started": self.started,
             "exit_code": self.exit_code,
             "restarts": self.restarts,
+            "forgotten": self.forgotten,
         }
 
 
@@ -135,6 +136,7 @@ class Daemon:
                     started=data.get("started"),
                     exit_code=data.get("exit_code"),
                     restarts=int(data.get("restarts", 0)),
+                    forgotten=bool(data.get("forgotten", False)),
                 )
             except (OSError, ValueError, KeyError) as exc:
                 log.error("ignoring unreadable supervisor record %s: %s", path, exc)
