@@ -349,21 +349,21 @@ def check_recorded_networks(
             continue
         held = Network.model_validate(record.spec)
         for name, network in spec_set.networks.items():
-            clash = None
             if network.subnet.overlaps(held.subnet):
-                clash = f"{network.subnet} overlaps {held.subnet}"
+                field, clash = "subnet", f"{network.subnet} overlaps {held.subnet}"
             elif network.bridge is not None and network.bridge == record.bridge:
-                clash = f"bridge {record.bridge!r} is the bridge"
-            if clash is not None:
-                problems.append(
-                    _at(
-                        spec_set.sources[("network", name)],
-                        ("subnet",) if "overlaps" in clash else ("bridge",),
-                        f"{clash} of network {record.name!r}, no longer declared but still "
-                        "on this host",
-                        f"apply with --prune to remove {record.name}, or choose another",
-                    )
+                field, clash = "bridge", f"bridge {record.bridge!r} is the bridge"
+            else:
+                continue
+            problems.append(
+                _at(
+                    spec_set.sources[("network", name)],
+                    (field,),
+                    f"{clash} of network {record.name!r}, no longer declared but still "
+                    "on this host",
+                    f"apply with --prune to remove {record.name}, or choose another",
                 )
+            )
     return problems
 
 

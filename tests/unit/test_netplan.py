@@ -19,7 +19,12 @@ from pymachined.recipes import Salts
 from pymachined.records import MachineRecord, NetworkRecord, parse_network_record
 from pymachined.render import NSPAWN_BINARY, nspawn_run_argv
 from pymachined.spec import Machine, Network, Protocol
-from pymachined.validate import SpecSet, check_recorded_addresses, load_set
+from pymachined.validate import (
+    SpecSet,
+    check_recorded_addresses,
+    check_recorded_networks,
+    load_set,
+)
 
 HOST = Layout()
 TRIAL = Layout(PurePosixPath("/tmp/trial-root"))
@@ -357,3 +362,23 @@ def test_network_ls_and_inspect_read_the_records(
     ]
     code, _, err = run_cli(monkeypatch, capsys, "network", "inspect", "nope")
     assert code == 1 and "no network named 'nope'" in err
+
+
+def test_an_undeclared_network_on_record_keeps_its_subnet_and_bridge_until_pruned(
+    repo: Path, tmp_path: Path
+) -> None:
+    declared = spec_set(
+        repo, tmp_path, "kind: network\nname: new\nsubnet: 10.9.0.0/24\nbridge: br-lab\n"
+    )
+
+    def held(subnet: str, bridge: str) -> NetworkRecord:
+        spec = {"kind": "network", "name": "old", "subnet": subnet}
+        return NetworkRecord("old", bridge, "h", spec)
+
+    [overlap] = check_recorded_networks(declared, [held("10.9.0.0/16", "pmbr-x")], prune=False)
+    assert overlap.field == "subnet" and overlap.line == 3  # the subnet: line
+    assert "10.9.0.0/24 overlaps 10.9.0.0/16 of network 'old'" in overlap.message
+    [bridge] = check_recorded_networks(declared, [held("10.8.0.0/24", "br-lab")], prune=False)
+    assert bridge.field == "bridge"
+    assert check_recorded_networks(declared, [held("10.9.0.0/16", "br-lab")], prune=True) == []
+    assert check_recorded_networks(declared, [held("10.8.0.0/24", "pmbr-x")], prune=False) == []
