@@ -7,7 +7,6 @@ the commands that need them, so ``pymachine --help`` stays fast.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pymachined import __version__
-from pymachined.errors import PymachineError, UsageError
+from pymachined.errors import HOST_ERRNOS, PymachineError, UsageError, host_error
 from pymachined.layout import Layout
 
 if TYPE_CHECKING:
@@ -1210,23 +1209,6 @@ def _report(error: PymachineError) -> int:
     return error.exit_code
 
 
-# Failures of the host, not of pymachine: said plainly, without "report it".
-_HOST_ERRNOS = {
-    errno.ENOSPC: "free space on that file system (df -h), then run the command again",
-    errno.EDQUOT: "raise the quota or free space, then run the command again",
-    errno.EROFS: "remount the file system read-write, then run the command again",
-    errno.EIO: "check the disk (dmesg), then run the command again",
-}
-
-
-def _host_error(error: OSError) -> PymachineError:
-    """A failure of the host (a full disk…) as a PymachineError."""
-    hint = _HOST_ERRNOS.get(error.errno or 0, "run the command again")
-    where = f": {error.filename}" if error.filename else ""
-    message = f"{error.strerror or os.strerror(error.errno or 0)}{where}"
-    return PymachineError(message, hint=hint)
-
-
 def main() -> None:
     """Console entry point: Click reports usage errors itself (exit 2); pymachine's
     own errors are printed for people (exit 1), with a traceback only with --debug."""
@@ -1242,8 +1224,8 @@ def main() -> None:
     except Exception as error:  # a bug, unless the host failed: say which
         if debug:
             traceback.print_exc()
-        if isinstance(error, OSError) and error.errno in _HOST_ERRNOS:
-            sys.exit(_report(_host_error(error)))
+        if isinstance(error, OSError) and error.errno in HOST_ERRNOS:
+            sys.exit(_report(host_error(error)))
         typer.echo(f"error: internal error: {type(error).__name__}: {error}", err=True)
         typer.echo("hint: run again with --debug for the traceback, and report it", err=True)
         sys.exit(1)

@@ -6,6 +6,8 @@ CLI prints them. Pure module.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,3 +95,57 @@ class CommandError(PymachineError):
 
 class StateError(PymachineError):
     """pymachine's own state on this host is unreadable or inconsistent."""
+
+
+# Failures of the host, not of pymachine: said plainly, without "report it".
+HOST_ERRNOS = {
+    errno.ENOSPC: "free space on that file system (df -h), then run the command again",
+    errno.EDQUOT: "raise the quota or free space, then run the command again",
+    errno.EROFS: "remount the file system read-write, then run the command again",
+    errno.EIO: "check the disk (dmesg), then run the command again",
+}
+
+
+def host_error(error: OSError) -> PymachineError:
+    """A failure of the host (a full disk, a read-only file system…) as a
+    PymachineError naming the file it hit."""
+    hint = HOST_ERRNOS.get(error.errno or 0, "run the command again")
+    where = f": {error.filename}" if error.filename else ""
+    message = f"{error.strerror or os.strerror(error.errno or 0)}{where}"
+    return PymachineError(message, hint=hint)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One machine (or network) an apply could not converge: the step that
+    failed and why."""
+
+    name: str
+    step: str
+    error: PymachineError
+
+    def lines(self) -> list[str]:
+        """The failure as the CLI prints it: the machine and what went wrong,
+        the error's further lines indented, and its hint."""
+        first, *rest = self.error.message.splitlines() or [""]
+        out = [f"{self.name}: {first}", *(f"  {line.strip()}" for line in rest)]
+        if self.error.hint:
+            out.append(f"  hint: {self.error.hint}")
+        return out
+
+
+class ApplyError(PymachineError):
+    """An apply converged what it could; these machines (and what needs them)
+    are left for the next apply."""
+
+    def __init__(self, failures: Sequence[Failure]) -> None:
+        self.failures = list(failures)
+        names = ", ".join(f.name for f in self.failures)
+        count = len(self.failures)
+        super().__init__(
+            f"{count} of the plan's machines or networks did not converge: {names}",
+            hint="fix what the lines above say, then apply again: it retries only what is left",
+        )
+
+    def lines(self) -> list[str]:
+        return [line for failure in self.failures for line in failure.lines()]

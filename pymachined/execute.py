@@ -41,9 +41,9 @@ from pymachined.actions import (
     WriteFiles,
 )
 from pymachined.desired import Desired, file_hash
-from pymachined.errors import PymachineError
+from pymachined.errors import ApplyError, Failure, PymachineError, host_error
 from pymachined.faults import crash_point
-from pymachined.images import ImageStore
+from pymachined.images import ImageRecord, ImageStore
 from pymachined.layout import Layout
 from pymachined.plan import starts_at_boot
 from pymachined.records import MachineRecord, NetworkRecord
@@ -70,6 +70,9 @@ class Executor:
 
     parallel: int = 8
     _addresses: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _failures: dict[str, Failure] = field(default_factory=dict)
+    _builds: dict[str, PymachineError] = field(default_factory=dict)
 
     def run(self, actions: Sequence[Action]) -> None:
         """Every action, in three phases. First each machine's builds, creation
@@ -77,17 +80,19 @@ class Executor:
         are done; then the supervisor takes in the written files at once (under
         systemd: one daemon-reload however many changed); then starts, restarts
         and resource updates, again in dependency order. Stops and removals
-        follow, one by one, in plan order. The first failure stops what has not
-        begun."""
+        follow, one by one, in plan order.
+
+        A failed step fails its machine (or network) and what needs it; every
+        other machine is still converged. The failures are raised together at
+        the end, as an ApplyError, and the next apply plans only what is left."""
         if any(isinstance(a, StartMachine | RestartMachine) for a in actions):
             self.supervisor.prepare()
+        self._failures = {}
         making: dict[str, list[Action]] = {}
         running: dict[str, list[Action]] = {}
         backward: list[Action] = []
         networks_first: list[Action] = [a for a in actions if isinstance(a, CreateNetwork)]
         networks_last: list[Action] = [a for a in actions if isinstance(a, RemoveNetwork)]
-        for step in networks_first:
-            self._one(step)
         for action in actions:
             if isinstance(action, NetworkAction):
                 continue
@@ -100,8 +105,14 @@ class Executor:
             else:
                 making.setdefault(action.machine, []).append(action)
         try:
+            for step in networks_first:
+                self._guarded(step.machine, step)
             self._run_forward(making)
-            written = {a.machine for a in actions if isinstance(a, WriteFiles)}
+            written = {
+                a.machine
+                for a in actions
+                if isinstance(a, WriteFiles) and a.machine not in self._failures
+            }
             autostart = {n: starts_at_boot(self.desired[n]) for n in written}
             for action in actions:
                 if isinstance(action, EnableMachine):
@@ -111,13 +122,15 @@ class Executor:
                 self.supervisor.commit(autostart, reload=bool(written))
             self._run_forward(running)
             for action in backward:
-                self._one(action)
+                self._guarded(action.machine, action)
             if any(isinstance(a, RemoveMachine) for a in backward):
                 self.supervisor.commit({}, reload=True)
             for step in networks_last:
-                self._one(step)
+                self._guarded(step.machine, step)
         finally:
             self._sync()
+        if self._failures:
+            raise ApplyError(list(self._failures.values()))
 
     def _sync(self) -> None:
         """Make the records, roots and files this run wrote durable: one flush
@@ -136,23 +149,54 @@ class Executor:
         handler = getattr(self, f"_{action.kind}")
         handler(action)
 
+    def _fail(self, name: str, step: str, error: PymachineError) -> None:
+        with self._lock:
+            self._failures.setdefault(name, Failure(name, step, error))
+        self.say(f"failed: {name}: {error.message}")
+
+    def _guarded(self, name: str, action: Action) -> bool:
+        """Carry out one action of machine (or network) name; a failure is
+        recorded against it, and False returned. A bug (any other exception)
+        still stops the whole apply."""
+        try:
+            self._one(action)
+        except PymachineError as error:
+            self._fail(name, action.describe(), error)
+            return False
+        except OSError as error:
+            self._fail(name, action.describe(), host_error(error))
+            return False
+        return True
+
+    def _blocked(self, name: str) -> str | None:
+        """What keeps machine name from converging now: a failed dependency or
+        network, else None."""
+        want = self.desired.get(name)
+        if want is None:
+            return None
+        if want.network is not None and want.network.name in self._failures:
+            return f"network {want.network.name}"
+        failed = [d for d in want.machine.depends_on if d in self._failures]
+        return f"machine {failed[0]}" if failed else None
+
     def _run_forward(self, work: dict[str, list[Action]]) -> None:
         if not work:
             return
-        failed = threading.Event()
         futures: dict[str, Future[None]] = {}
 
         def machine_task(name: str, steps: list[Action], needs: list[Future[None]]) -> None:
             for dependency in needs:
-                dependency.result()  # re-raises a dependency's failure
+                dependency.result()
+            if name in self._failures:
+                return  # failed in an earlier phase
+            blocker = self._blocked(name)
+            if blocker is not None:
+                error = PymachineError(f"not converged: it needs {blocker}, which failed")
+                self._fail(name, steps[0].describe(), error)
+                return
             for step in steps:
-                if failed.is_set():
+                if not self._guarded(name, step):
                     return
-                try:
-                    self._one(step)
-                except BaseException:
-                    failed.set()
-                    raise
 
         # Submitted in plan order, which puts dependencies first: a task only
         # waits for tasks submitted before it, so the pool cannot deadlock.
@@ -196,9 +240,25 @@ class Executor:
                 hint="move it away or rename the machine; pymachine never deletes it",
             )
 
+    def _ensure(self, want: Desired) -> list[ImageRecord]:
+        """Build what is missing of a machine's layers (or wait for another
+        machine's thread building them); a layer that failed once in this run
+        is not built again for the next machine that needs it."""
+        failed = next((self._builds[k] for k in want.layer_keys if k in self._builds), None)
+        if failed is not None:
+            raise failed
+        try:
+            return self.images.ensure(want.layers)
+        except PymachineError as error:
+            with self._lock:
+                for key in want.layer_keys:
+                    if self.images.get(key) is None:
+                        self._builds.setdefault(key, error)
+            raise
+
     def _make_root(self, want: Desired) -> None:
         # ensure, not chain: another machine's thread may still be building it.
-        chain = self.images.ensure(want.layers)
+        chain = self._ensure(want)
         rootfs.create(self.layout, want.name, want.machine.rootfs, chain, durable=False)
         rootfs.mount(
             self.layout, self.images, rootfs.Root(want.name, want.machine.rootfs, want.layer_keys)
@@ -207,7 +267,7 @@ class Executor:
     # -- actions -------------------------------------------------------------
 
     def _BuildImage(self, action: BuildImage) -> None:
-        self.images.ensure(self.desired[action.machine].layers)
+        self._ensure(self.desired[action.machine])
 
     def _CreateMachine(self, action: CreateMachine) -> None:
         want = self.desired[action.machine]

@@ -100,6 +100,59 @@ def test_a_change_restarts_only_that_machine(host: Host) -> None:
     assert "GREETING=bonjour" in nspawn.read_text()
 
 
+BROKEN = """\
+kind: image
+name: "@broken"
+from: debian-bookworm-slim
+script: "echo the recipe is wrong; exit 3"
+---
+name: "@c"
+image: "@broken"
+command: [sleep, infinity]
+network: none
+---
+name: "@d"
+image: debian-bookworm-slim
+command: [sleep, infinity]
+network: none
+depends_on: ["@c"]
+---
+"""
+
+
+def test_a_failed_build_fails_its_machines_and_the_rest_converges(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    host.wait_for(lambda m: all(r["pid"] for r in m.values()), "both running")
+    before = host.machines()
+    host.declare(BROKEN + TWO.replace("GREETING: hello", "GREETING: bonjour"))
+    failed = host.apply(check=False)
+    assert failed.returncode == 1, failed.stderr
+    # The unrelated change landed: a runs with its new environment, b untouched.
+    host.wait_for(lambda m: m["a"]["pid"] not in (None, before["a"]["pid"]), "a restarted")
+    assert host.machines()["b"]["pid"] == before["b"]["pid"]
+    nspawn = host.root / f"etc/systemd/nspawn/{host.prefix}a.nspawn"
+    assert "GREETING=bonjour" in nspawn.read_text()
+    # Each failure is reported with its cause and the build's log.
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    at = errors.index(next(e for e in errors if e.startswith(f"error: {host.prefix}c: ")))
+    assert "building image" in errors[at]
+    c_lines = errors[at : at + 8]
+    assert any("the recipe is wrong" in line for line in c_lines), failed.stderr
+    assert any(line.startswith("error:   hint: the full log is") for line in c_lines)
+    d_line = next(line for line in errors if line.startswith(f"error: {host.prefix}d: "))
+    assert f"needs machine {host.prefix}c, which failed" in d_line
+    # The next plan holds only what is left: c and d.
+    planned = json.loads(host.pymachine("plan", str(host.specs), "-o", "json", check=False).stdout)
+    assert {p["machine"] for p in planned} == {f"{host.prefix}c", f"{host.prefix}d"}
+    host.declare(BROKEN.replace("exit 3", "exit 0") + TWO.replace("hello", "bonjour"))
+    host.apply()
+    host.wait_for(lambda m: m["c"]["pid"] and m["d"]["pid"], "c and d running")
+    for name in ("c", "d"):
+        host.pymachine("destroy", "--yes", f"{host.prefix}{name}")
+    host.pymachine("image", "rm", f"{host.prefix}broken")
+
+
 def test_prune_removes_only_what_pymachine_owns(host: Host) -> None:
     host.declare(TWO)
     host.apply()
