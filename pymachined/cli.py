@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from pymachined.images import ImageStore
     from pymachined.reconcile import Reconciler
     from pymachined.records import MachineRecord
-    from pymachined.spec import Machine
     from pymachined.validate import SpecSet
+    from pymachined.verbs import Verbs
 
 app = typer.Typer(
     name="pymachine",
@@ -250,10 +250,9 @@ def _reconciler(supervisor: str) -> Reconciler:
 
 
 def _host_lock(timeout: float | None) -> AbstractContextManager[None]:
-    from pymachined.files import locked
+    from pymachined.verbs import host_lock
 
-    path = Path(options.layout.run_dir) / "apply.lock"
-    return locked(path, timeout=timeout, waiting=lambda m: typer.echo(m, err=True))
+    return host_lock(options.layout, timeout, waiting=lambda m: typer.echo(m, err=True))
 
 
 def _planned(
@@ -371,31 +370,48 @@ def _known(name: str) -> MachineRecord:
     return record
 
 
-def _recorded_machine(record: MachineRecord) -> Machine | None:
-    """A machine's spec as it was last started (None before its first start)."""
-    from pymachined.spec import Machine
-
-    return Machine.model_validate(record.spec) if record.spec else None
-
-
 NameArg = Annotated[str, typer.Argument(help="The machine.")]
+
+
+def _verbs(supervisor: str) -> Verbs:
+    from pymachined.verbs import Verbs
+
+    reconciler = _reconciler(supervisor)
+    return Verbs(
+        options.layout,
+        reconciler.images,
+        reconciler.supervisor,
+        waiting=lambda m: typer.echo(m, err=True),
+    )
+
+
+def _confirm_dependents(verbs: Verbs, name: str, verb: str, yes: bool) -> None:
+    """Before stopping a machine others need: say which, and ask (or --yes)."""
+    needing = verbs.running_dependents(name)
+    if not needing or yes:
+        return
+    which = ", ".join(needing)
+    if sys.stdin.isatty():
+        typer.confirm(
+            f"{which} need{'s' if len(needing) == 1 else ''} {name}; {verb} it?", abort=True
+        )
+        return
+    raise PymachineError(
+        f"{which} {'needs' if len(needing) == 1 else 'need'} {name} (depends_on) and "
+        f"{'is' if len(needing) == 1 else 'are'} running",
+        hint=f"stop {'it' if len(needing) == 1 else 'them'} first, or pass --yes to {verb} "
+        f"{name} anyway (under systemd, what needs it stops with it)",
+    )
+
+
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")]
 
 
 @app.command()
 def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Start a machine with the configuration it was last applied with."""
-    from pymachined.execute import attach_recorded, ready_root, resume_run_spec
-    from pymachined.state import StateStore
-
-    record = _known(name)
-    reconciler = _reconciler(supervisor)
-    ready_root(options.layout, reconciler.images, name, _recorded_machine(record))
-    spec = resume_run_spec(record)
-    status = reconciler.supervisor.status().get(name)
-    if status is None or status.pid is None:  # a running machine keeps its network
-        attach_recorded(options.layout, StateStore(options.layout), record)
-    reconciler.supervisor.start(spec)
-    typer.echo(f"started {name}")
+    started = _verbs(supervisor).start(name)
+    typer.echo(f"started {name}" if started else f"{name} is running already")
 
 
 @app.command("prepare", hidden=True)
@@ -405,10 +421,11 @@ def prepare(name: NameArg) -> None:
     systemd-nspawn, so machines start at boot and by systemctl alone."""
     from pymachined.execute import attach_recorded, ready_root
     from pymachined.state import StateStore
+    from pymachined.verbs import recorded_spec
 
     state = StateStore(options.layout)
     record = _known(name)
-    ready_root(options.layout, _store(), name, _recorded_machine(record))
+    ready_root(options.layout, _store(), name, recorded_spec(record))
     # Forwarders started here would not outlive this step: forward-ports.
     attach_recorded(options.layout, state, record, forwarders=False)
 
@@ -427,41 +444,31 @@ def forward_ports(name: NameArg) -> None:
 
 
 @app.command()
-def stop(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
+def stop(name: NameArg, yes: YesOption = False, supervisor: SupervisorOption = "auto") -> None:
     """Stop a machine (apply starts it again if its spec says state: running)."""
-    from pymachined.execute import detach_recorded
-    from pymachined.state import StateStore
-
-    record = _known(name)
-    status = _reconciler(supervisor).supervisor.stop(name)
-    detach_recorded(options.layout, StateStore(options.layout), record)
+    verbs = _verbs(supervisor)
+    verbs.record(name)
+    _confirm_dependents(verbs, name, "stop", yes)
+    status = verbs.stop(name)
     typer.echo(f"stopped {name} (exit code {status.exit_code})")
 
 
 @app.command()
 def restart(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
-    """Stop and start a machine."""
-    stop(name, supervisor)
-    start(name, supervisor)
+    """Restart a machine; under systemd, the machines that need it restart too."""
+    _verbs(supervisor).restart(name)
+    typer.echo(f"restarted {name}")
 
 
 @app.command()
-def destroy(
-    name: NameArg,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
-    supervisor: SupervisorOption = "auto",
-) -> None:
+def destroy(name: NameArg, yes: YesOption = False, supervisor: SupervisorOption = "auto") -> None:
     """Stop a machine and remove its root, files and record."""
-    from pymachined.execute import remove_machine
-    from pymachined.state import StateStore
-
-    _known(name)
+    verbs = _verbs(supervisor)
+    verbs.record(name)
+    _confirm_dependents(verbs, name, "destroy", yes)
     if not yes and sys.stdin.isatty():
         typer.confirm(f"destroy {name} and everything written in it?", abort=True)
-    reconciler = _reconciler(supervisor)
-    with _host_lock(None):
-        remove_machine(options.layout, StateStore(options.layout), reconciler.supervisor, name)
-        reconciler.supervisor.commit({}, reload=True)  # systemd forgets the removed unit
+    verbs.destroy(name)
     typer.echo(f"destroyed {name}")
 
 
@@ -680,16 +687,14 @@ def shell(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
 @app.command()
 def pause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Freeze every process of a running machine (the cgroup freezer)."""
-    _known(name)
-    _reconciler(supervisor).supervisor.pause(name, True)
+    _verbs(supervisor).pause(name, True)
     typer.echo(f"paused {name}")
 
 
 @app.command()
 def unpause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     """Resume a paused machine."""
-    _known(name)
-    _reconciler(supervisor).supervisor.pause(name, False)
+    _verbs(supervisor).pause(name, False)
     typer.echo(f"unpaused {name}")
 
 

@@ -240,6 +240,22 @@ def _attached(
     return wanted <= have and gateways == {str(network.gateway_address)}
 
 
+def link_problem(layout: Layout, machine: str, network: Network) -> str | None:
+    """What is wrong with a running machine's link to its network, from what the
+    host shows (its namespace, its veth and the bridge that veth is on), or
+    None. Cheap: no netlink, no entering the namespace."""
+    host_side = netplan.veth_name(layout, machine)
+    bridge = netplan.bridge_name(layout, network)
+    if not netns_exists(layout, machine):
+        return f"its network namespace {netplan.netns_name(layout, machine)} is missing"
+    if not link_exists(host_side) or _alias(host_side) != _marker(layout, machine):
+        return f"its veth {host_side} is missing"
+    master = Path("/sys/class/net", host_side, "master")
+    if not master.exists() or master.resolve().name != bridge:
+        return f"its veth {host_side} is not on the bridge {bridge}"
+    return None
+
+
 def _make_namespace(
     layout: Layout,
     machine: str,

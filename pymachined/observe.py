@@ -10,6 +10,8 @@ from pymachined import network, rootfs
 from pymachined.desired import Desired, DesiredNetwork, file_hash
 from pymachined.layout import Layout
 from pymachined.plan import Observed, ObservedNetwork
+from pymachined.records import MachineRecord, NetworkRecord
+from pymachined.spec import Network
 from pymachined.state import StateStore
 from pymachined.supervise.base import Status
 
@@ -30,6 +32,7 @@ def observe(
     """Observed state of every declared or recorded machine, by name."""
     records = store.all()
     names: Iterable[str] = sorted(set(desired) | set(records))
+    networks = store.networks()
     out = {}
     for name in names:
         root = rootfs.read(layout, name)
@@ -43,8 +46,25 @@ def observe(
             root_mode=root.mode if root is not None and has_root else None,
             files={str(p): _hash_of(p) for p in paths},
             status=statuses.get(name),
+            link=_link_problem(layout, records.get(name), statuses.get(name), networks),
         )
     return out
+
+
+def _link_problem(
+    layout: Layout,
+    record: MachineRecord | None,
+    status: Status | None,
+    networks: Mapping[str, NetworkRecord],
+) -> str | None:
+    """What is wrong with the network of a running machine on a declared
+    network (its namespace, veth or bridge), as recorded; None if nothing."""
+    if record is None or record.network is None or status is None or status.pid is None:
+        return None
+    made = networks.get(record.network)
+    if made is None or not made.spec:
+        return None
+    return network.link_problem(layout, record.name, Network.model_validate(made.spec))
 
 
 def _pid_namespace(pid: int) -> str | None:

@@ -45,6 +45,7 @@ class Observed:
     root_mode: RootfsMode | None = None  # how that root is made
     files: Mapping[str, str | None] = field(default_factory=dict)  # path -> hash on disk
     status: Status | None = None
+    link: str | None = None  # what is wrong with a running machine's network link
 
     @property
     def running(self) -> bool:
@@ -199,6 +200,10 @@ def plan(
             )
         elif wants_running and seen.record and seen.record.config_hash != want.config_hash:
             actions.append(RestartMachine(name, "its configuration changed"))
+        elif wants_running and seen.link is not None:
+            # A running machine keeps the namespace it started in: made again,
+            # its network needs a restart to be joined.
+            actions.append(RestartMachine(name, seen.link))
         elif wants_running and seen.record and _limits(seen.record.run) != want.run.limits:
             change = describe_change(_limits(seen.record.run), want.run.limits)
             actions.append(UpdateLimits(name, change))

@@ -12,6 +12,7 @@ import contextlib
 import json
 import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -437,3 +438,65 @@ def test_a_stopped_machine_moved_off_a_network_lets_it_go(net_host: Host) -> Non
     assert netns_run(host, "m", "ip", "route", "show", "default").stdout.startswith(
         "default via 10.213.2.1"
     )
+
+
+LINKED = """\
+kind: network
+name: "@n"
+subnet: 10.236.1.0/24
+---
+name: "@a"
+image: debian-bookworm-slim
+network: "@n"
+command: [sh, -c, "trap 'exit 0' TERM; while :; do sleep 0.1; done"]
+---
+name: "@b"
+image: debian-bookworm-slim
+network: "@n"
+depends_on: ["@a"]
+command: [sleep, infinity]
+"""
+
+
+def linked(host: Host, machine: str) -> bool:
+    """Whether a machine's namespace has its address and its veth is on its bridge."""
+    layout = Layout(PurePosixPath(host.root))
+    veth = Path("/sys/class/net", netplan.veth_name(layout, host.prefix + machine))
+    if not (veth / "master").exists():
+        return False
+    inside = netns_run(host, machine, "ip", "-4", "-o", "addr", "show", "dev", "eth0", check=False)
+    return f"inet {host.machines()[machine]['address']}/" in inside.stdout
+
+
+def test_a_broken_link_is_repaired_and_verbs_never_race_apply(net_host: Host) -> None:
+    host = net_host
+    host.declare(LINKED)
+    host.apply()
+    host.wait_for(lambda m: all(r["state"] == "running" for r in m.values()), "both running")
+    assert linked(host, "a")
+    # A veth deleted by hand: the plan sees it, the apply repairs it.
+    veth = netplan.veth_name(Layout(PurePosixPath(host.root)), host.prefix + "a")
+    subprocess.run(["ip", "link", "del", veth], check=True)
+    planned = json.loads(host.pymachine("plan", str(host.specs), "-o", "json", check=False).stdout)
+    assert [(p["action"], p["machine"]) for p in planned] == [("RestartMachine", host.prefix + "a")]
+    assert f"its veth {veth} is missing" in planned[0]["reason"]
+    host.apply()
+    host.wait_for(lambda m: m["a"]["state"] == "running", "a running again")
+    assert linked(host, "a")
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+    # b needs a: stopping a says so, and does nothing without --yes.
+    refused = host.pymachine("stop", host.prefix + "a", check=False)
+    assert refused.returncode == 1
+    assert f"{host.prefix}b needs {host.prefix}a" in refused.stderr
+    assert host.machines()["a"]["state"] == "running"
+    # A start racing an apply: both hold the host lock, so the machine always
+    # ends up running with its network, whichever goes first.
+    for _ in range(20):
+        host.pymachine("stop", "--yes", host.prefix + "a")
+        command = [sys.executable, "-m", "pymachined", "--root", str(host.root)]
+        starting = subprocess.Popen([*command, "start", host.prefix + "a"], stderr=subprocess.PIPE)
+        host.apply()
+        assert starting.wait(timeout=120) == 0, starting.stderr.read() if starting.stderr else ""
+        assert host.machines()["a"]["state"] == "running"
+        assert linked(host, "a")
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0

@@ -271,3 +271,14 @@ def test_start_at_boot_changed_outside_pymachine_is_put_back(repo: Path, tmp_pat
         status = replace(observed[name].status, enabled=enabled)  # type: ignore[type-var]
         observed[name] = replace(observed[name], status=status)
     assert plan(desired, observed, built) == []
+
+
+def test_a_running_machine_with_a_broken_link_is_restarted(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    observed["web"] = replace(observed["web"], link="its veth vpm1234 is missing")
+    actions = plan(desired, observed, built)
+    assert kinds(actions) == [("RestartMachine", "web")]
+    assert actions[0].describe().endswith("its veth vpm1234 is missing")
+    observed["web"] = replace(observed["web"], link=None)  # the restart attached it again
+    assert plan(desired, observed, built) == []
