@@ -267,6 +267,16 @@ def _planned(
     return reconciler.plan(spec_set, prune=prune)
 
 
+def _show_undeclared(names: list[str]) -> None:
+    """Say which recorded machines the specs leave out, which a plan does not touch."""
+    if names:
+        typer.echo(
+            f"note: no spec declares {', '.join(names)}; they are left as they are "
+            "(--prune would remove them)",
+            err=True,
+        )
+
+
 def _show_plan(desired: dict[str, Desired], actions: list[Action], fmt: Format) -> None:
     from pymachined.plan import warnings
 
@@ -292,6 +302,8 @@ def plan(
     reconciler = _reconciler(supervisor)
     desired, actions = _planned(reconciler, paths, prune)
     _show_plan(desired, actions, output)
+    if not prune:
+        _show_undeclared(reconciler.undeclared(desired))
     raise typer.Exit(2 if actions else 0)
 
 
@@ -311,6 +323,8 @@ def apply(
     with _host_lock(lock_timeout):
         desired, actions = _planned(reconciler, paths, prune)
         _show_plan(desired, actions, Format.TABLE)
+        if not prune:
+            _show_undeclared(reconciler.undeclared(desired))
         if not actions or dry_run:
             return
         if not yes and sys.stdin.isatty():
@@ -350,7 +364,8 @@ def list_machines(
             {
                 "name": name,
                 "state": state,
-                "image": names.get(record.layers[0], record.layers[0]) if record.layers else None,
+                "image": (record.spec or {}).get("image")
+                or (names.get(record.layers[0], record.layers[0]) if record.layers else None),
                 "address": record.address,
                 "uptime": _uptime(status.started) if running and status else None,
                 "restarts": status.restarts if status else 0,

@@ -366,7 +366,11 @@ class Executor:
         want = self.desired[action.machine]
         for problem in self.supervisor.set_limits(want.name, want.run.limits):
             self.say(f"warning: {want.name}: a limit is not applied: {problem}")
-        record = replace(self._record(want.name), run=want.run.as_json())
+        record = replace(
+            self._record(want.name),
+            run=want.run.as_json(),
+            spec=want.machine.model_dump(mode="json", by_alias=True),
+        )
         self._event(record, f"limits changed ({action.reason})")
 
     def _StopMachine(self, action: StopMachine) -> None:

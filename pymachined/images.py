@@ -362,14 +362,14 @@ class ImageStore:
         bootstrap = layer.recipe.bootstrap
         if bootstrap is not None:
             mirror = bootstrap.mirror or self.mirror()
-            self.progress.start(layer.name, "resolving")
+            self.progress.start(layer.label, "resolving")
             argv = commands.bootstrap_argv(self.tool_name(), bootstrap, PurePosixPath(tree), mirror)
             run.stream(commands.isolated_argv(argv), log=log, on_line=self.progress.line)
             self.progress.update("configuring")
             self._run_script(tree, staging, "debian.sh.j2", {}, log)
             self._run_layer(layer, tree, staging, log)
             return
-        self.progress.start(layer.name, "resolving")
+        self.progress.start(layer.label, "resolving")
         parents = [PurePosixPath(r.tree) for r in self.chain(layer.parent or "")]
         merged, work = staging / "merged", staging / "work"
         merged.mkdir()

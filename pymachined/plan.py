@@ -170,7 +170,7 @@ def plan(
         if top.key not in built and top.key not in queued_builds:
             missing = [layer for layer in want.layers if layer.key not in built]
             actions.append(
-                BuildImage(name, f"{len(missing)} layer(s) not in the cache", top.name, top.key)
+                BuildImage(name, f"{len(missing)} layer(s) not in the cache", top.label, top.key)
             )
             queued_builds.add(top.key)
         recreated = False

@@ -37,6 +37,13 @@ class Layer:
     name: str
     recipe: Image
     parent: str | None
+    title: str | None = None  # how people know it, where its name is made up
+
+    @property
+    def label(self) -> str:
+        """The layer as the operator knows it: a machine's packages layer as its
+        image and the packages it adds, any other by its name."""
+        return self.title or self.name
 
     @property
     def is_base(self) -> bool:
@@ -98,5 +105,7 @@ def machine_layers(spec_set: SpecSet, machine: Machine, salts: Salts) -> list[La
     if not machine.packages:
         return base
     extra = packages_image(machine.image, machine.packages)
-    top = Layer(_key(base[-1].key, extra, salts.derive), extra.name, extra, base[-1].key)
+    added = ", ".join(extra.packages)
+    title = f"{machine.image} + {added if len(added) <= 60 else added[:57] + '...'}"
+    top = Layer(_key(base[-1].key, extra, salts.derive), extra.name, extra, base[-1].key, title)
     return [*base, top]

@@ -146,6 +146,10 @@ class Reconciler:
         )
         return desired, actions
 
+    def undeclared(self, desired: dict[str, Desired]) -> list[str]:
+        """Recorded machines that no spec declares (what --prune would remove)."""
+        return sorted(set(self.state.all()) - set(desired))
+
     def execute(
         self,
         desired: dict[str, Desired],

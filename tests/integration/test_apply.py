@@ -153,6 +153,19 @@ def test_a_failed_build_fails_its_machines_and_the_rest_converges(host: Host) ->
     host.pymachine("image", "rm", f"{host.prefix}broken")
 
 
+def test_plan_names_what_the_specs_leave_out_and_ls_the_spec_image(host: Host) -> None:
+    specs = TWO.replace("network: none\n", "network: none\npackages: [procps]\n", 1)
+    host.declare(specs)
+    host.apply()
+    assert host.machines()["a"]["image"] == "debian-bookworm-slim"
+    host.declare(specs.split("---\n")[0])
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 0, planned.stdout
+    assert f"no spec declares {host.prefix}b" in planned.stderr
+    assert "--prune would remove them" in planned.stderr
+    assert host.machines()["b"]["state"] == "running"
+
+
 def test_prune_removes_only_what_pymachine_owns(host: Host) -> None:
     host.declare(TWO)
     host.apply()
