@@ -31,6 +31,16 @@ from tests.e2e.harness import (
 
 pytestmark = pytest.mark.e2e
 
+E2E_TIMEOUT = 1800  # seconds: a first run builds the host root (mmdebstrap) in its first test
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The e2e tests boot hosts: give each a longer timeout than the default."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT))
+
 MakeHost = Callable[[Path], BootedHost]
 
 
