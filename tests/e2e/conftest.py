@@ -41,6 +41,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT))
 
+
 MakeHost = Callable[[Path], BootedHost]
 
 
@@ -108,7 +109,7 @@ def make_host() -> Iterator[MakeHost]:
         host = BootedHost(
             root=root,
             run_dir=run_dir,
-            name=f"{PREFIX}-host{len(made)}",
+            name=f"{PREFIX}-{os.getpid()}-host{len(made)}",  # apart from other runs' hosts
             wheels=(dependency_wheels(), wheel_dir),
         )
         made.append(host)
