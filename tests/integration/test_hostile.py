@@ -277,10 +277,11 @@ def test_planted_paths_and_mount_points_are_refused_by_name(
         )
         declare(host, machine(case, **fields))
         result = apply(host)
-        assert result.returncode == 1, (case, result.stderr)
-        assert f"error: machine {host.prefix}{case}: " in result.stderr, (case, result.stderr)
-        assert path in result.stderr and kind in result.stderr, (case, result.stderr)
-        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+        said = result.stdout + result.stderr
+        assert result.returncode == 1, (case, said)
+        line = next(x for x in said.splitlines() if f"failed: {host.prefix}{case}: " in x)
+        assert f"machine {host.prefix}{case}: " in line and path in line and kind in line, line
+        assert "Traceback" not in said and "internal error" not in said
         # Nothing was made of what was planted: it is as the image left it.
         planted = PLANTED[path]
         assert kind_at(root_of(host, case), path) == planted, case
