@@ -310,9 +310,12 @@ class Daemon:
             machine.oom_kills = kills
 
     def _relaunch(self, machine: Machine) -> None:
-        """Start a machine again by its restart policy; a failure leaves it dead."""
+        """Start a machine again by its restart policy, its bind sources mounted
+        afresh; a failure leaves it dead."""
         machine.restarts += 1
         try:
+            # Its bind sources again, as a unit's ExecStartPre does under systemd.
+            files.stage_binds(self.layout, machine.spec.name, machine.spec.binds)
             self.launch(machine)
         except (OSError, PymachineError) as exc:
             log.error("%s: cannot restart: %s", machine.spec.name, exc)

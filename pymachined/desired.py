@@ -2,8 +2,9 @@
 
 Everything that, when it changes, needs the machine restarted goes into its
 configuration hash: the command line it runs with, its restart policy and
-stop timeout, its image layers, the files written into its root, and its
-network (the network's own settings, its declared address and its ports).
+stop timeout, its image layers, the files written into its root, its binds,
+and its network (the network's own settings, its declared address and its
+ports).
 Labels, ``state``, ``autostart`` and ``depends_on`` do not, nor do resource
 limits, which are changed on the running machine.
 
@@ -30,7 +31,7 @@ from pymachined.render import (
     nspawn_run_argv,
 )
 from pymachined.spec import Machine, Network
-from pymachined.supervise.base import RunSpec
+from pymachined.supervise.base import BindSource, RunSpec
 from pymachined.validate import SpecSet
 
 
@@ -118,6 +119,7 @@ def desire(
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
             limits=Limits(**machine.resources.model_dump()),
+            binds=tuple(BindSource(b.source, b.read_only) for b in machine.binds),
         )
         config = {
             "argv": list(run.argv),
@@ -126,6 +128,8 @@ def desire(
             "layers": [layer.key for layer in layers],
             "rootfs": machine.rootfs.value,
             "files": [f.model_dump(mode="json") for f in machine.files],
+            # The command line names binds by their staging paths only.
+            "binds": [b.model_dump(mode="json") for b in machine.binds],
         }
         if joined is not None:
             config["network"] = {

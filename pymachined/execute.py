@@ -50,7 +50,7 @@ from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.render import MARKER
 from pymachined.spec import Machine, Network
 from pymachined.state import StateStore
-from pymachined.supervise.base import RunSpec, Supervisor
+from pymachined.supervise.base import BindSource, RunSpec, Supervisor
 
 
 def _now() -> str:
@@ -444,7 +444,8 @@ def ready_root(layout: Layout, images: ImageStore, name: str, machine: Machine |
     """Mount a machine's root and put in it what a start of ``machine`` (its
     spec; None: only mount) needs: its ``files:`` (written at every start, so
     that a changed file, which restarts the machine, reaches the root, and an
-    ephemeral root has them after a boot) and the mount points of its binds
+    ephemeral root has them after a boot), its bind sources mounted at their
+    staging paths (``files.stage_binds``), and the mount points of its binds
     and tmpfs."""
     root = rootfs.read(layout, name)
     if root is None:
@@ -453,11 +454,13 @@ def ready_root(layout: Layout, images: ImageStore, name: str, machine: Machine |
     if machine is None:
         return mounted
     for file in machine.files:
-        files.write_in_root(mounted, file.path, file.content, int(file.mode, 8))
-    for bind in machine.binds:
-        files.make_mount_point(mounted, bind.target, Path(bind.source).is_dir())
+        files.write_in_root(mounted, file.path, file.content, int(file.mode, 8), machine=name)
+    sources = [BindSource(b.source, b.read_only) for b in machine.binds]
+    kinds = files.stage_binds(layout, name, sources)
+    for bind, directory in zip(machine.binds, kinds, strict=True):
+        files.make_mount_point(mounted, bind.target, directory, machine=name)
     for tmpfs in machine.tmpfs:
-        files.make_mount_point(mounted, tmpfs.path, directory=True)
+        files.make_mount_point(mounted, tmpfs.path, directory=True, machine=name)
     return mounted
 
 

@@ -15,13 +15,15 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pymachined import run
 from pymachined.errors import PymachineError
+from pymachined.layout import Layout
 from pymachined.parsers import mounts_under, parse_mountinfo
+from pymachined.supervise.base import BindSource
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
@@ -185,21 +187,28 @@ def _remove_children(fd: int, where: Path, device: int) -> None:
 
 def tree_usage(root: Path, seen: set[tuple[int, int]] | None = None) -> int:
     """Bytes of disk used by the files below root (hard links counted once, other
-    filesystems not entered)."""
-    if not root.exists():
+    filesystems not entered). Walked by directory descriptors opened without
+    following a symlink, so a running machine that swaps a directory of its
+    root for a symlink cannot turn the walk to the host."""
+    try:
+        top = os.open(root, _DIRECTORY)
+    except FileNotFoundError:
         return 0
     seen = set() if seen is None else seen
-    device = os.lstat(root).st_dev
+    device = os.fstat(top).st_dev
     total = 0
-    stack = [root]
+    stack = [top]
     while stack:
-        current = stack.pop()
+        fd = stack.pop()
         try:
-            entries = list(os.scandir(current))
+            names = os.listdir(fd)  # noqa: PTH208 - a directory descriptor
         except OSError:
-            continue
-        for entry in entries:
-            info = entry.stat(follow_symlinks=False)
+            names = []
+        for name in names:
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile
             if info.st_dev != device:
                 continue
             key = (info.st_dev, info.st_ino)
@@ -208,27 +217,68 @@ def tree_usage(root: Path, seen: set[tuple[int, int]] | None = None) -> int:
             seen.add(key)
             total += info.st_blocks * 512
             if stat.S_ISDIR(info.st_mode):
-                stack.append(Path(entry.path))
+                with contextlib.suppress(OSError):
+                    stack.append(os.open(name, _DIRECTORY, dir_fd=fd))
+        os.close(fd)
     return total
 
 
-def _open_in_root(root: Path, parts: list[str], path: str, owner: os.stat_result) -> int:
+# Every open inside a machine's root: never through a symlink, never waiting
+# on a FIFO or a device, never inherited by a child.
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def file_kind(mode: int) -> str:
+    """What a file is, in words, from its st_mode."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((words for test, words in kinds if test(mode)), "a special file")
+
+
+def _lstat_at(fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _in_machine(machine: str, path: str, problem: str) -> PymachineError:
+    return PymachineError(
+        f"machine {machine}: {path} in its root is {problem}",
+        hint="remove it from the machine's image (or its root), or name another path",
+    )
+
+
+def _open_in_root(
+    root: Path, parts: list[str], path: str, owner: os.stat_result, machine: str
+) -> int:
     """An fd of the directory parts name inside root, made where missing (owned
     by owner), never following a symlink."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = os.open(root, _DIRECTORY)
     for index, part in enumerate(parts):
         where = "/" + "/".join(parts[: index + 1])
         try:
             try:
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                child = os.open(part, _DIRECTORY, dir_fd=fd)
             except FileNotFoundError:
                 os.mkdir(part, 0o755, dir_fd=fd)
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                child = os.open(part, _DIRECTORY, dir_fd=fd)
                 os.fchown(child, owner.st_uid, owner.st_gid)
         except OSError as exc:
+            found = _lstat_at(fd, part)
             os.close(fd)
+            what = file_kind(found.st_mode) if found else "missing"
             raise PymachineError(
-                f"cannot make {path} in the machine: {where} is a symlink or not a directory",
+                f"machine {machine}: cannot make {path} in its root: {where} is {what}, "
+                "not a directory",
                 hint="name the path by its real path inside the machine",
             ) from exc
         os.close(fd)
@@ -236,43 +286,245 @@ def _open_in_root(root: Path, parts: list[str], path: str, owner: os.stat_result
     return fd
 
 
-def write_in_root(root: Path, path: str, content: str, mode: int) -> None:
+def _fresh_temp(fd: int, temp: str, mode: int, machine: str, where: str) -> int:
+    """A regular file made now at temp in the directory fd: whatever a root left
+    under that name (a device, a FIFO, a symlink, a stale temp) is unlinked by
+    name first, never opened."""
+    try:
+        os.unlink(temp, dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise _in_machine(machine, where, "a directory (pymachine's temporary name)") from None
+    try:
+        out = os.open(temp, _NEW_FILE, mode, dir_fd=fd)
+    except FileExistsError:  # a running machine made it again meanwhile
+        raise _in_machine(machine, where, "made again while pymachine writes it") from None
+    if not stat.S_ISREG(os.fstat(out).st_mode):
+        os.close(out)
+        raise _in_machine(machine, where, "not a regular file")
+    return out
+
+
+def write_in_root(root: Path, path: str, content: str, mode: int, *, machine: str) -> None:
     """Write content at the absolute path inside root, atomically, never following
     a symlink: a path through a symlink is refused, so nothing is written
-    outside root whatever the root holds. What is made belongs to the owner of
-    root, which is root inside the machine also when its ids are shifted to a
-    user namespace's range."""
+    outside root whatever the root holds. Only a regular file made here is
+    written (in a fresh temporary file, renamed over path); a path that is a
+    directory, a device, a FIFO or a socket is refused, and a symlink there is
+    replaced, not followed. What is made belongs to the owner of root, which is
+    root inside the machine also when its ids are shifted to a user
+    namespace's range."""
     parts = [p for p in path.split("/") if p]
     owner = root.lstat()
-    fd = _open_in_root(root, parts[:-1], path, owner)
+    fd = _open_in_root(root, parts[:-1], path, owner, machine)
     try:
         name = parts[-1]
+        found = _lstat_at(fd, name)
+        if found is not None and not (stat.S_ISREG(found.st_mode) or stat.S_ISLNK(found.st_mode)):
+            raise _in_machine(machine, path, f"{file_kind(found.st_mode)}, not a regular file")
         temp = f".{name}.pymachine-tmp"
-        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode, dir_fd=fd)
+        where = "/" + "/".join([*parts[:-1], temp])
+        out = _fresh_temp(fd, temp, mode, machine, where)
         try:
-            os.write(out, content.encode())
+            data = content.encode()
+            while data:
+                data = data[os.write(out, data) :]
             os.fchown(out, owner.st_uid, owner.st_gid)
             os.fchmod(out, mode)
             os.fsync(out)
+            made = os.fstat(out)
         finally:
             os.close(out)
         os.rename(temp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        placed = _lstat_at(fd, name)
+        if placed is None or (placed.st_dev, placed.st_ino) != (made.st_dev, made.st_ino):
+            raise _in_machine(machine, path, "changed by the machine while pymachine wrote it")
     finally:
         os.close(fd)
 
 
-def make_mount_point(root: Path, path: str, directory: bool) -> None:
+def make_mount_point(root: Path, path: str, directory: bool, *, machine: str) -> None:
     """Make the directory, or empty file, that something is mounted on at path
-    inside root, unless it exists; as write_in_root, never through a symlink.
+    inside root, unless it exists as such; as write_in_root, never through a
+    symlink, and never opening what is there: anything else at path (a
+    symlink, a FIFO, a device, a file where a directory is wanted) is refused.
     A read-only root needs its mount points made beforehand."""
     parts = [p for p in path.split("/") if p]
     owner = root.lstat()
-    fd = _open_in_root(root, parts if directory else parts[:-1], path, owner)
+    if directory:
+        os.close(_open_in_root(root, parts, path, owner, machine))
+        return
+    fd = _open_in_root(root, parts[:-1], path, owner, machine)
     try:
-        if not directory:
-            with contextlib.suppress(FileExistsError):
-                out = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        found = _lstat_at(fd, parts[-1])
+        if found is None:
+            try:
+                out = os.open(parts[-1], _NEW_FILE, 0o644, dir_fd=fd)
+            except FileExistsError:
+                raise _in_machine(machine, path, "made while pymachine made it") from None
+            try:
                 os.fchown(out, owner.st_uid, owner.st_gid)
+            finally:
                 os.close(out)
+        elif not stat.S_ISREG(found.st_mode):
+            raise _in_machine(
+                machine, path, f"{file_kind(found.st_mode)}, not a regular file to bind a file on"
+            )
     finally:
         os.close(fd)
+
+
+# Mounting from descriptors (openat2(2), mount_setattr(2): Linux 5.6, 5.12).
+_SYS_OPENAT2 = 437
+_SYS_MOUNT_SETATTR = 442
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_RECURSIVE = 0x8000
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def _check(result: int, path: str) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)
+    return result
+
+
+def open_no_symlinks(path: str) -> int:
+    """An O_PATH descriptor of path, resolved with no symlink in any component
+    (openat2 with RESOLVE_NO_SYMLINKS): OSError ELOOP if there is one."""
+    how = _OpenHow(
+        flags=os.O_PATH | os.O_CLOEXEC, resolve=_RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+    )
+    result = _libc().syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_long(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
+    return _check(result, path)
+
+
+def bind_descriptor(fd: int, target: Path, *, read_only: bool) -> None:
+    """Bind-mount what fd is open on (and what is mounted below it) at target,
+    nosuid and nodev (and read-only if asked) all through. The kernel mounts
+    the opened object itself: no path is resolved again."""
+    libc = _libc()
+    source = f"/proc/self/fd/{fd}".encode()
+    _check(libc.mount(source, os.fsencode(target), None, _MS_BIND | _MS_REC, None), str(target))
+    flags = _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV | (_MOUNT_ATTR_RDONLY if read_only else 0)
+    attr = _MountAttr(attr_set=flags)
+    result = libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR),
+        ctypes.c_long(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(target)),
+        ctypes.c_uint(_AT_RECURSIVE | _AT_SYMLINK_NOFOLLOW),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    try:
+        _check(result, str(target))
+    except OSError:
+        unmount_under(target)
+        raise
+
+
+def stage_binds(layout: Layout, machine: str, binds: Sequence[BindSource]) -> list[bool]:
+    """Mount each bind source of a machine afresh at its staging path
+    (``Layout.bind_staging``), where nspawn binds it from, under the lock its
+    root is mounted under: the source opened with no symlink in its path and
+    mounted from that descriptor, so a source swapped for a symlink since the
+    spec was checked fails the start instead of binding the symlink's target.
+    Staging mounts of binds no longer declared are taken away. Whether each
+    source is a directory, in order."""
+    kinds: list[bool] = []
+    directory = Path(layout.bind_dir(machine))
+    with locked(Path(layout.mount_lock(machine))):
+        if not binds and not os.path.lexists(directory):
+            return kinds
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir()
+        if not stat.S_ISDIR(os.lstat(directory).st_mode):
+            raise PymachineError(f"machine {machine}: {directory} is not a directory")
+        for index, bind in enumerate(binds):
+            kinds.append(_stage(Path(layout.bind_staging(machine, index)), bind, machine))
+        declared = {Path(layout.bind_staging(machine, i)) for i in range(len(binds))}
+        for entry in sorted(directory.iterdir()):
+            if entry not in declared:
+                _unstage(entry)
+    return kinds
+
+
+def _stage(staging: Path, bind: BindSource, machine: str) -> bool:
+    try:
+        fd = open_no_symlinks(bind.source)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PymachineError(
+                f"machine {machine}: bind source {bind.source} is a symlink, or passes "
+                "through one: it is not bound",
+                hint="name the real path in the spec, or put the directory back",
+            ) from exc
+        if exc.errno == errno.ENOENT:
+            raise PymachineError(
+                f"machine {machine}: bind source {bind.source} does not exist",
+                hint="create it, or remove the bind from the spec",
+            ) from exc
+        raise PymachineError(
+            f"machine {machine}: cannot open bind source {bind.source}: {exc.strerror}"
+        ) from exc
+    try:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        _unstage(staging)
+        if is_dir:
+            staging.mkdir()
+        else:
+            os.close(os.open(staging, _NEW_FILE, 0o600))
+        bind_descriptor(fd, staging, read_only=bind.read_only)
+    finally:
+        os.close(fd)
+    return is_dir
+
+
+def _unstage(staging: Path) -> None:
+    """Take away a staging mount point: unmounted, then removed if it is an
+    empty directory or a file, never recursively (a mount left there would
+    lose its source's content)."""
+    if not os.path.lexists(staging):
+        return
+    unmount_under(staging)
+    if stat.S_ISDIR(os.lstat(staging).st_mode):
+        staging.rmdir()
+    else:
+        staging.unlink()

@@ -91,6 +91,20 @@ class Layout:
         """Where a machine's root is assembled (the overlay's merged view)."""
         return self.machine_dir(name) / "rootfs"
 
+    def bind_dir(self, name: str) -> PurePosixPath:
+        """Where a machine's bind sources are mounted, one per bind, before
+        nspawn binds them into the machine (so nspawn never resolves a path a
+        symlink could redirect)."""
+        return self.machine_dir(name) / "binds"
+
+    def bind_staging(self, name: str, index: int) -> PurePosixPath:
+        """The staging mount of a machine's bind number ``index``."""
+        return self.bind_dir(name) / str(index)
+
+    def mount_lock(self, name: str) -> PurePosixPath:
+        """The lock that keeps two mounters of a machine's root and binds apart."""
+        return self.run_dir / "mounts" / f"{name}.lock"
+
     def nspawn_file(self, name: str) -> PurePosixPath:
         """A machine's .nspawn settings file."""
         return self.nspawn_dir / f"{name}.nspawn"

@@ -97,10 +97,14 @@ class RenderedFile:
     mode: int = 0o644
 
 
-def nspawn_context(machine: Machine, resolv_conf: str = "copy-host") -> dict[str, Any]:
+def nspawn_context(
+    machine: Machine, layout: Layout, resolv_conf: str = "copy-host"
+) -> dict[str, Any]:
     """The values of a machine's .nspawn file, as plain data. ``resolv_conf`` is
     how a machine on a declared network gets its resolvers (an nspawn
-    --resolv-conf mode, chosen for the host by ``parsers.machine_resolv_conf``)."""
+    --resolv-conf mode, chosen for the host by ``parsers.machine_resolv_conf``).
+    Binds are named by their staging paths, where pymachine mounts each source,
+    opened without following a symlink, before every start."""
     security = machine.security
     filters = []
     if security.seccomp.allow:
@@ -125,10 +129,13 @@ def nspawn_context(machine: Machine, resolv_conf: str = "copy-host") -> dict[str
         "read_only": machine.read_only,
         "binds": [
             {
-                "spec": f"{units.nspawn_path(b.source)}:{units.nspawn_path(b.target)}",
+                "spec": (
+                    f"{units.nspawn_path(str(layout.bind_staging(machine.name, index)))}"
+                    f":{units.nspawn_path(b.target)}"
+                ),
                 "read_only": b.read_only,
             }
-            for b in machine.binds
+            for index, b in enumerate(machine.binds)
         ],
         "tmpfs": [
             # Writable by every user, as /tmp is (and as docker mounts a tmpfs).
@@ -148,7 +155,7 @@ def nspawn_run_argv(machine: Machine, layout: Layout, resolv_conf: str = "copy-h
     """The systemd-nspawn command line pymachined runs a machine with: the same
     settings as its .nspawn file (from the same context), as options, since a
     file under --root is not where nspawn looks for settings."""
-    context = nspawn_context(machine, resolv_conf)
+    context = nspawn_context(machine, layout, resolv_conf)
     argv = [
         NSPAWN_BINARY,
         "--quiet",
@@ -270,7 +277,7 @@ def machine_files(
     resolv_conf: str = "copy-host",
 ) -> list[RenderedFile]:
     """Every file a machine gets on the host, rendered: its .nspawn file and unit."""
-    context = nspawn_context(machine, resolv_conf)
+    context = nspawn_context(machine, layout, resolv_conf)
     nspawn = render_template(template_dir, "machine.nspawn.j2", context)
     service = render_template(
         template_dir, "machine.service.j2", service_context(machine, layout, program)

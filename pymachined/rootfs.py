@@ -126,7 +126,7 @@ def mount(layout: Layout, store: ImageStore, root: Root) -> Path:
     """Assemble the root at machines/NAME/rootfs (idempotent); return that path.
     A lock per machine keeps two mounters (apply, and a unit's ExecStartPre at
     boot) from stacking two overlays."""
-    with files.locked(Path(layout.run_dir) / "mounts" / f"{root.name}.lock"):
+    with files.locked(Path(layout.mount_lock(root.name))):
         return _mount(layout, store, root)
 
 

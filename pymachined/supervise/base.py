@@ -49,8 +49,18 @@ class RunState(StrEnum):
 
 
 @dataclass(frozen=True)
+class BindSource:
+    """A host path bound into a machine, as the spec names it: mounted afresh
+    at its staging path (``Layout.bind_staging``) before every start."""
+
+    source: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class RunSpec:
-    """How to run one machine: its command line, restart policy and log."""
+    """How to run one machine: its command line, restart policy and log, and
+    the bind sources to mount at their staging paths before each start."""
 
     name: str
     argv: tuple[str, ...]
@@ -58,6 +68,7 @@ class RunSpec:
     log: str
     stop_timeout: float
     limits: Limits = field(default_factory=Limits)
+    binds: tuple[BindSource, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The spec as sent to and kept by the supervisor."""
@@ -68,6 +79,7 @@ class RunSpec:
             "log": self.log,
             "stop_timeout": self.stop_timeout,
             "limits": self.limits.as_json(),
+            "binds": [{"source": b.source, "read_only": b.read_only} for b in self.binds],
         }
 
     @classmethod
@@ -80,6 +92,9 @@ class RunSpec:
             log=str(data["log"]),
             stop_timeout=float(data["stop_timeout"]),
             limits=Limits.from_json(data.get("limits")),
+            binds=tuple(
+                BindSource(str(b["source"]), bool(b["read_only"])) for b in data.get("binds", [])
+            ),
         )
 
 

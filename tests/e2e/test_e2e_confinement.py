@@ -92,3 +92,21 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
     assert capabilities(optout["cap_bnd"]) == (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}) & (
         host_set
     )
+
+    # The unit's prepare mounts each bind source from a descriptor opened with
+    # no symlink in its path: one swapped for a symlink fails the start, and
+    # the machine never sees the symlink's target.
+    staging = host.run(
+        ["findmnt", "-no", "OPTIONS", "/var/lib/pymachine/machines/declared/binds/0"]
+    )
+    assert {"ro", "nosuid", "nodev"} <= set(staging.stdout.strip().split(","))
+    host.run(["mkdir", "/srv/secret"])
+    host.run(["touch", "/srv/secret/secret"])
+    host.run(["mv", "/srv/rw", "/srv/rw.moved"])
+    host.run(["ln", "-s", "/srv/secret", "/srv/rw"])
+    restarted = host.run(["systemctl", "restart", "pymachine-declared.service"], check=False)
+    assert restarted.returncode != 0
+    journal = host.run(["journalctl", "-u", "pymachine-declared.service", "--no-pager"]).stdout
+    assert "bind source /srv/rw is a symlink" in journal
+    seen = host.run(["ls", "-A", "/var/lib/pymachine/machines/declared/binds/1"]).stdout
+    assert "secret" not in seen

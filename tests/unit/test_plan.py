@@ -282,3 +282,23 @@ def test_a_running_machine_with_a_broken_link_is_restarted(repo: Path, tmp_path:
     assert actions[0].describe().endswith("its veth vpm1234 is missing")
     observed["web"] = replace(observed["web"], link=None)  # the restart attached it again
     assert plan(desired, observed, built) == []
+
+
+BOUND = SPECS.replace("environment: {MODE: prod}", "binds: ['/srv/one:/data:ro']")
+
+
+def test_a_changed_bind_source_restarts_though_its_staging_path_stays(
+    repo: Path, tmp_path: Path
+) -> None:
+    before = desired_from(repo, tmp_path, BOUND)
+    observed, built = converged(before)
+    assert plan(desired_from(repo, tmp_path, BOUND), observed, built) == []
+    after = desired_from(repo, tmp_path, BOUND.replace("/srv/one", "/srv/two"))
+    # nspawn is told the staging path only: what is mounted there is the
+    # source, which the run spec carries, and the hash covers.
+    assert after["web"].run.argv == before["web"].run.argv
+    assert [b.source for b in after["web"].run.binds] == ["/srv/two"]
+    actions = plan(after, observed, built)
+    assert kinds(actions) == [("RestartMachine", "web")]
+    observed, built = converged(after)
+    assert plan(after, observed, built) == []

@@ -81,8 +81,10 @@ def test_round_trip_nspawn_file(repo: Path) -> None:
         ("Exec", "ResolvConf", "copy-host"),  # nspawn cannot tell its network is private
         ("Files", "ReadOnly", "yes"),
         ("Files", "PrivateUsersOwnership", "auto"),
-        ("Files", "BindReadOnly", "/srv/data:/data"),
-        ("Files", "Bind", "/srv/cache dir:/cache"),
+        # Binds come from their staging mounts, where each source is mounted
+        # before a start; the sources themselves are in the run spec.
+        ("Files", "BindReadOnly", "/var/lib/pymachine/machines/web/binds/0:/data"),
+        ("Files", "Bind", "/var/lib/pymachine/machines/web/binds/1:/cache"),
         ("Files", "TemporaryFileSystem", "/tmp:mode=1777"),
         ("Files", "TemporaryFileSystem", f"/run:mode=1777,size={64 * 1024 * 1024}"),
         # web is on a declared network: its unit enters the namespace.
