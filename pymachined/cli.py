@@ -24,6 +24,7 @@ from pymachined.errors import PymachineError, UsageError
 from pymachined.layout import Layout
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from contextlib import AbstractContextManager
     from datetime import datetime
 
@@ -59,6 +60,30 @@ class Options:
 
 
 options = Options()
+
+
+def _name_check(kind: str) -> Callable[[Any], Any]:
+    """A Click callback holding names on the command line to the rule specs
+    follow, before a command builds a path or a host-wide name from them."""
+
+    def check(value: Any) -> Any:
+        from pymachined.spec import check_name
+
+        for name in value if isinstance(value, list) else [value]:
+            if name is None:
+                continue
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise PymachineError(
+                    f"{kind} name {exc}",
+                    hint=f"{kind} names follow the rule of the name field in specs "
+                    "(see docs/spec.md); nothing was changed",
+                ) from exc
+        return value
+
+    return check
+
 
 
 def _version(value: bool) -> None:
@@ -143,7 +168,10 @@ def schema() -> None:
 @app.command()
 def render(
     path: Annotated[Path, typer.Argument(help="Spec file or directory.")],
-    name: Annotated[str, typer.Argument(help="The machine whose files to print.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="The machine whose files to print.", callback=_name_check("machine")),
+    ],
 ) -> None:
     """Print the files a machine would get on this host."""
     from pymachined.reconcile import host_resolv_conf, program
@@ -379,7 +407,8 @@ def _recorded_machine(record: MachineRecord) -> Machine | None:
     return Machine.model_validate(record.spec) if record.spec else None
 
 
-NameArg = Annotated[str, typer.Argument(help="The machine.")]
+NameArg = Annotated[str, typer.Argument(help="The machine.", callback=_name_check("machine"))]
+NetworkArg = Annotated[str, typer.Argument(help="The network.", callback=_name_check("network"))]
 
 
 @app.command()
@@ -697,7 +726,10 @@ def unpause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
 @app.command()
 def stats(
     names: Annotated[
-        list[str] | None, typer.Argument(help="Machines (all running ones if none).")
+        list[str] | None,
+        typer.Argument(
+            help="Machines (all running ones if none).", callback=_name_check("machine")
+        ),
     ] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="One sample, then exit.")] = False,
     output: OutputOption = Format.TABLE,
@@ -933,7 +965,7 @@ def network_ls(output: OutputOption = Format.TABLE) -> None:
 
 @network_app.command("inspect")
 def network_inspect(
-    name: Annotated[str, typer.Argument(help="The network.")],
+    name: NetworkArg,
     output: Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")] = Format.JSON,
 ) -> None:
     """One document: the network's subnet, bridge, gateway and machines with addresses."""
@@ -945,7 +977,7 @@ def network_inspect(
 
 
 @network_app.command("rm")
-def network_rm(name: Annotated[str, typer.Argument(help="The network.")]) -> None:
+def network_rm(name: NetworkArg) -> None:
     """Remove a network pymachine made (its bridge, rules and record); its
     machines must be gone first."""
     from pymachined.execute import remove_network
@@ -1042,7 +1074,9 @@ def _resolve_images(store: ImageStore, names: list[str]) -> list[str]:
 
 @image_app.command("rm")
 def image_rm(
-    names: Annotated[list[str], typer.Argument(help="Image names or keys.")],
+    names: Annotated[
+        list[str], typer.Argument(help="Image names or keys.", callback=_name_check("image"))
+    ],
 ) -> None:
     """Remove images no machine uses."""
     from pymachined import rootfs
