@@ -85,7 +85,6 @@ def _name_check(kind: str) -> Callable[[Any], Any]:
     return check
 
 
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"pymachine {__version__}")
