@@ -17,13 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined.errors import PymachineError
-from pymachined.limits import Limits, v1_writes, v2_writes
+from pymachined.limits import Limits, device_writes, v1_writes, v2_writes
 
 ROOT = Path("/sys/fs/cgroup")
 # The v1 controllers, plus the hybrid host's name=systemd and unified trees:
 # nspawn makes the machine's "payload" group below the group it starts in, and
 # hands it to the machine's user namespace, so each machine needs its own.
-V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "blkio", "systemd", "unified")
+V1_CONTROLLERS = (
+    "freezer",
+    "memory",
+    "pids",
+    "cpu",
+    "cpuacct",
+    "blkio",
+    "devices",
+    "systemd",
+    "unified",
+)
 V2_CONTROLLERS = ("memory", "pids", "cpu", "io")
 GROUP = "pymachine"
 
@@ -73,28 +83,37 @@ class MachineCgroup:
         }
 
     def create(self) -> list[Path]:
-        """Make the groups; the cgroup.procs files a process writes itself into."""
+        """Make the groups, the v1 devices group closed to all but the machine's
+        allow-list; the cgroup.procs files a process writes itself into."""
         if self.v2:
             self._delegate_controllers()
         procs = []
         for directory in self.dirs().values():
             directory.mkdir(parents=True, exist_ok=True)
             procs.append(directory / "cgroup.procs")
+        if not self.v2:
+            self._close_devices()
         return procs
 
-    def _delegate_controllers(self) -> None:
-        """On v2, enable the controllers limits need for the groups below ours."""
-        (self.root / GROUP).mkdir(exist_ok=True)
-        for parent in (self.root, self.root / GROUP):
+    def _close_devices(self) -> None:
+        """Deny every device but DEVICE_ALLOW, before anything enters the group:
+        nspawn makes the machine's groups below this one, and a v1 child can
+        never allow more than its parent. A v1 host without the controller is
+        refused rather than run a machine that may open any device node."""
+        directory = self.dirs().get("devices")
+        if directory is None:
+            raise PymachineError(
+                "this host has no devices cgroup controller: a machine could open "
+                "any device node its root holds",
+                hint="mount the v1 devices controller at /sys/fs/cgroup/devices",
+            )
+        for write in device_writes():
             try:
-                available = set((parent / "cgroup.controllers").read_text().split())
-                wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS if c in available)
-                if wanted:
-                    (parent / "cgroup.subtree_control").write_text(wanted)
+                (directory / write.file).write_text(write.value)
             except OSError as exc:
                 raise PymachineError(
-                    f"cannot enable cgroup controllers in {parent}: {exc.strerror}",
-                    hint="pymachined needs a delegated, writable cgroup v2 tree",
+                    f"cannot write {write.value!r} to {write.file} of machine {self.name}: "
+                    f"{exc.strerror}"
                 ) from exc
 
     def set_limits(self, limits: Limits) -> list[str]:
