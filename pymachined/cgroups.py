@@ -2,7 +2,8 @@
 and OOM kills.
 
 Without systemd as PID 1, systemd-nspawn puts a machine only in the
-``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group in
+``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group
+(``pymachine/<scope>-<name>`` under another --root) in
 each controller it needs (cgroup v1, as on hybrid hosts, or the unified v2
 tree) and starts the machine inside them.
 """
@@ -65,12 +66,13 @@ def _read_int(path: Path) -> int | None:
 class MachineCgroup:
     """The cgroups of one machine."""
 
-    def __init__(self, name: str, root: Path = ROOT, group: str | None = None) -> None:
+    def __init__(self, name: str, group: str, root: Path = ROOT) -> None:
         self.name = name
         self.root = root
         self.v2 = unified(root)
-        # pymachined's own group, or the one systemd made (machine.slice/UNIT).
-        self.group = group or f"{GROUP}/{name}"
+        # pymachined's own group (Layout.cgroup_name: pymachine/[SCOPE-]NAME),
+        # or the one systemd made (machine.slice/UNIT).
+        self.group = group
 
     def dirs(self) -> dict[str, Path]:
         """The machine's group in each hierarchy, by controller ("unified" on v2)."""
@@ -114,6 +116,21 @@ class MachineCgroup:
                 raise PymachineError(
                     f"cannot write {write.value!r} to {write.file} of machine {self.name}: "
                     f"{exc.strerror}"
+                ) from exc
+
+    def _delegate_controllers(self) -> None:
+        """On v2, enable the controllers limits need for the groups below ours."""
+        (self.root / GROUP).mkdir(exist_ok=True)
+        for parent in (self.root, self.root / GROUP):
+            try:
+                available = set((parent / "cgroup.controllers").read_text().split())
+                wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS if c in available)
+                if wanted:
+                    (parent / "cgroup.subtree_control").write_text(wanted)
+            except OSError as exc:
+                raise PymachineError(
+                    f"cannot enable cgroup controllers in {parent}: {exc.strerror}",
+                    hint="pymachined needs a delegated, writable cgroup v2 tree",
                 ) from exc
 
     def set_limits(self, limits: Limits) -> list[str]:

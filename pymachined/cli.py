@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,13 +50,8 @@ app = typer.Typer(
 class Options:
     """Global options, set by the callback before any command runs."""
 
-    root: Path = Path("/")
+    layout: Layout = field(default_factory=Layout)
     debug: bool = False
-
-    @property
-    def layout(self) -> Layout:
-        """Host paths under --root."""
-        return Layout(PurePosixPath(self.root))
 
 
 options = Options()
@@ -109,9 +104,9 @@ def main_options(
     ] = False,
 ) -> None:
     """Declarative manager for systemd-nspawn machines."""
-    if not root.is_absolute():
-        root = Path.cwd() / root
-    options.root = root
+    from pymachined.files import host_layout
+
+    options.layout = host_layout(root)
     options.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -749,7 +744,10 @@ def stats(
     statuses = chosen.status()
     wanted = names or sorted(n for n, s in statuses.items() if s.pid is not None)
     systemd = chosen if isinstance(chosen, SystemdSupervisor) else None
-    groups = {n: MachineCgroup(n, group=systemd.cgroup(n) if systemd else None) for n in wanted}
+    layout = options.layout
+    groups = {
+        n: MachineCgroup(n, systemd.cgroup(n) if systemd else layout.cgroup_name(n)) for n in wanted
+    }
     stream = sys.stdout.isatty() and not no_stream and output is Format.TABLE
     before = {n: g.stats() for n, g in groups.items()}
     started = time.monotonic()

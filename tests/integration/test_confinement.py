@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
+from pymachined.files import host_layout
+
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
 
@@ -316,8 +318,16 @@ def test_a_bind_through_a_symlink_is_refused_and_nothing_changes(
     )
 
 
-def read_cgroup(controller: str, name: str, file: str) -> str:
-    return Path(f"/sys/fs/cgroup/{controller}/pymachine/{name}/{file}").read_text().strip()
+def cgroup_dir(host: Host, controller: str, name: str) -> Path:
+    """A machine's group in one v1 controller ("unified" on v2), scoped by the root."""
+    group = host_layout(host.root).cgroup_name(name)
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return Path("/sys/fs/cgroup", group)
+    return Path("/sys/fs/cgroup", controller, group)
+
+
+def read_cgroup(host: Host, controller: str, name: str, file: str) -> str:
+    return (cgroup_dir(host, controller, name) / file).read_text().strip()
 
 
 def test_pids_and_memory_limits_hold_and_change_live(host: Host) -> None:
@@ -372,8 +382,9 @@ def test_pids_and_memory_limits_hold_and_change_live(host: Host) -> None:
     }
     host.apply()
     assert {n: m["pid"] for n, m in host.machines().items()} == pid_before
-    assert read_cgroup(controllers["pids"], host.prefix + "forks", pids_file) == "128"
-    assert read_cgroup(controllers["memory"], host.prefix + "hog", memory_file) == str(128 << 20)
+    assert read_cgroup(host, controllers["pids"], host.prefix + "forks", pids_file) == "128"
+    hog_memory = read_cgroup(host, controllers["memory"], host.prefix + "hog", memory_file)
+    assert hog_memory == str(128 << 20)
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
 
@@ -486,3 +497,34 @@ def test_a_machine_opens_only_the_devices_it_is_allowed(host: Host) -> None:
             assert rules is not None and "a *:* rwm" not in rules, (name, rules)
             assert "c 1:3 rwm" in rules and "c 136:* rw" in rules, (name, rules)
             assert not any(rule.startswith(("a ", "b ")) for rule in rules), (name, rules)
+
+
+def test_two_roots_keep_their_machines_cgroups_apart(host: Host, other_host: Host) -> None:
+    # One machine name under two roots: each gets its own groups, its own
+    # limits, and stopping one leaves the other running.
+    declare(host, machine("same", resources={"pids": 64}))
+    declare(other_host, machine("same", resources={"pids": 100}))
+    host.apply()
+    other_host.apply()
+    name = host.prefix + "same"
+    probe(host, "same")
+    probe(other_host, "same")
+    first, second = cgroup_dir(host, "pids", name), cgroup_dir(other_host, "pids", name)
+    assert first != second
+    assert read_cgroup(host, "pids", name, "pids.max") == "64"
+    assert read_cgroup(other_host, "pids", name, "pids.max") == "100"
+    pid = host.machines()["same"]["pid"]
+    other_host.pymachine("stop", name)
+    assert other_host.machines()["same"]["state"] != "running"
+    time.sleep(0.5)
+    assert host.machines()["same"]["state"] == "running"
+    assert host.machines()["same"]["pid"] == pid
+    assert Path(f"/proc/{pid}").exists()
+    assert read_cgroup(host, "pids", name, "pids.max") == "64"
+    assert int(read_cgroup(host, "pids", name, "pids.current")) > 0
+    # A symlink to a root names the same root: the same machines, the same groups.
+    link = host.root.parent / "link"
+    link.symlink_to(host.root)
+    assert host_layout(link) == host_layout(host.root)
+    via_link = Host(link, host.specs, host.prefix)
+    assert via_link.machines()["same"]["pid"] == pid

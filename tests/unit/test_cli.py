@@ -186,3 +186,16 @@ def test_names_on_the_command_line_follow_the_spec_rule(
     assert "hint: " in err and "nothing was changed" in err
     assert "Traceback" not in err and "internal error" not in err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_root_is_resolved_once_for_every_scope(tmp_path: Path) -> None:
+    from pymachined.files import host_layout
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    layout = host_layout(real)
+    assert host_layout(tmp_path / "link") == layout
+    assert host_layout(tmp_path / "link" / ".." / "real") == layout
+    assert layout.scope != "" and layout.cgroup_name("web") == f"pymachine/{layout.scope}-web"
+    assert host_layout(Path("/")).cgroup_name("web") == "pymachine/web"
