@@ -9,6 +9,7 @@ and sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -526,5 +527,5 @@ def test_two_roots_keep_their_machines_cgroups_apart(host: Host, other_host: Hos
     link = host.root.parent / "link"
     link.symlink_to(host.root)
     assert host_layout(link) == host_layout(host.root)
-    via_link = Host(link, host.specs, host.prefix)
+    via_link = dataclasses.replace(host, root=link)
     assert via_link.machines()["same"]["pid"] == pid
