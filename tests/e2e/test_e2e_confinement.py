@@ -14,8 +14,10 @@ import yaml
 from tests.e2e.conftest import MakeHost
 from tests.e2e.harness import BootedHost
 from tests.integration.test_confinement import (
+    HOSTILE_IMAGE,
     NSPAWN_DEFAULT_CAPABILITIES,
     capabilities,
+    device_machine,
     machine,
 )
 
@@ -55,6 +57,9 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
             },
         ),
         machine("optout", security={"private_users": False}),
+        HOSTILE_IMAGE,
+        device_machine("dev-optout", security={"private_users": False}),
+        device_machine("dev-copied", rootfs="copy"),
     ]
     for spec in machines:
         spec["name"] = spec["name"].removeprefix("@")
@@ -92,3 +97,25 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
     assert capabilities(optout["cap_bnd"]) == (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}) & (
         host_set
     )
+
+    # Devices: the units close every device but nspawn's own list, and roots
+    # are nodev, so the nodes the image planted open nothing.
+    shown = host.run(
+        ["systemctl", "show", "-p", "DevicePolicy", "-p", "DeviceAllow", "pymachine-dev-optout"]
+    ).stdout
+    assert "DevicePolicy=closed" in shown
+    assert "char-pts rw" in shown and "/dev/null rwm" in shown
+    for name in ("dev-optout", "dev-copied"):
+        report = probe(host, name)
+        for key in ("planted_block", "planted_block_ro", "planted_char"):
+            assert report[key] in {"EPERM", "EACCES", "ENXIO"}, (name, key, report[key])
+        for key in ("null", "zero", "full", "random", "urandom", "pty"):
+            assert report[key] == "ok", (name, key, report[key])
+        assert "nodev" in report["root_options"] and "nosuid" not in report["root_options"]
+        rules = report["devices_list"]
+        # The nested systemd of the booted host gets no cgroup controllers, so
+        # the policy is enforced only where the machine sees a devices group.
+        if rules is not None:
+            assert "a *:* rwm" not in rules, (name, rules)
+            assert report["host_console"] in {"EPERM", "EACCES", "ENXIO"}, name
+            assert report["mknod_dev_block"] in {"EPERM", "EACCES"}, name
