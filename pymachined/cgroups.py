@@ -2,7 +2,8 @@
 and OOM kills.
 
 Without systemd as PID 1, systemd-nspawn puts a machine only in the
-``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group in
+``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group
+(``pymachine/<scope>-<name>`` under another --root) in
 each controller it needs (cgroup v1, as on hybrid hosts, or the unified v2
 tree) and starts the machine inside them.
 """
@@ -17,13 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined.errors import PymachineError
-from pymachined.limits import Limits, v1_writes, v2_writes
+from pymachined.limits import Limits, device_writes, v1_writes, v2_writes
 
 ROOT = Path("/sys/fs/cgroup")
 # The v1 controllers, plus the hybrid host's name=systemd and unified trees:
 # nspawn makes the machine's "payload" group below the group it starts in, and
 # hands it to the machine's user namespace, so each machine needs its own.
-V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "blkio", "systemd", "unified")
+V1_CONTROLLERS = (
+    "freezer",
+    "memory",
+    "pids",
+    "cpu",
+    "cpuacct",
+    "blkio",
+    "devices",
+    "systemd",
+    "unified",
+)
 V2_CONTROLLERS = ("memory", "pids", "cpu", "io")
 GROUP = "pymachine"
 
@@ -55,12 +66,13 @@ def _read_int(path: Path) -> int | None:
 class MachineCgroup:
     """The cgroups of one machine."""
 
-    def __init__(self, name: str, root: Path = ROOT, group: str | None = None) -> None:
+    def __init__(self, name: str, group: str, root: Path = ROOT) -> None:
         self.name = name
         self.root = root
         self.v2 = unified(root)
-        # pymachined's own group, or the one systemd made (machine.slice/UNIT).
-        self.group = group or f"{GROUP}/{name}"
+        # pymachined's own group (Layout.cgroup_name: pymachine/[SCOPE-]NAME),
+        # or the one systemd made (machine.slice/UNIT).
+        self.group = group
 
     def dirs(self) -> dict[str, Path]:
         """The machine's group in each hierarchy, by controller ("unified" on v2)."""
@@ -73,14 +85,38 @@ class MachineCgroup:
         }
 
     def create(self) -> list[Path]:
-        """Make the groups; the cgroup.procs files a process writes itself into."""
+        """Make the groups, the v1 devices group closed to all but the machine's
+        allow-list; the cgroup.procs files a process writes itself into."""
         if self.v2:
             self._delegate_controllers()
         procs = []
         for directory in self.dirs().values():
             directory.mkdir(parents=True, exist_ok=True)
             procs.append(directory / "cgroup.procs")
+        if not self.v2:
+            self._close_devices()
         return procs
+
+    def _close_devices(self) -> None:
+        """Deny every device but DEVICE_ALLOW, before anything enters the group:
+        nspawn makes the machine's groups below this one, and a v1 child can
+        never allow more than its parent. A v1 host without the controller is
+        refused rather than run a machine that may open any device node."""
+        directory = self.dirs().get("devices")
+        if directory is None:
+            raise PymachineError(
+                "this host has no devices cgroup controller: a machine could open "
+                "any device node its root holds",
+                hint="mount the v1 devices controller at /sys/fs/cgroup/devices",
+            )
+        for write in device_writes():
+            try:
+                (directory / write.file).write_text(write.value)
+            except OSError as exc:
+                raise PymachineError(
+                    f"cannot write {write.value!r} to {write.file} of machine {self.name}: "
+                    f"{exc.strerror}"
+                ) from exc
 
     def _delegate_controllers(self) -> None:
         """On v2, enable the controllers limits need for the groups below ours."""

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,6 +23,7 @@ from pymachined.errors import HOST_ERRNOS, PymachineError, UsageError, host_erro
 from pymachined.layout import Layout
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from contextlib import AbstractContextManager
     from datetime import datetime
 
@@ -48,16 +49,34 @@ app = typer.Typer(
 class Options:
     """Global options, set by the callback before any command runs."""
 
-    root: Path = Path("/")
+    layout: Layout = field(default_factory=Layout)
     debug: bool = False
-
-    @property
-    def layout(self) -> Layout:
-        """Host paths under --root."""
-        return Layout(PurePosixPath(self.root))
 
 
 options = Options()
+
+
+def _name_check(kind: str) -> Callable[[Any], Any]:
+    """A Click callback holding names on the command line to the rule specs
+    follow, before a command builds a path or a host-wide name from them."""
+
+    def check(value: Any) -> Any:
+        from pymachined.spec import check_name
+
+        for name in value if isinstance(value, list) else [value]:
+            if name is None:
+                continue
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise PymachineError(
+                    f"{kind} name {exc}",
+                    hint=f"{kind} names follow the rule of the name field in specs "
+                    "(see docs/spec.md); nothing was changed",
+                ) from exc
+        return value
+
+    return check
 
 
 def _version(value: bool) -> None:
@@ -84,9 +103,9 @@ def main_options(
     ] = False,
 ) -> None:
     """Declarative manager for systemd-nspawn machines."""
-    if not root.is_absolute():
-        root = Path.cwd() / root
-    options.root = root
+    from pymachined.files import host_layout
+
+    options.layout = host_layout(root)
     options.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
@@ -142,7 +161,10 @@ def schema() -> None:
 @app.command()
 def render(
     path: Annotated[Path, typer.Argument(help="Spec file or directory.")],
-    name: Annotated[str, typer.Argument(help="The machine whose files to print.")],
+    name: Annotated[
+        str,
+        typer.Argument(help="The machine whose files to print.", callback=_name_check("machine")),
+    ],
 ) -> None:
     """Print the files a machine would get on this host."""
     from pymachined.reconcile import host_resolv_conf, program
@@ -385,7 +407,8 @@ def _known(name: str) -> MachineRecord:
     return record
 
 
-NameArg = Annotated[str, typer.Argument(help="The machine.")]
+NameArg = Annotated[str, typer.Argument(help="The machine.", callback=_name_check("machine"))]
+NetworkArg = Annotated[str, typer.Argument(help="The network.", callback=_name_check("network"))]
 
 
 def _verbs(supervisor: str) -> Verbs:
@@ -716,7 +739,10 @@ def unpause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
 @app.command()
 def stats(
     names: Annotated[
-        list[str] | None, typer.Argument(help="Machines (all running ones if none).")
+        list[str] | None,
+        typer.Argument(
+            help="Machines (all running ones if none).", callback=_name_check("machine")
+        ),
     ] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="One sample, then exit.")] = False,
     output: OutputOption = Format.TABLE,
@@ -737,7 +763,10 @@ def stats(
     statuses = chosen.status()
     wanted = names or sorted(n for n, s in statuses.items() if s.pid is not None)
     systemd = chosen if isinstance(chosen, SystemdSupervisor) else None
-    groups = {n: MachineCgroup(n, group=systemd.cgroup(n) if systemd else None) for n in wanted}
+    layout = options.layout
+    groups = {
+        n: MachineCgroup(n, systemd.cgroup(n) if systemd else layout.cgroup_name(n)) for n in wanted
+    }
     stream = sys.stdout.isatty() and not no_stream and output is Format.TABLE
     before = {n: g.stats() for n, g in groups.items()}
     started = time.monotonic()
@@ -952,7 +981,7 @@ def network_ls(output: OutputOption = Format.TABLE) -> None:
 
 @network_app.command("inspect")
 def network_inspect(
-    name: Annotated[str, typer.Argument(help="The network.")],
+    name: NetworkArg,
     output: Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")] = Format.JSON,
 ) -> None:
     """One document: the network's subnet, bridge, gateway and machines with addresses."""
@@ -964,7 +993,7 @@ def network_inspect(
 
 
 @network_app.command("rm")
-def network_rm(name: Annotated[str, typer.Argument(help="The network.")]) -> None:
+def network_rm(name: NetworkArg) -> None:
     """Remove a network pymachine made (its bridge, rules and record); its
     machines must be gone first."""
     from pymachined.execute import remove_network
@@ -1061,7 +1090,9 @@ def _resolve_images(store: ImageStore, names: list[str]) -> list[str]:
 
 @image_app.command("rm")
 def image_rm(
-    names: Annotated[list[str], typer.Argument(help="Image names or keys.")],
+    names: Annotated[
+        list[str], typer.Argument(help="Image names or keys.", callback=_name_check("image"))
+    ],
 ) -> None:
     """Remove images no machine uses."""
     from pymachined import rootfs

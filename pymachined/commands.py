@@ -114,8 +114,10 @@ def overlay_mount_argv(
 ) -> list[str]:
     """Mount an overlay of lowers (topmost first) at target; read-only without upper.
     With metacopy, a change of owner or mode copies up only the inode, not the
-    data: shifting a root to a user namespace's ids then costs metadata alone."""
-    options = [f"lowerdir={':'.join(str(p) for p in lowers)}"]
+    data: shifting a root to a user namespace's ids then costs metadata alone.
+    Always nodev: a device node an image holds opens nothing (setuid binaries
+    must still work in a machine, so not nosuid)."""
+    options = ["nodev", f"lowerdir={':'.join(str(p) for p in lowers)}"]
     if upper is not None and work is not None:
         options += [f"upperdir={upper}", f"workdir={work}"]
         if metacopy:
@@ -126,8 +128,14 @@ def overlay_mount_argv(
 
 
 def tmpfs_mount_argv(target: PurePosixPath, mode: str = "0700") -> list[str]:
-    """Mount a tmpfs at target."""
-    return ["mount", "-t", "tmpfs", "-o", f"mode={mode}", "--", "pymachine", str(target)]
+    """Mount a tmpfs at target, nodev (it holds an ephemeral root's upper layer)."""
+    return ["mount", "-t", "tmpfs", "-o", f"mode={mode},nodev", "--", "pymachine", str(target)]
+
+
+def nodev_bind_argv(target: PurePosixPath) -> list[str]:
+    """Bind-mount target onto itself without devices: a copied root lives on
+    the host's own file system, whose device nodes would otherwise open."""
+    return ["mount", "--bind", "-o", "nodev", "--", str(target), str(target)]
 
 
 def umount_argv(target: PurePosixPath) -> list[str]:

@@ -116,6 +116,10 @@ class Daemon:
         self.stopping = False
         self.oom_checked = 0.0
 
+    def _cgroup(self, name: str) -> MachineCgroup:
+        """A machine's cgroups, scoped by the root."""
+        return MachineCgroup(name, self.layout.cgroup_name(name))
+
     # -- persistence -------------------------------------------------------
 
     def save(self, machine: Machine) -> None:
@@ -156,7 +160,7 @@ class Daemon:
             )
             if alive and pidfd is not None and machine.pid is not None:
                 log.info("adopted %s (pid %d)", machine.spec.name, machine.pid)
-                machine.oom_kills = MachineCgroup(machine.spec.name).oom_kills() or 0
+                machine.oom_kills = self._cgroup(machine.spec.name).oom_kills() or 0
                 machine.pidfd = pidfd
                 self.selector.register(pidfd, selectors.EVENT_READ, machine)
                 continue
@@ -176,7 +180,7 @@ class Daemon:
         """Start a machine's process now."""
         spec = machine.spec
         Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
-        group = MachineCgroup(spec.name)
+        group = self._cgroup(spec.name)
         group.remove()  # left by an earlier run of the machine, if any
         procs = group.create()
         for problem in group.set_limits(spec.limits):
@@ -227,7 +231,7 @@ class Daemon:
     def _exited(self, machine: Machine, code: int | None) -> None:
         ran = time.time() - (machine.started or time.time())
         self._check_oom(machine)
-        group = MachineCgroup(machine.spec.name)
+        group = self._cgroup(machine.spec.name)
         left = group.kill_all()
         if left:
             log.info("%s: killed %d process(es) its nspawn left behind", machine.spec.name, left)
@@ -301,7 +305,7 @@ class Daemon:
 
     def _check_oom(self, machine: Machine) -> None:
         """Record an ``oom`` event if the kernel killed a process of the machine."""
-        kills = MachineCgroup(machine.spec.name).oom_kills()
+        kills = self._cgroup(machine.spec.name).oom_kills()
         if kills is not None and kills > machine.oom_kills:
             events.record(
                 self.layout, machine.spec.name, "oom", kills=kills - machine.oom_kills, total=kills
@@ -378,19 +382,19 @@ class Daemon:
             self.save(machine)
             skipped = []
             if machine.pid is not None:
-                skipped = MachineCgroup(name).set_limits(machine.spec.limits)
+                skipped = self._cgroup(name).set_limits(machine.spec.limits)
             return {"status": machine.status().as_json(), "skipped": skipped}
         if op in ("pause", "unpause"):
             if machine.pid is None:
                 return {"error": f"{name} is not running"}
-            MachineCgroup(name).freeze(op == "pause")
+            self._cgroup(name).freeze(op == "pause")
             machine.state = RunState.PAUSED if op == "pause" else RunState.RUNNING
             self._event(name, op)
             self.save(machine)
             return {"status": machine.status().as_json()}
         if op in ("stop", "forget"):
             if machine.state is RunState.PAUSED:
-                MachineCgroup(name).freeze(False)  # a frozen process cannot act on SIGTERM
+                self._cgroup(name).freeze(False)  # a frozen process cannot act on SIGTERM
             self._event(name, "stop")
             machine.wanted = "stopped"
             machine.restart_at = None
@@ -487,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s pymachined: %(message)s",
         stream=sys.stderr,
     )
-    layout = Layout(PurePosixPath(args.root.resolve()))
+    layout = files.host_layout(args.root)
     run_dir = Path(layout.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -16,7 +16,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pymachined import run
@@ -24,6 +24,13 @@ from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 from pymachined.parsers import mounts_under, parse_mountinfo
 from pymachined.supervise.base import BindSource
+
+
+def host_layout(root: Path) -> Layout:
+    """The layout under --root, resolved once for the CLI and pymachined alike:
+    relative to the working directory and through symlinks, so every way of
+    naming one root gives the same scope (and so the same host-wide names)."""
+    return Layout(PurePosixPath(os.path.realpath(root)))
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:

@@ -64,12 +64,18 @@ class Layout:
 
     @property
     def scope(self) -> str:
-        """What host-wide names (interfaces, network namespaces, the nft table)
-        carry to stay apart from the host's own: '' for the real root, else a
-        short hash of the root."""
+        """What host-wide names (cgroups, interfaces, network namespaces, the nft
+        table) carry to stay apart from the host's own: '' for the real root,
+        else a short hash of the root. The root must be resolved already
+        (files.host_layout), so a symlink to a root gives the same scope."""
         if self.root == _SLASH:
             return ""
         return hashlib.sha256(str(self.root).encode()).hexdigest()[:6]
+
+    def cgroup_name(self, name: str) -> str:
+        """The cgroup pymachined runs a machine in, below each hierarchy's root:
+        cgroups are host-wide, so two roots' machines of one name stay apart."""
+        return f"pymachine/{self.scope}-{name}" if self.scope else f"pymachine/{name}"
 
     def netns_name(self, name: str) -> str:
         """The named network namespace a machine on a declared network runs in."""

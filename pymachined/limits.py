@@ -156,3 +156,53 @@ def unit_properties(limits: Limits) -> list[tuple[str, str]]:
         ("CPUWeight", value(limits.cpu_weight, "")),
         ("IOWeight", value(limits.io_weight, "")),
     ]
+
+
+@dataclass(frozen=True)
+class Device:
+    """One entry of a machine's device allow-list: a character device (every
+    minor when ``minor`` is None), by its systemd ``DeviceAllow=`` name."""
+
+    unit_name: str
+    major: int
+    minor: int | None
+    access: str
+
+    @property
+    def v1_rule(self) -> str:
+        """The line for a v1 ``devices.allow`` file."""
+        minor = "*" if self.minor is None else str(self.minor)
+        return f"c {self.major}:{minor} {self.access}"
+
+
+# The devices a machine may use, as tight as systemd-nspawn@.service's own
+# (DevicePolicy=closed: the pseudo-devices, /dev/tty and /dev/ptmx; ptys). The
+# nodes nspawn makes in a machine's /dev need "m"; the pty slaves it gets from
+# the devpts it mounts, so a machine may open ptys but never make their nodes.
+# /dev/console may only be made, never opened: images hold one (mmdebstrap
+# makes it) and shifting a root to a user namespace's ids copies it up into the
+# overlay's upper layer, a mknod as the machine; the machine's own console is a
+# pty nspawn binds there. Nothing else, above all no block device: a node
+# planted in an image opens nothing (and a root holding one cannot be shifted,
+# so a machine of it with a user namespace does not start).
+# /dev/net/tun is left out (no spec field asks for it).
+DEVICE_ALLOW = (
+    Device("/dev/null", 1, 3, "rwm"),
+    Device("/dev/zero", 1, 5, "rwm"),
+    Device("/dev/full", 1, 7, "rwm"),
+    Device("/dev/random", 1, 8, "rwm"),
+    Device("/dev/urandom", 1, 9, "rwm"),
+    Device("/dev/tty", 5, 0, "rwm"),
+    Device("/dev/console", 5, 1, "m"),
+    Device("/dev/ptmx", 5, 2, "rwm"),
+    Device("char-pts", 136, None, "rw"),
+)
+
+
+def device_writes() -> list[Write]:
+    """The v1 ``devices`` writes that close a machine's group to all but
+    DEVICE_ALLOW: deny everything first, then allow each entry."""
+    return [
+        Write("devices", "devices.deny", "a"),
+        *(Write("devices", "devices.allow", d.v1_rule) for d in DEVICE_ALLOW),
+    ]

@@ -189,6 +189,21 @@ def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) 
     if not bridges and not forwards:
         return head
     lines = [f"table inet {table} {{"]
+    if bridges:
+        # route_localnet (for DNAT of published ports on 127.0.0.1) would let a
+        # machine that crafts a frame for 127.0.0.1 reach the host's loopback-only
+        # services (CVE-2020-8558): drop such packets from every bridge at raw
+        # priority, before conntrack and NAT. Replies of forwarded connections
+        # are addressed to the bridge's gateway, never to 127.0.0.0/8.
+        lines += [
+            "\tchain loopback {",
+            "\t\ttype filter hook prerouting priority raw; policy accept;",
+        ]
+        for b in bridges:
+            br = _quote(b.bridge)
+            lines.append(f"\t\tiifname {br} ip daddr 127.0.0.0/8 drop")
+            lines.append(f"\t\tiifname {br} ip6 daddr ::1 drop")
+        lines.append("\t}")
     lines += [
         "\tchain prerouting {",
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",

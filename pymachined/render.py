@@ -19,6 +19,7 @@ import jinja2
 
 from pymachined import units
 from pymachined.layout import Layout
+from pymachined.limits import DEVICE_ALLOW
 from pymachined.spec import Machine, MachineState
 
 NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
@@ -261,6 +262,7 @@ def service_context(
         "tasks_max": resources.pids,
         "cpu_weight": resources.cpu_weight,
         "io_weight": resources.io_weight,
+        "device_allow": [f"{d.unit_name} {d.access}" for d in DEVICE_ALLOW],
     }
 
 

@@ -7,7 +7,9 @@ an overlay whose upper directory lives on a tmpfs and is gone at unmount.
 Overlays are mounted with metacopy, so that systemd-nspawn's shift of a root to
 a user namespace's ids (``private_users``) copies up inodes, not file data.
 A root is removed only after everything mounted under it is unmounted, and the
-removal never crosses into another filesystem.
+removal never crosses into another filesystem. Every root is mounted nodev
+(a copy is bound onto itself with nodev), so a device node an image holds
+opens nothing even where a machine's device cgroup would allow it.
 """
 
 from __future__ import annotations
@@ -133,7 +135,10 @@ def mount(layout: Layout, store: ImageStore, root: Root) -> Path:
 def _mount(layout: Layout, store: ImageStore, root: Root) -> Path:
     base = _dir(layout, root.name)
     rootfs = base / "rootfs"
-    if root.mode is RootfsMode.COPY or is_mounted(rootfs):
+    if is_mounted(rootfs):
+        return rootfs
+    if root.mode is RootfsMode.COPY:
+        run.run(commands.nodev_bind_argv(PurePosixPath(rootfs)))
         return rootfs
     lowers = [PurePosixPath(r.tree) for r in store.chain(root.layers[0])]
     if root.mode is RootfsMode.EPHEMERAL:

@@ -14,8 +14,10 @@ import yaml
 from tests.e2e.conftest import MakeHost
 from tests.e2e.harness import BootedHost
 from tests.integration.test_confinement import (
+    HOSTILE_IMAGE,
     NSPAWN_DEFAULT_CAPABILITIES,
     capabilities,
+    device_machine,
     machine,
 )
 
@@ -55,6 +57,9 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
             },
         ),
         machine("optout", security={"private_users": False}),
+        HOSTILE_IMAGE,
+        device_machine("dev-optout", security={"private_users": False}),
+        device_machine("dev-copied", rootfs="copy"),
     ]
     for spec in machines:
         spec["name"] = spec["name"].removeprefix("@")
@@ -92,6 +97,31 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
     assert capabilities(optout["cap_bnd"]) == (NSPAWN_DEFAULT_CAPABILITIES | {"NET_ADMIN"}) & (
         host_set
     )
+
+    # Devices: the units close every device but nspawn's own list, and roots
+    # are nodev, so the nodes the image planted open nothing.
+    shown = host.run(
+        ["systemctl", "show", "-p", "DevicePolicy", "-p", "DeviceAllow", "pymachine-dev-optout"]
+    ).stdout
+    assert "DevicePolicy=closed" in shown
+    assert "char-pts rw" in shown and "/dev/null rwm" in shown
+    for name in ("dev-optout", "dev-copied"):
+        report = probe(host, name)
+        for key in ("planted_block", "planted_block_ro", "planted_char"):
+            assert report[key] in {"EPERM", "EACCES", "ENXIO"}, (name, key, report[key])
+        for key in ("null", "zero", "full", "random", "urandom", "pty"):
+            assert report[key] == "ok", (name, key, report[key])
+        assert "nodev" in report["root_options"] and "nosuid" not in report["root_options"]
+        # The booted host's systemd, nested in nspawn, gets no cgroup
+        # controllers: DevicePolicy= is enforced only where it has a devices
+        # group for the unit (or a v2 tree for its BPF program).
+        group = f"/sys/fs/cgroup/devices/machine.slice/pymachine-{name}.service"
+        enforced = host.run(["test", "-d", group], check=False).returncode == 0
+        if enforced:
+            rules = report["devices_list"]
+            assert rules is not None and "a *:* rwm" not in rules, (name, rules)
+            assert report["host_console"] in {"EPERM", "EACCES", "ENXIO"}, name
+            assert report["mknod_dev_block"] in {"EPERM", "EACCES"}, name
 
     # The unit's prepare mounts each bind source from a descriptor opened with
     # no symlink in its path: one swapped for a symlink fails the start, and

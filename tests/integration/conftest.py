@@ -145,15 +145,17 @@ class Host:
         return int((self.root / "run/pymachine/pymachined.lock").read_text().split()[1])
 
 
-@pytest.fixture
-def host(tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord) -> Iterator[Host]:
-    root = tmp_path / "host"
+@contextlib.contextmanager
+def made_host(base: Path, cache_layout: Layout, prefix: str) -> Iterator[Host]:
+    """A host root under base sharing the image cache; its machines destroyed
+    and its pymachined stopped afterwards."""
+    root = base / "host"
     state = root / "var/lib/pymachine"
     state.mkdir(parents=True)
     (state / "images").symlink_to(Path(cache_layout.images_dir))
-    specs = tmp_path / "specs"
+    specs = base / "specs"
     specs.mkdir()
-    test_host = Host(root, specs, f"t{uuid.uuid4().hex[:6]}-")
+    test_host = Host(root, specs, prefix)
     yield test_host
     for name in test_host.machines():
         test_host.pymachine("destroy", "--yes", test_host.prefix + name, check=False)
@@ -167,3 +169,18 @@ def host(tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord) -> Itera
             time.sleep(0.05)
         assert not Path(f"/proc/{daemon}").exists(), "pymachined ignored SIGTERM"
     assert test_host.mounts() == []
+
+
+@pytest.fixture
+def host(tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord) -> Iterator[Host]:
+    with made_host(tmp_path, cache_layout, f"t{uuid.uuid4().hex[:6]}-") as test_host:
+        yield test_host
+
+
+@pytest.fixture
+def other_host(
+    host: Host, tmp_path: Path, cache_layout: Layout, slim_image: ImageRecord
+) -> Iterator[Host]:
+    """A second host root whose machines have the same names as host's."""
+    with made_host(tmp_path / "other", cache_layout, host.prefix) as test_host:
+        yield test_host

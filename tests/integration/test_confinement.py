@@ -9,6 +9,7 @@ and sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+from pymachined.files import host_layout
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -316,8 +319,16 @@ def test_a_bind_through_a_symlink_is_refused_and_nothing_changes(
     )
 
 
-def read_cgroup(controller: str, name: str, file: str) -> str:
-    return Path(f"/sys/fs/cgroup/{controller}/pymachine/{name}/{file}").read_text().strip()
+def cgroup_dir(host: Host, controller: str, name: str) -> Path:
+    """A machine's group in one v1 controller ("unified" on v2), scoped by the root."""
+    group = host_layout(host.root).cgroup_name(name)
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return Path("/sys/fs/cgroup", group)
+    return Path("/sys/fs/cgroup", controller, group)
+
+
+def read_cgroup(host: Host, controller: str, name: str, file: str) -> str:
+    return (cgroup_dir(host, controller, name) / file).read_text().strip()
 
 
 def test_pids_and_memory_limits_hold_and_change_live(host: Host) -> None:
@@ -372,6 +383,149 @@ def test_pids_and_memory_limits_hold_and_change_live(host: Host) -> None:
     }
     host.apply()
     assert {n: m["pid"] for n, m in host.machines().items()} == pid_before
-    assert read_cgroup(controllers["pids"], host.prefix + "forks", pids_file) == "128"
-    assert read_cgroup(controllers["memory"], host.prefix + "hog", memory_file) == str(128 << 20)
+    assert read_cgroup(host, controllers["pids"], host.prefix + "forks", pids_file) == "128"
+    hog_memory = read_cgroup(host, controllers["memory"], host.prefix + "hog", memory_file)
+    assert hog_memory == str(128 << 20)
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+
+DEVICE_PROBE = """\
+import errno, json, os, time
+
+def attempt(what):
+    try:
+        what()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+def use(path, flags):
+    os.close(os.open(path, flags))
+
+def pty():
+    for fd in os.openpty():  # /dev/ptmx, then the slave in /dev/pts
+        os.close(fd)
+
+def made(path, kind, major, minor):
+    def make():
+        os.mknod(path, kind | 0o600, os.makedev(major, minor))
+        os.unlink(path)
+    return make
+
+def host_console():
+    # The host's /dev/console may be made (for the uid shift), never opened.
+    os.mknod("/dev/rb-console", 0o020600, os.makedev(5, 1))
+    try:
+        use("/dev/rb-console", os.O_RDWR | os.O_NOCTTY)
+    finally:
+        os.unlink("/dev/rb-console")
+
+root_options = [
+    line.split()[5] for line in open("/proc/self/mountinfo") if line.split()[4] == "/"
+][-1]
+report = {
+    "planted_block": attempt(lambda: use("/root/disk", os.O_RDWR)),
+    "planted_block_ro": attempt(lambda: use("/root/disk", os.O_RDONLY)),
+    "planted_char": attempt(lambda: use("/root/kmsg", os.O_RDONLY)),
+    "mknod_dev_block": attempt(made("/dev/rb-disk", 0o060000, 7, 0)),
+    "host_console": attempt(host_console),
+    "null": attempt(lambda: open("/dev/null", "w").write("x")),
+    "zero": attempt(lambda: open("/dev/zero", "rb").read(8)),
+    "full": attempt(lambda: use("/dev/full", os.O_RDONLY)),
+    "random": attempt(lambda: open("/dev/random", "rb").read(8)),
+    "urandom": attempt(lambda: open("/dev/urandom", "rb").read(8)),
+    "pty": attempt(pty),
+    "root_options": root_options.split(","),
+    "devices_list": open("/sys/fs/cgroup/devices/devices.list").read().splitlines()
+    if os.path.exists("/sys/fs/cgroup/devices/devices.list")
+    else None,
+}
+print("PROBE " + json.dumps(report), flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+# An image whose build plants device nodes in its tree: the host's first loop
+# device (block 7:0) and /dev/kmsg (char 1:11).
+HOSTILE_IMAGE = {
+    "kind": "image",
+    "name": "rb-planted-devices",
+    "from": "debian-bookworm-slim",
+    "packages": ["python3"],
+    "script": "mknod /root/disk b 7 0 && mknod /root/kmsg c 1 11",
+}
+
+
+def device_machine(name: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "name": f"@{name}",
+        "image": "rb-planted-devices",
+        "network": "none",
+        "restart": "no",
+        "files": [{"path": "/probe.py", "content": DEVICE_PROBE}],
+        "command": ["python3", "/probe.py"],
+        **fields,
+    }
+
+
+def test_a_machine_opens_only_the_devices_it_is_allowed(host: Host) -> None:
+    declare(
+        host,
+        HOSTILE_IMAGE,
+        device_machine("default"),
+        device_machine("optout", security={"private_users": False}),
+        device_machine("copied", rootfs="copy"),
+        device_machine("copied-optout", rootfs="copy", security={"private_users": False}),
+    )
+    host.apply(check=False)
+    # Shifting an overlay root to a user namespace's ids copies each node up,
+    # a mknod the machine's device list refuses for 7:0: it never starts.
+    host.wait_for(lambda m: m["default"]["state"] != "running", "default to fail")
+    log = host.wait_for_output("default", "Failed to adjust UID/GID shift")
+    assert "PROBE" not in log
+    for name in ("optout", "copied", "copied-optout"):
+        report = probe(host, name)
+        denied = {"EPERM", "EACCES", "ENXIO"}
+        keys = ("planted_block", "planted_block_ro", "planted_char", "mknod_dev_block")
+        for key in (*keys, "host_console"):
+            assert report[key] in denied, (name, key, report[key])
+        for key in ("null", "zero", "full", "random", "urandom", "pty"):
+            assert report[key] == "ok", (name, key, report[key])
+        assert "nodev" in report["root_options"], (name, report["root_options"])
+        assert "nosuid" not in report["root_options"]  # setuid binaries still work
+        if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            rules = report["devices_list"]
+            assert rules is not None and "a *:* rwm" not in rules, (name, rules)
+            assert "c 1:3 rwm" in rules and "c 136:* rw" in rules, (name, rules)
+            assert not any(rule.startswith(("a ", "b ")) for rule in rules), (name, rules)
+
+
+def test_two_roots_keep_their_machines_cgroups_apart(host: Host, other_host: Host) -> None:
+    # One machine name under two roots: each gets its own groups, its own
+    # limits, and stopping one leaves the other running.
+    declare(host, machine("same", resources={"pids": 64}))
+    declare(other_host, machine("same", resources={"pids": 100}))
+    host.apply()
+    other_host.apply()
+    name = host.prefix + "same"
+    probe(host, "same")
+    probe(other_host, "same")
+    first, second = cgroup_dir(host, "pids", name), cgroup_dir(other_host, "pids", name)
+    assert first != second
+    assert read_cgroup(host, "pids", name, "pids.max") == "64"
+    assert read_cgroup(other_host, "pids", name, "pids.max") == "100"
+    pid = host.machines()["same"]["pid"]
+    other_host.pymachine("stop", name)
+    assert other_host.machines()["same"]["state"] != "running"
+    time.sleep(0.5)
+    assert host.machines()["same"]["state"] == "running"
+    assert host.machines()["same"]["pid"] == pid
+    assert Path(f"/proc/{pid}").exists()
+    assert read_cgroup(host, "pids", name, "pids.max") == "64"
+    assert int(read_cgroup(host, "pids", name, "pids.current")) > 0
+    # A symlink to a root names the same root: the same machines, the same groups.
+    link = host.root.parent / "link"
+    link.symlink_to(host.root)
+    assert host_layout(link) == host_layout(host.root)
+    via_link = dataclasses.replace(host, root=link)
+    assert via_link.machines()["same"]["pid"] == pid

@@ -500,3 +500,117 @@ def test_a_broken_link_is_repaired_and_verbs_never_race_apply(net_host: Host) ->
         assert host.machines()["a"]["state"] == "running"
         assert linked(host, "a")
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+
+# A machine with CAP_NET_RAW (no user namespace) sends hand-made TCP SYNs in
+# Ethernet frames to its gateway's MAC: one for the gateway's own address (the
+# control: the probe works) and one for 127.0.0.1, and reports which got a
+# SYN-ACK back.
+LOOPBACK_PROBE = """\
+import json, os, random, socket, struct, sys, time
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+def gateway():
+    for line in open("/proc/net/route").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == "00000000":
+            return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+
+def neighbour(address):
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", (address, 9))
+    for _ in range(50):
+        for line in open("/proc/net/arp").read().splitlines()[1:]:
+            fields = line.split()
+            if fields[0] == address and fields[3] != "00:00:00:00:00:00":
+                return bytes.fromhex(fields[3].replace(":", ""))
+        time.sleep(0.1)
+    raise SystemExit("no ARP entry for the gateway")
+
+def syn(mac, gw_mac, source, target, sport, dport):
+    src, dst = socket.inet_aton(source), socket.inet_aton(target)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return gw_mac + mac + b"\\x08\\x00" + ip + tcp
+
+gw = gateway()
+gw_mac = neighbour(gw)
+mac = bytes.fromhex(open("/sys/class/net/eth0/address").read().strip().replace(":", ""))
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+probe.connect((gw, 9))
+me = probe.getsockname()[0]
+raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+raw.bind(("eth0", 0))
+raw.settimeout(0.2)
+answered = {}
+targets = {"control": (gw, int(sys.argv[2])), "loopback": ("127.0.0.1", int(sys.argv[1]))}
+for what, (target, port) in targets.items():
+    sport = random.randint(40000, 60000)
+    answered[what] = False
+    deadline = time.monotonic() + 4
+    sent = 0
+    while time.monotonic() < deadline and not answered[what]:
+        if sent < time.monotonic():
+            raw.send(syn(mac, gw_mac, me, target, sport, port))
+            sent = time.monotonic() + 1
+        try:
+            frame = raw.recv(2048)
+        except socket.timeout:
+            continue
+        if frame[12:14] != b"\\x08\\x00" or frame[23] != 6:
+            continue
+        header = (frame[14] & 0xF) * 4
+        tcp = frame[14 + header :]
+        tsport, tdport = struct.unpack("!HH", tcp[:4])
+        if tsport == port and tdport == sport and tcp[13] & 0x12 == 0x12:
+            answered[what] = True
+print("PROBE " + json.dumps(answered), flush=True)
+time.sleep(3600)
+"""
+
+
+def test_a_machine_cannot_reach_the_hosts_loopback(net_host: Host) -> None:
+    # Ports and subnet of this test alone (19200-19299, 10.232.0.0/16).
+    loopback_port, control_port = 19231, 19232
+    listeners = []
+    for address, port in (("127.0.0.1", loopback_port), ("10.232.31.1", control_port)):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # The gateway's address exists once apply makes the bridge.
+        listener.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+        listener.bind((address, port))
+        listener.listen(8)
+        listeners.append(listener)
+    try:
+        net_host.declare(
+            'kind: network\nname: "rb-lo"\nsubnet: 10.232.31.0/24\n---\n'
+            + json.dumps(
+                {
+                    "name": "@raw",
+                    "image": "debian-bookworm-slim",
+                    "packages": ["python3"],
+                    "network": "rb-lo",
+                    "restart": "no",
+                    "security": {"private_users": False},
+                    "files": [{"path": "/probe.py", "content": LOOPBACK_PROBE}],
+                    "command": ["python3", "/probe.py", str(loopback_port), str(control_port)],
+                }
+            )
+        )
+        net_host.apply()
+        log = net_host.wait_for_output("raw", "PROBE ")
+        report = json.loads(log.split("PROBE ", 1)[1].splitlines()[0])
+        assert report["control"] is True  # crafted SYNs work and get answers
+        assert report["loopback"] is False
+    finally:
+        for listener in listeners:
+            listener.close()

@@ -148,3 +148,54 @@ def test_logs_since_and_timestamps(
     assert (code, out) == (0, "2999-01-01T00:00:01Z  spaced\n")
     code, _, err = run_cli(monkeypatch, capsys, *root, "logs", "web", "--since", "soon")
     assert code == 2 and "--since" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["destroy", "--yes", "ta-h/"],
+        ["destroy", "--yes", "ta-h/."],
+        ["inspect", "a/../ta-h"],
+        ["stop", "../machines/ta-h"],
+        ["start", ""],
+        ["exec", "ta-h/", "--", "true"],
+        ["logs", "ta-h/"],
+        ["stats", "ok", "ta-h/"],
+        ["network", "rm", "net/"],
+        ["network", "inspect", "../net"],
+        ["image", "rm", "img/.."],
+        ["render", ".", "ta-h/"],
+    ],
+)
+def test_names_on_the_command_line_follow_the_spec_rule(
+    args: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A machine's directory that a path-like name would reach ("ta-h/" is
+    # machines/ta-h): it must survive, and the error says which name is wrong.
+    machine = tmp_path / "var/lib/pymachine/machines/ta-h"
+    (machine / "upper").mkdir(parents=True)
+    (machine / "state.json").write_text("{}")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli(monkeypatch, capsys, "--root", str(tmp_path), *args)
+    assert code == 1
+    assert out == ""
+    assert "is not a valid name" in err or "must not be empty" in err
+    assert "hint: " in err and "nothing was changed" in err
+    assert "Traceback" not in err and "internal error" not in err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_root_is_resolved_once_for_every_scope(tmp_path: Path) -> None:
+    from pymachined.files import host_layout
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    layout = host_layout(real)
+    assert host_layout(tmp_path / "link") == layout
+    assert host_layout(tmp_path / "link" / ".." / "real") == layout
+    assert layout.scope != "" and layout.cgroup_name("web") == f"pymachine/{layout.scope}-web"
+    assert host_layout(Path("/")).cgroup_name("web") == "pymachine/web"

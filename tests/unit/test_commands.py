@@ -74,7 +74,7 @@ def test_overlay_mounts() -> None:
         "-t",
         "overlay",
         "-o",
-        "lowerdir=/img/b:/img/a,ro",
+        "nodev,lowerdir=/img/b:/img/a,ro",
         "--",
         "pymachine",
         "/m/rootfs",
@@ -82,6 +82,15 @@ def test_overlay_mounts() -> None:
     upper, work = PurePosixPath("/m/upper"), PurePosixPath("/m/work")
     argv = commands.overlay_mount_argv(lowers, target, upper, work, metacopy=True)
     assert (
-        argv[4]
-        == "lowerdir=/img/b:/img/a,upperdir=/m/upper,workdir=/m/work,redirect_dir=on,metacopy=on"
+        argv[4] == "nodev,lowerdir=/img/b:/img/a,upperdir=/m/upper,workdir=/m/work,"
+        "redirect_dir=on,metacopy=on"
     )
+
+
+def test_machine_roots_are_mounted_without_devices() -> None:
+    target = PurePosixPath("/m/rootfs")
+    assert commands.tmpfs_mount_argv(target)[4] == "mode=0700,nodev"
+    assert commands.nodev_bind_argv(target) == [
+        *("mount", "--bind", "-o", "nodev", "--"),
+        *("/m/rootfs", "/m/rootfs"),
+    ]

@@ -153,6 +153,15 @@ def test_the_ruleset_replaces_the_table_in_one_script() -> None:
         'iifname "pmbr-a" oifname "pmbr-b" drop',
         'iifname "pmbr-b" oifname "pmbr-a" drop',
     ]
+    # Nothing from a bridge reaches the host's loopback, before NAT sees it.
+    loopback = lines[lines.index("chain loopback {") :]
+    assert loopback[1:6] == [
+        "type filter hook prerouting priority raw; policy accept;",
+        'iifname "pmbr-a" ip daddr 127.0.0.0/8 drop',
+        'iifname "pmbr-a" ip6 daddr ::1 drop',
+        'iifname "pmbr-b" ip daddr 127.0.0.0/8 drop',
+        'iifname "pmbr-b" ip6 daddr ::1 drop',
+    ]
 
 
 def test_nft_forwards_leave_ipv6_host_addresses_to_the_forwarders() -> None:
