@@ -206,3 +206,10 @@ def device_writes() -> list[Write]:
         Write("devices", "devices.deny", "a"),
         *(Write("devices", "devices.allow", d.v1_rule) for d in DEVICE_ALLOW),
     ]
+
+
+def device_allowed(block: bool, major: int, minor: int) -> bool:
+    """Whether a machine may make a node of this device (DEVICE_ALLOW)."""
+    return not block and any(
+        d.major == major and d.minor in (None, minor) and "m" in d.access for d in DEVICE_ALLOW
+    )

@@ -87,3 +87,14 @@ def test_json_round_trip_and_truth() -> None:
     assert Limits.from_json(None) == Limits()
     assert not Limits()
     assert limits
+
+
+def test_a_machine_may_make_only_the_nodes_it_may_use() -> None:
+    from pymachined.limits import device_allowed
+
+    assert device_allowed(False, 1, 3)  # /dev/null
+    assert device_allowed(False, 5, 1)  # /dev/console: made (copied up), never opened
+    assert not device_allowed(False, 136, 4)  # ptys come from the machine's devpts
+    assert not device_allowed(True, 7, 0)  # a loop device
+    assert not device_allowed(True, 1, 3)  # a block device of null's numbers
+    assert not device_allowed(False, 1, 11)  # /dev/kmsg
