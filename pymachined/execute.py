@@ -45,11 +45,10 @@ from pymachined.errors import ApplyError, Failure, PymachineError, host_error
 from pymachined.faults import crash_point
 from pymachined.images import ImageRecord, ImageStore
 from pymachined.layout import Layout
-from pymachined.limits import device_allowed
 from pymachined.plan import starts_at_boot
 from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.render import MARKER
-from pymachined.spec import Machine, Network, RootfsMode
+from pymachined.spec import Machine, Network
 from pymachined.state import StateStore
 from pymachined.supervise.base import BindSource, RunSpec, Supervisor
 
@@ -454,13 +453,6 @@ def ready_root(layout: Layout, images: ImageStore, name: str, machine: Machine |
     mounted = rootfs.mount(layout, images, root)
     if machine is None:
         return mounted
-    shifted_by_copy_up = root.mode is not RootfsMode.COPY  # a copy is chowned in place
-    if (
-        shifted_by_copy_up
-        and machine.security.private_users
-        and rootfs.user_namespace(layout, name) is None
-    ):
-        _check_device_nodes(mounted, name)
     for file in machine.files:
         files.write_in_root(mounted, file.path, file.content, int(file.mode, 8), machine=name)
     sources = [BindSource(b.source, b.read_only) for b in machine.binds]
@@ -470,22 +462,6 @@ def ready_root(layout: Layout, images: ImageStore, name: str, machine: Machine |
     for tmpfs in machine.tmpfs:
         files.make_mount_point(mounted, tmpfs.path, directory=True, machine=name)
     return mounted
-
-
-def _check_device_nodes(root: Path, name: str) -> None:
-    """Before nspawn first shifts an overlay root to a user namespace's ids:
-    every device node is copied up then, a mknod the machine's device list refuses
-    for any node not in it, and nspawn would fail with a bare EPERM."""
-    for path, block, major, minor in files.device_nodes(root):
-        if not device_allowed(block, major, minor):
-            kind = "block" if block else "character"
-            raise PymachineError(
-                f"machine {name}: its root holds the {kind} device node {path} "
-                f"({major}:{minor}), which a machine may not make or open; with a user "
-                "namespace it cannot start",
-                hint="remove the node from the image (its script:), or set "
-                "security.private_users: false (the node still opens nothing)",
-            )
 
 
 def attach_recorded(

@@ -33,25 +33,6 @@ def host_layout(root: Path) -> Layout:
     return Layout(PurePosixPath(os.path.realpath(root)))
 
 
-def device_nodes(root: Path) -> Iterator[tuple[str, bool, int, int]]:
-    """Every device node in a tree, as (path inside it, whether a block device,
-    major, minor); symlinks are not followed, nor other file systems entered."""
-    device = root.lstat().st_dev
-    for directory, dirs, names in os.walk(root):
-        here = Path(directory)
-        dirs[:] = [d for d in dirs if (here / d).lstat().st_dev == device]
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                info = (here / name).lstat()
-                if stat.S_ISBLK(info.st_mode) or stat.S_ISCHR(info.st_mode):
-                    yield (
-                        "/" + str((here / name).relative_to(root)),
-                        stat.S_ISBLK(info.st_mode),
-                        os.major(info.st_rdev),
-                        os.minor(info.st_rdev),
-                    )
-
-
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = True) -> None:
     """Write path as a whole or not at all: temp file, fsync, rename, fsync dir.
     Not durable: the same, without the two fsyncs; a reader (or a process

@@ -160,42 +160,44 @@ def unit_properties(limits: Limits) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Device:
-    """One entry of a machine's device allow-list: a character device (every
-    minor when ``minor`` is None), by its systemd ``DeviceAllow=`` name."""
+    """One entry of a machine's device allow-list: character (``c``) or block
+    (``b``) devices of a major (every major when None) and a minor (every minor
+    when None), by its systemd ``DeviceAllow=`` name."""
 
     unit_name: str
-    major: int
+    kind: str
+    major: int | None
     minor: int | None
     access: str
 
     @property
     def v1_rule(self) -> str:
         """The line for a v1 ``devices.allow`` file."""
+        major = "*" if self.major is None else str(self.major)
         minor = "*" if self.minor is None else str(self.minor)
-        return f"c {self.major}:{minor} {self.access}"
+        return f"{self.kind} {major}:{minor} {self.access}"
 
 
-# The devices a machine may use, as tight as systemd-nspawn@.service's own
-# (DevicePolicy=closed: the pseudo-devices, /dev/tty and /dev/ptmx; ptys). The
-# nodes nspawn makes in a machine's /dev need "m"; the pty slaves it gets from
-# the devpts it mounts, so a machine may open ptys but never make their nodes.
-# /dev/console may only be made, never opened: images hold one (mmdebstrap
-# makes it) and shifting a root to a user namespace's ids copies it up into the
-# overlay's upper layer, a mknod as the machine; the machine's own console is a
-# pty nspawn binds there. Nothing else, above all no block device: a node
-# planted in an image opens nothing (and a root holding one cannot be shifted,
-# so a machine of it with a user namespace does not start).
+# The devices a machine may open, as tight as systemd-nspawn@.service's own
+# (DevicePolicy=closed: the pseudo-devices, /dev/tty and /dev/ptmx; ptys).
+# Nothing else, above all no block device: a node planted in an image opens
+# nothing. Any node may be made ("m"), as runc's and Docker's defaults allow:
+# making a node gives no access to its device, and shifting a root to a user
+# namespace's ids copies every node of the image up into the overlay, a mknod
+# as the machine (mmdebstrap's images hold /dev/console, a hostile one
+# anything). The pty slaves come from the devpts nspawn mounts.
 # /dev/net/tun is left out (no spec field asks for it).
 DEVICE_ALLOW = (
-    Device("/dev/null", 1, 3, "rwm"),
-    Device("/dev/zero", 1, 5, "rwm"),
-    Device("/dev/full", 1, 7, "rwm"),
-    Device("/dev/random", 1, 8, "rwm"),
-    Device("/dev/urandom", 1, 9, "rwm"),
-    Device("/dev/tty", 5, 0, "rwm"),
-    Device("/dev/console", 5, 1, "m"),
-    Device("/dev/ptmx", 5, 2, "rwm"),
-    Device("char-pts", 136, None, "rw"),
+    Device("char-*", "c", None, None, "m"),
+    Device("block-*", "b", None, None, "m"),
+    Device("/dev/null", "c", 1, 3, "rwm"),
+    Device("/dev/zero", "c", 1, 5, "rwm"),
+    Device("/dev/full", "c", 1, 7, "rwm"),
+    Device("/dev/random", "c", 1, 8, "rwm"),
+    Device("/dev/urandom", "c", 1, 9, "rwm"),
+    Device("/dev/tty", "c", 5, 0, "rwm"),
+    Device("/dev/ptmx", "c", 5, 2, "rwm"),
+    Device("char-pts", "c", 136, None, "rw"),
 )
 
 
@@ -206,10 +208,3 @@ def device_writes() -> list[Write]:
         Write("devices", "devices.deny", "a"),
         *(Write("devices", "devices.allow", d.v1_rule) for d in DEVICE_ALLOW),
     ]
-
-
-def device_allowed(block: bool, major: int, minor: int) -> bool:
-    """Whether a machine may make a node of this device (DEVICE_ALLOW)."""
-    return not block and any(
-        d.major == major and d.minor in (None, minor) and "m" in d.access for d in DEVICE_ALLOW
-    )

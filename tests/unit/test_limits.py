@@ -89,12 +89,20 @@ def test_json_round_trip_and_truth() -> None:
     assert limits
 
 
-def test_a_machine_may_make_only_the_nodes_it_may_use() -> None:
-    from pymachined.limits import device_allowed
+def test_a_machine_may_make_any_node_and_open_only_its_list() -> None:
+    from pymachined.limits import device_writes
 
-    assert device_allowed(False, 1, 3)  # /dev/null
-    assert device_allowed(False, 5, 1)  # /dev/console: made (copied up), never opened
-    assert not device_allowed(False, 136, 4)  # ptys come from the machine's devpts
-    assert not device_allowed(True, 7, 0)  # a loop device
-    assert not device_allowed(True, 1, 3)  # a block device of null's numbers
-    assert not device_allowed(False, 1, 11)  # /dev/kmsg
+    rules = [w.value for w in device_writes()]
+    assert rules[0] == "a"  # devices.deny: everything, first
+    assert rules[1:3] == ["c *:* m", "b *:* m"]
+    opened = [r for r in rules[1:] if "r" in r.split()[-1]]
+    assert opened == [
+        "c 1:3 rwm",
+        "c 1:5 rwm",
+        "c 1:7 rwm",
+        "c 1:8 rwm",
+        "c 1:9 rwm",
+        "c 5:0 rwm",
+        "c 5:2 rwm",
+        "c 136:* rw",
+    ]
