@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pymachined.spec import Network
+from pymachined.spec import Network, RootfsMode
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class CreateMachine(Action):
     """Make a machine's root and record."""
 
     verb: ClassVar[str] = "create"
+
+
+@dataclass(frozen=True)
+class AdoptRoot(Action):
+    """Keep the writes of a machine whose root record is gone: write the record
+    again, over the spec's image, rather than make a new root."""
+
+    verb: ClassVar[str] = "keep the root of"
+    mode: RootfsMode = RootfsMode.OVERLAY
+
+    def as_json(self) -> dict[str, Any]:
+        return {**super().as_json(), "mode": self.mode.value}
 
 
 @dataclass(frozen=True)

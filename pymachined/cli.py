@@ -259,7 +259,7 @@ def _host_lock(timeout: float | None) -> AbstractContextManager[None]:
 
 def _planned(
     reconciler: Reconciler, paths: list[Path], prune: bool
-) -> tuple[dict[str, Desired], list[Action]]:
+) -> tuple[dict[str, Desired], list[Action], list[str]]:
     spec_set = _spec_set(paths)
     if prune and not spec_set.machines:
         raise PymachineError(
@@ -292,9 +292,16 @@ def plan(
 ) -> None:
     """Show what apply would do; exit 0 if the host matches the specs, 2 if not."""
     reconciler = _reconciler(supervisor)
-    desired, actions = _planned(reconciler, paths, prune)
+    desired, actions, problems = _planned(reconciler, paths, prune)
     _show_plan(desired, actions, output)
-    raise typer.Exit(2 if actions else 0)
+    _show_problems(problems)
+    raise typer.Exit(1 if problems else 2 if actions else 0)
+
+
+def _show_problems(problems: list[str]) -> None:
+    """The machines a plan leaves as they are, each as an error line."""
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
 
 
 @app.command()
@@ -311,14 +318,21 @@ def apply(
     """Make the host match the specs: build, create, start, restart, stop, remove."""
     reconciler = _reconciler(supervisor)
     with _host_lock(lock_timeout):
-        desired, actions = _planned(reconciler, paths, prune)
+        desired, actions, problems = _planned(reconciler, paths, prune)
         _show_plan(desired, actions, Format.TABLE)
+        _show_problems(problems)
         if not actions or dry_run:
-            return
+            raise typer.Exit(1 if problems else 0)
         if not yes and sys.stdin.isatty():
             typer.confirm("apply these changes?", abort=True)
         reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
     typer.echo(f"applied {_plural(len(actions), 'change')}")
+    if problems:
+        raise PymachineError(
+            f"{len(problems)} left as they are, each with a record that cannot be "
+            "read (see the errors above)",
+            hint="inspect the files named above, repair or remove them, then apply again",
+        )
 
 
 def _uptime(started: float | None) -> str | None:
@@ -344,7 +358,22 @@ def list_machines(
     statuses = reconciler.supervisor.status()
     names = {r.key: r.name for r in reconciler.images.records()}
     rows: list[dict[str, Any]] = []
-    for name, record in StateStore(options.layout).all().items():
+    records, unreadable = StateStore(options.layout).scan()
+    for name, problem in unreadable.items():
+        typer.echo(f"error: {name}: {problem}", err=True)
+        rows.append(
+            {
+                "name": name,
+                "state": "unreadable",
+                "image": None,
+                "address": None,
+                "uptime": None,
+                "restarts": 0,
+                "exit_code": None,
+                "pid": None,
+            }
+        )
+    for name, record in records.items():
         status = statuses.get(name)
         state = status.state.value if status else ("created" if record.run is None else "exited")
         running = status is not None and status.pid is not None
@@ -360,7 +389,10 @@ def list_machines(
                 "pid": status.pid if status else None,
             }
         )
+    rows.sort(key=lambda row: str(row["name"]))
     _print_rows(rows, ["name", "state", "image", "address", "uptime", "restarts"], output)
+    if unreadable:
+        raise typer.Exit(1)
 
 
 def _known(name: str) -> MachineRecord:
@@ -774,7 +806,10 @@ def show_events(
     from pymachined.supervise.systemd import SystemdSupervisor, journal_events
 
     start = _since(since)
-    found = list(events.read(options.layout, start))
+    skipped: list[str] = []
+    found = list(events.read(options.layout, start, skipped))
+    for problem in skipped:
+        typer.echo(f"warning: {problem}", err=True)
     if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
         found = sorted(found + journal_events(start), key=lambda e: str(e["time"]))
     if output is Format.YAML:

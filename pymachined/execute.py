@@ -25,6 +25,7 @@ from pathlib import Path
 from pymachined import events, files, netplan, network, rootfs
 from pymachined.actions import (
     Action,
+    AdoptRoot,
     BuildImage,
     CreateMachine,
     CreateNetwork,
@@ -219,6 +220,17 @@ class Executor:
         )
         self._event(replace(record, layers=want.layer_keys), "created")
         events.record(self.layout, want.name, "create")
+
+    def _AdoptRoot(self, action: AdoptRoot) -> None:
+        want = self.desired[action.machine]
+        self._claim_directory(want.name)
+        self.images.ensure(want.layers)
+        root = rootfs.adopt(self.layout, want.name, action.mode, want.layer_keys)
+        rootfs.mount(self.layout, self.images, root)
+        record = self.state.get(want.name) or MachineRecord(
+            name=want.name, config_hash="", layers=want.layer_keys, created=_now()
+        )
+        self._event(replace(record, layers=want.layer_keys), "root record made again, writes kept")
 
     def _ReplaceRoot(self, action: ReplaceRoot) -> None:
         want = self.desired[action.machine]

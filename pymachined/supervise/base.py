@@ -46,6 +46,7 @@ class RunState(StrEnum):
     RESTARTING = "restarting"
     EXITED = "exited"
     DEAD = "dead"
+    UNKNOWN = "unknown"  # the supervisor's own record of it cannot be read
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Status:
     exit_code: int | None = None
     restarts: int = 0
     enabled: bool | None = None  # starts at boot; None where the supervisor has no such notion
+    detail: str | None = None  # why the state is unknown
 
     def as_json(self) -> dict[str, Any]:
         """The status in its JSON form."""
@@ -105,6 +107,7 @@ class Status:
             "exit_code": self.exit_code,
             "restarts": self.restarts,
             "enabled": self.enabled,
+            "detail": self.detail,
         }
 
     @classmethod
@@ -118,6 +121,7 @@ class Status:
             exit_code=data.get("exit_code"),
             restarts=int(data.get("restarts", 0)),
             enabled=data.get("enabled"),
+            detail=data.get("detail"),
         )
 
 

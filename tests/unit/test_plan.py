@@ -117,7 +117,7 @@ def test_a_limit_change_updates_the_running_machine_without_a_restart(
     after = desired_from(repo, tmp_path, limited)
     actions = plan(after, observed, built)
     assert kinds(actions) == [("WriteFiles", "web"), ("UpdateLimits", "web")]
-    assert actions[1].reason == "memory unlimited → 64M, pids unlimited → 64"
+    assert actions[1].reason == "memory unlimited → 64M, pids 2048 → 64"
     observed, built = converged(after)
     assert plan(after, observed, built) == []
     lifted = desired_from(repo, tmp_path, limited.replace("memory: 64M, ", ""))
