@@ -31,7 +31,7 @@ _MAX_DIGITS = 40  # longer numbers are refused before they are converted
 def _shown(value: object) -> str:
     """A value for a message, cut short (and never a 5,000-digit conversion)."""
     if isinstance(value, int) and value.bit_length() > 128:
-        return f"of {value.bit_length()} bits"
+        return f"(a number of {value.bit_length()} bits)"
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= _MAX_DIGITS else text[:_MAX_DIGITS] + "..."
 
