@@ -375,36 +375,90 @@ def test_a_deleted_root_is_made_again(host: Host) -> None:
     host.wait_for(lambda m: m["b"]["state"] == "running", "b running again")
     assert (base / "rootfs.json").exists()
     # A removal killed after the root's record went, with its writes still
-    # there: they are not mixed into the root made again.
+    # there (its mark says so): they are not mixed into the root made again.
     host.pymachine("stop", name)
     subprocess.run(["umount", str(base / "rootfs")], check=True)
+    (base / ".pymachine-removing").write_text("pymachine\n")
     (base / "rootfs.json").unlink()
     (base / "upper/leftover").write_text("from the old root\n")
     host.apply()
+    assert not (base / ".pymachine-removing").exists()
     host.wait_for(lambda m: m["b"]["state"] == "running", "b running again")
     assert not (base / "upper/leftover").exists()
     assert not (base / "rootfs/leftover").exists()
 
 
-def test_an_unreadable_record_stops_apply_and_changes_nothing(host: Host) -> None:
+def test_a_lost_root_record_keeps_the_machines_writes(host: Host) -> None:
     host.declare(TWO)
     host.apply()
+    name = f"{host.prefix}a"
+    base = host.root / f"var/lib/pymachine/machines/{name}"
+    host.pymachine("exec", name, "--", "sh", "-c", "echo kept > /root/data")
+    pid = host.machines()["a"]["pid"]
+    (base / "rootfs.json").unlink()
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 2, planned.stdout + planned.stderr
+    assert f"keep the root of {name}: its root record is missing; its writable layer (" in (
+        planned.stdout
+    )
+    assert "is kept and the record made again from the spec's image" in planned.stdout
+    host.apply()
+    assert (base / "rootfs.json").exists()
+    assert (base / "upper/root/data").read_text() == "kept\n"
+    assert host.machines()["a"]["pid"] == pid  # left running
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+    # Stopped and started again, it runs on the root it kept.
+    host.pymachine("stop", name)
+    host.pymachine("start", name)
+    host.wait_for(lambda m: m["a"]["state"] == "running", "a running again")
+    shown = host.pymachine("exec", name, "--", "cat", "/root/data")
+    assert shown.stdout == "kept\n"
+    # A corrupt root record: the same.
+    (base / "rootfs.json").write_text("{not json")
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert f"keep the root of {name}: its root record cannot be read (" in planned.stdout
+    host.apply()
+    assert (base / "upper/root/data").read_text() == "kept\n"
+
+
+def test_an_unreadable_record_leaves_only_its_machine(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    pid_a = host.machines()["a"]["pid"]
     record = host.root / f"var/lib/pymachine/machines/{host.prefix}a/state.json"
     good = record.read_text()
-    record.write_text('{"version": 99, "owner": "pymachine"}')
-    host.declare(TWO.replace("GREETING: hello", "GREETING: changed"))
-    before = rendered_mtimes(host)
-    result = host.apply(check=False)
-    assert result.returncode == 1
-    assert f"error: state record {record} has version 99" in result.stderr
-    assert "hint:" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert rendered_mtimes(host) == before
-    record.write_text("not json")
-    result = host.apply(check=False)
-    assert result.returncode == 1
-    assert "is not valid JSON" in result.stderr
-    record.write_text(good)  # so the fixture can clean up
+    try:
+        record.write_text('{"version": 99, "owner": "pymachine"}')
+        host.declare(
+            TWO.replace("GREETING: hello", "GREETING: changed").replace(
+                'exec sleep infinity"]\nnetwork: none\nrestart: "no"',
+                'echo b2; exec sleep infinity"]\nnetwork: none\nrestart: "no"',
+            )
+        )
+        listed = host.pymachine("ls", check=False)
+        assert listed.returncode == 1
+        assert f"error: {host.prefix}a: state record {record} has version 99" in listed.stderr
+        rows = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()[1:]}
+        assert rows[f"{host.prefix}a"] == "unreadable"
+        assert rows[f"{host.prefix}b"] == "running"
+        result = host.apply(check=False)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"error: {host.prefix}a: state record {record} has version 99" in result.stderr
+        assert f"restart {host.prefix}b: its configuration changed" in result.stdout
+        assert f"{host.prefix}a:" not in result.stdout  # nothing planned for it
+        assert "Traceback" not in result.stderr
+        listed = host.pymachine("ls", "-o", "json", check=False)
+        pids = {row["name"]: row["pid"] for row in json.loads(listed.stdout)}
+        assert pids[f"{host.prefix}a"] is None  # unreadable: not shown as anything
+        assert pid_a is not None and os.kill(pid_a, 0) is None  # still running, untouched
+        host.wait_for_output("b", "b2")
+        record.write_bytes(b"\xff\xfe not utf-8")
+        result = host.apply(check=False)
+        assert result.returncode == 1
+        assert "is not valid UTF-8" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        record.write_text(good)  # so the fixture can clean up
 
 
 def test_a_held_lock_makes_apply_wait_or_give_up(host: Host) -> None:
