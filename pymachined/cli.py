@@ -618,10 +618,12 @@ def logs(
     """A machine's output: its unit's journal under systemd, else its console as
     pymachined captured it, each line stamped with the time it came. (A booted
     machine's own journal: journalctl -M NAME.)"""
+    import itertools
     import time
     from collections import deque
+    from collections.abc import Iterator
 
-    from pymachined.commands import LOG_TIME_FORMAT
+    from pymachined.commands import LOG_TIME_FORMAT, rotated_log
     from pymachined.desired import console_log
     from pymachined.parsers import parse_log_line
 
@@ -633,7 +635,8 @@ def logs(
         _journal_logs(options.layout.unit_name(name), follow, lines, start, timestamps)
         return
     path = console_log(options.layout, name)
-    if not path.exists():
+    rotated = Path(rotated_log(PurePosixPath(path)))
+    if not path.exists() and not rotated.exists():
         typer.echo(f"{name} has no output yet", err=True)
         return
     # Stamps and the boundary share one fixed format, so they compare as text.
@@ -645,15 +648,40 @@ def logs(
             return
         typer.echo(f"{stamp} {text}" if timestamps and stamp else text, nl=False)
 
-    with path.open(errors="replace") as handle:
-        for line in handle if lines is None else deque(handle, maxlen=lines):
-            show(line)
-        while follow:
+    def read(source: Path) -> Iterator[str]:
+        try:
+            with source.open(errors="replace") as handle:
+                yield from handle
+        except FileNotFoundError:
+            return
+
+    # The rotated part first: the two are the machine's output in order.
+    both = itertools.chain(read(rotated), read(path))
+    for line in both if lines is None else deque(both, maxlen=lines):
+        show(line)
+    if not follow:
+        return
+    handle = path.open(errors="replace")
+    handle.seek(0, os.SEEK_END)
+    try:
+        while True:
             line = handle.readline()
             if line:
                 show(line)
+                continue
+            try:
+                renamed = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                renamed = False  # between the rename and the next line
+            if renamed:  # rotated: the rest of the old file, then on to the new one
+                for rest in handle:
+                    show(rest)
+                handle.close()
+                handle = path.open(errors="replace")
             else:
                 time.sleep(0.2)
+    finally:
+        handle.close()
 
 
 def _leader(name: str, supervisor: str) -> int:

@@ -192,11 +192,19 @@ class Daemon:
         # and the filter ends when the machine closes the pipe.
         read_end, write_end = os.pipe()
         try:
-            with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
+            log_path = PurePosixPath(spec.log)
+            with contextlib.suppress(FileNotFoundError):
+                if Path(log_path).stat().st_size >= spec.log_max:
+                    Path(log_path).replace(Path(commands.rotated_log(log_path)))
+            with open(spec.log, "ab") as output:  # noqa: PTH123 - the log's size after the line
                 stamp = time.strftime(commands.LOG_TIME_FORMAT, time.gmtime())
                 output.write(f"{stamp} -- pymachined: starting {spec.name}\n".encode())
                 output.flush()
-                machine.stamper = run.spawn(commands.log_stamp_argv(), output, stdin=read_end)
+                size = os.fstat(output.fileno()).st_size
+            # The filter writes the log itself, by name; its own errors go
+            # to pymachined's log.
+            stamper = commands.log_stamp_argv(log_path, spec.log_max, size)
+            machine.stamper = run.spawn(stamper, sys.stderr.fileno(), stdin=read_end)
             child = run.spawn(argv, write_end)
         finally:
             os.close(read_end)

@@ -118,6 +118,7 @@ def desire(
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
             limits=Limits(**machine.resources.model_dump()),
+            log_max=machine.log.max_size,
         )
         config = {
             "argv": list(run.argv),

@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from pymachined.limits import DEFAULT_LOG_MAX
 from pymachined.sizes import parse_duration, parse_size
 
 # ---------------------------------------------------------------------------
@@ -438,6 +439,14 @@ class Resources(Model):
         return value
 
 
+class Log(Model):
+    """How much of a machine's console output pymachined keeps."""
+
+    # The log is rotated to console.log.1 past max_size: at most about twice
+    # max_size on disk.
+    max_size: Annotated[Size, Field(ge=64 * 1024)] = DEFAULT_LOG_MAX
+
+
 class Capabilities(Model):
     """Capabilities added to or dropped from nspawn's default bounding set."""
 
@@ -546,6 +555,7 @@ class Machine(Model):
     address: ipaddress.IPv4Address | None = None
     ports: list[PortItem] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
+    log: Log = Field(default_factory=Log)
     security: Security = Field(default_factory=Security)
     restart: RestartPolicy = RestartPolicy.ON_FAILURE
     stop_timeout: Annotated[Duration, Field(gt=0)] = 10.0

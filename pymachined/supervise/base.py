@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from pymachined.limits import Limits
+from pymachined.limits import DEFAULT_LOG_MAX, Limits
 
 SOCKET = "pymachined.sock"
 """pymachined's socket, in the run directory."""
@@ -59,6 +59,7 @@ class RunSpec:
     log: str
     stop_timeout: float
     limits: Limits = field(default_factory=Limits)
+    log_max: int = DEFAULT_LOG_MAX  # bytes of log before it is rotated to LOG.1
 
     def as_json(self) -> dict[str, Any]:
         """The spec as sent to and kept by the supervisor."""
@@ -69,6 +70,7 @@ class RunSpec:
             "log": self.log,
             "stop_timeout": self.stop_timeout,
             "limits": self.limits.as_json(),
+            "log_max": self.log_max,
         }
 
     @classmethod
@@ -81,6 +83,7 @@ class RunSpec:
             log=str(data["log"]),
             stop_timeout=float(data["stop_timeout"]),
             limits=Limits.from_json(data.get("limits")),
+            log_max=int(data.get("log_max", DEFAULT_LOG_MAX)),
         )
 
 
