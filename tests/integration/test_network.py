@@ -437,3 +437,88 @@ def test_a_stopped_machine_moved_off_a_network_lets_it_go(net_host: Host) -> Non
     assert netns_run(host, "m", "ip", "route", "show", "default").stdout.startswith(
         "default via 10.213.2.1"
     )
+
+
+def _echo_server(port: int) -> socket.socket:
+    """A TCP server on 127.0.0.1 that answers each connection's first line."""
+    import threading
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(64)
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"echo " + conn.recv(100))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def _ask(port: int) -> bytes:
+    with socket.create_connection(("::1", port), timeout=5) as sock:
+        sock.sendall(b"hi")
+        return sock.recv(100)
+
+
+def test_a_forwarder_flooded_with_few_descriptors_keeps_serving() -> None:
+    import resource
+    import sys
+    import time
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    server = _echo_server(19401)
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("::1", 19400))
+    listener.listen(128)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    argv = [sys.executable, "-m", "pymachined.forward", "tcp", str(listener.fileno())]
+    forwarder = subprocess.Popen(
+        [*argv, "127.0.0.1", "19401", "flood-test"],
+        pass_fds=(listener.fileno(),),
+        preexec_fn=few_descriptors,  # noqa: PLW1509 - only setrlimit, before exec
+        stderr=subprocess.PIPE,
+    )
+    listener.close()
+    flood: list[socket.socket] = []
+    try:
+        assert _ask(19400) == b"echo hi"
+        for _ in range(2000):  # 2,000 clients that connect and then hold on
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect_ex(("::1", 19400))
+            flood.append(sock)
+        time.sleep(2)
+        assert forwarder.poll() is None, "the forwarder died"
+        for sock in flood:
+            sock.close()
+        flood.clear()
+        deadline = time.monotonic() + 30
+        while True:  # the held clients' slots come back as their relays end
+            try:
+                assert _ask(19400) == b"echo hi"
+                break
+            except (OSError, AssertionError):
+                assert forwarder.poll() is None, "the forwarder died"
+                assert time.monotonic() < deadline, "the forwarder stopped serving"
+                time.sleep(0.2)
+        assert forwarder.poll() is None
+    finally:
+        for sock in flood:
+            sock.close()
+        forwarder.kill()
+        forwarder.wait()
+        server.close()
