@@ -109,6 +109,13 @@ class UpdateLimits(Action):
 
 
 @dataclass(frozen=True)
+class StartForwarders(Action):
+    """Start again the IPv6 port forwarders of a running machine that lost them."""
+
+    verb: ClassVar[str] = "start the port forwarders of"
+
+
+@dataclass(frozen=True)
 class EnableMachine(Action):
     """Make a machine start at boot, or not (under systemd: enable or disable its unit)."""
 

@@ -36,6 +36,7 @@ from pymachined.actions import (
     ReplaceNetwork,
     ReplaceRoot,
     RestartMachine,
+    StartForwarders,
     StartMachine,
     StopMachine,
     UpdateLimits,
@@ -96,7 +97,7 @@ class Executor:
                 backward.append(action)
             elif isinstance(action, EnableMachine):
                 continue  # taken in with the written files, below
-            elif isinstance(action, StartMachine | RestartMachine | UpdateLimits):
+            elif isinstance(action, StartMachine | RestartMachine | UpdateLimits | StartForwarders):
                 running.setdefault(action.machine, []).append(action)
             else:
                 making.setdefault(action.machine, []).append(action)
@@ -320,6 +321,14 @@ class Executor:
             self.say(f"warning: {want.name}: a limit is not applied: {problem}")
         record = replace(self._record(want.name), run=want.run.as_json())
         self._event(record, f"limits changed ({action.reason})")
+
+    def _StartForwarders(self, action: StartForwarders) -> None:
+        record = self._record(action.machine)
+        if record.address is None:
+            raise PymachineError(f"machine {action.machine} has no address on record")
+        want = self.desired[action.machine]
+        network.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
+        self._event(record, f"port forwarders started again ({action.reason})")
 
     def _StopMachine(self, action: StopMachine) -> None:
         self.supervisor.stop(action.machine)

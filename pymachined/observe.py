@@ -57,6 +57,7 @@ def observe(
             kept=rootfs.kept(layout, name) if root is None else None,
             root_problem=root_problem,
             problem=problem,
+            forwarders_gone=len(network.forwarders_gone(layout, name)),
         )
     return out
 

@@ -24,6 +24,7 @@ from pymachined.actions import (
     ReplaceNetwork,
     ReplaceRoot,
     RestartMachine,
+    StartForwarders,
     StartMachine,
     StopMachine,
     UpdateLimits,
@@ -59,6 +60,7 @@ class Observed:
     kept: Kept | None = None  # its writes, when it has no readable root record
     root_problem: str | None = None  # why its root record cannot be read
     problem: str | None = None  # why nothing can be done to it (a record that cannot be read)
+    forwarders_gone: int = 0  # how many of its IPv6 port forwarders no longer run
 
     @property
     def running(self) -> bool:
@@ -264,6 +266,14 @@ def plan(
             actions.append(UpdateLimits(name, change))
         elif not wants_running and seen.running:
             stopping.append(StopMachine(name, "state: stopped"))
+        if (
+            wants_running
+            and seen.running
+            and seen.forwarders_gone
+            and not any(isinstance(a, RestartMachine) and a.machine == name for a in actions)
+        ):
+            lost = f"{seen.forwarders_gone} of its IPv6 port forwarders are gone"
+            actions.append(StartForwarders(name, lost))
         at_boot = starts_at_boot(want)
         enabled = seen.status.enabled if seen.status is not None else None
         if (

@@ -488,7 +488,7 @@ def test_a_forwarder_flooded_with_few_descriptors_keeps_serving() -> None:
     forwarder = subprocess.Popen(
         [*argv, "127.0.0.1", "19401", "flood-test"],
         pass_fds=(listener.fileno(),),
-        preexec_fn=few_descriptors,  # noqa: PLW1509 - only setrlimit, before exec
+        preexec_fn=few_descriptors,
         stderr=subprocess.PIPE,
     )
     listener.close()
@@ -522,3 +522,44 @@ def test_a_forwarder_flooded_with_few_descriptors_keeps_serving() -> None:
         forwarder.kill()
         forwarder.wait()
         server.close()
+
+
+def test_a_dead_forwarder_is_seen_by_plan_and_started_again(net_host: Host) -> None:
+    import os
+    import signal
+
+    host = net_host
+    host.declare(
+        """\
+kind: network
+name: "@rd1"
+subnet: 10.234.1.0/24
+---
+name: "@fw"
+image: debian-bookworm-slim
+packages: [python3]
+network: "@rd1"
+ports: ["[::1]:19410:8080"]
+command: [python3, -m, http.server, --bind, 0.0.0.0, "8080"]
+"""
+    )
+    host.apply()
+    url = "http://[::1]:19410/"
+    assert wait_http(url) == "200"
+    layout = Layout(PurePosixPath(host.root))
+    pidfile = Path(layout.net_run_dir) / f"{host.prefix}fw.forwarders.json"
+    (pid,) = json.loads(pidfile.read_text())["pids"]
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    with pytest.raises(OSError):
+        http_get(url)
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 2
+    assert (
+        f"start the port forwarders of {host.prefix}fw: 1 of its IPv6 port forwarders are gone"
+        in planned.stdout
+    )
+    host.apply()
+    assert wait_http(url) == "200"
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0

@@ -314,3 +314,16 @@ def test_an_unreadable_record_leaves_only_its_machine(repo: Path, tmp_path: Path
         "web: state record w is not valid JSON; left as it is",
     ]
     assert problems(desired, converged(desired)[0]) == []
+
+
+def test_a_running_machine_gets_its_lost_forwarders_back(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    lost = replace(observed["web"], forwarders_gone=1)
+    actions = plan(desired, {**observed, "web": lost}, built)
+    assert [a.describe() for a in actions] == [
+        "start the port forwarders of web: 1 of its IPv6 port forwarders are gone"
+    ]
+    # Stopped, or restarted anyway: the start makes them.
+    stopped = replace(lost, status=Status("web", RunState.EXITED))
+    assert kinds(plan(desired, {**observed, "web": stopped}, built)) == [("StartMachine", "web")]
