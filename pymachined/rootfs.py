@@ -86,15 +86,17 @@ def _tree_size(path: Path) -> tuple[bool, int]:
 
 def kept(layout: Layout, name: str) -> Kept | None:
     """What a machine without a readable root record has written, or None if
-    there is nothing to keep: no upper directory, an empty one (a create killed
-    half-way), or what a removal killed half-way left."""
+    there is nothing to keep: no upper directory, an empty unmounted one (a
+    create killed half-way), or what a removal killed half-way left."""
     base = _dir(layout, name)
     if (base / REMOVING).exists():
         return None
     upper = base / "upper"
     if upper.is_dir() and not upper.is_symlink():
         found, size = _tree_size(upper)
-        if found:
+        # Mounted: a running machine's root (a create mounts only after its
+        # record is written), kept even before it wrote anything.
+        if found or is_mounted(base / "rootfs"):
             return Kept(RootfsMode.OVERLAY, size)
     rootfs = base / "rootfs"
     if rootfs.is_dir() and not rootfs.is_symlink() and not is_mounted(rootfs):
