@@ -643,3 +643,32 @@ log: {max_size: 1M}
     host.pymachine("start", f"{host.prefix}y")
     host.wait_for(lambda m: m["y"]["state"] == "running", "y running again")
     assert old.stat().st_size >= 1024**2 + 1
+
+
+def test_an_unreadable_supervisor_record_leaves_only_its_machine(host: Host) -> None:
+    host.declare(TWO)
+    host.apply()
+    host.wait_for(lambda m: all(r["pid"] for r in m.values()), "both running")
+    pid_a = host.machines()["a"]["pid"]
+    daemon = host.daemon_pid()
+    os.kill(daemon, signal.SIGKILL)
+    time.sleep(0.5)
+    record = host.root / f"run/pymachine/supervisor/{host.prefix}a.json"
+    record.write_text('["not", "a", "record"]')
+    after = host.machines()  # a new pymachined, which cannot adopt a
+    assert after["a"]["state"] == "unknown"
+    assert after["b"]["state"] == "running"
+    os.kill(pid_a, 0)  # not started twice, nor killed
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 1
+    assert f"error: {host.prefix}a: its supervisor's record cannot be read ({record}:" in (
+        planned.stderr
+    )
+    assert "Traceback" not in planned.stderr
+    # destroy ends what ran under the lost record.
+    host.pymachine("destroy", "--yes", f"{host.prefix}a")
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid_a}").exists():
+        assert time.monotonic() < deadline, "machine a outlived its destroy"
+        time.sleep(0.1)
+    assert set(host.machines()) == {"b"}
