@@ -290,7 +290,8 @@ def plan(
     output: OutputOption = Format.TABLE,
     supervisor: SupervisorOption = "auto",
 ) -> None:
-    """Show what apply would do; exit 0 if the host matches the specs, 2 if not."""
+    """Show what apply would do; exit 0 if the host matches the specs, 2 if not,
+    1 if a record cannot be read (its machine is left out of the plan)."""
     reconciler = _reconciler(supervisor)
     desired, actions, problems = _planned(reconciler, paths, prune)
     _show_plan(desired, actions, output)
