@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pymachined.spec import Network
+from pymachined.spec import Network, RootfsMode
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,18 @@ class CreateMachine(Action):
 
 
 @dataclass(frozen=True)
+class AdoptRoot(Action):
+    """Keep the writes of a machine whose root record is gone: write the record
+    again, over the spec's image, rather than make a new root."""
+
+    verb: ClassVar[str] = "keep the root of"
+    mode: RootfsMode = RootfsMode.OVERLAY
+
+    def as_json(self) -> dict[str, Any]:
+        return {**super().as_json(), "mode": self.mode.value}
+
+
+@dataclass(frozen=True)
 class ReplaceRoot(Action):
     """Make a machine's root again from a different image (its writes are lost)."""
 
@@ -94,6 +106,13 @@ class UpdateLimits(Action):
     """Change a running machine's resource limits in place, without a restart."""
 
     verb: ClassVar[str] = "change the limits of"
+
+
+@dataclass(frozen=True)
+class StartForwarders(Action):
+    """Start again the IPv6 port forwarders of a running machine that lost them."""
+
+    verb: ClassVar[str] = "start the port forwarders of"
 
 
 @dataclass(frozen=True)

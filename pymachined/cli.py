@@ -279,7 +279,7 @@ def _host_lock(timeout: float | None) -> AbstractContextManager[None]:
 
 def _planned(
     reconciler: Reconciler, paths: list[Path], prune: bool
-) -> tuple[dict[str, Desired], list[Action]]:
+) -> tuple[dict[str, Desired], list[Action], list[str]]:
     spec_set = _spec_set(paths)
     if prune and not spec_set.machines:
         raise PymachineError(
@@ -320,13 +320,21 @@ def plan(
     output: OutputOption = Format.TABLE,
     supervisor: SupervisorOption = "auto",
 ) -> None:
-    """Show what apply would do; exit 0 if the host matches the specs, 2 if not."""
+    """Show what apply would do; exit 0 if the host matches the specs, 2 if not,
+    1 if a record cannot be read (its machine is left out of the plan)."""
     reconciler = _reconciler(supervisor)
-    desired, actions = _planned(reconciler, paths, prune)
+    desired, actions, problems = _planned(reconciler, paths, prune)
     _show_plan(desired, actions, output)
+    _show_problems(problems)
     if not prune:
         _show_undeclared(reconciler.undeclared(desired))
-    raise typer.Exit(2 if actions else 0)
+    raise typer.Exit(1 if problems else 2 if actions else 0)
+
+
+def _show_problems(problems: list[str]) -> None:
+    """The machines a plan leaves as they are, each as an error line."""
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
 
 
 @app.command()
@@ -343,16 +351,23 @@ def apply(
     """Make the host match the specs: build, create, start, restart, stop, remove."""
     reconciler = _reconciler(supervisor)
     with _host_lock(lock_timeout):
-        desired, actions = _planned(reconciler, paths, prune)
+        desired, actions, problems = _planned(reconciler, paths, prune)
         _show_plan(desired, actions, Format.TABLE)
+        _show_problems(problems)
         if not prune:
             _show_undeclared(reconciler.undeclared(desired))
         if not actions or dry_run:
-            return
+            raise typer.Exit(1 if problems else 0)
         if not yes and sys.stdin.isatty():
             typer.confirm("apply these changes?", abort=True)
         reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
     typer.echo(f"applied {_plural(len(actions), 'change')}")
+    if problems:
+        raise PymachineError(
+            f"{len(problems)} left as they are, each with a record that cannot be "
+            "read (see the errors above)",
+            hint="inspect the files named above, repair or remove them, then apply again",
+        )
 
 
 def _uptime(started: float | None) -> str | None:
@@ -378,7 +393,22 @@ def list_machines(
     statuses = reconciler.supervisor.status()
     names = {r.key: r.name for r in reconciler.images.records()}
     rows: list[dict[str, Any]] = []
-    for name, record in StateStore(options.layout).all().items():
+    records, unreadable = StateStore(options.layout).scan()
+    for name, problem in unreadable.items():
+        typer.echo(f"error: {name}: {problem}", err=True)
+        rows.append(
+            {
+                "name": name,
+                "state": "unreadable",
+                "image": None,
+                "address": None,
+                "uptime": None,
+                "restarts": 0,
+                "exit_code": None,
+                "pid": None,
+            }
+        )
+    for name, record in records.items():
         status = statuses.get(name)
         state = status.state.value if status else ("created" if record.run is None else "exited")
         running = status is not None and status.pid is not None
@@ -395,7 +425,10 @@ def list_machines(
                 "pid": status.pid if status else None,
             }
         )
+    rows.sort(key=lambda row: str(row["name"]))
     _print_rows(rows, ["name", "state", "image", "address", "uptime", "restarts"], output)
+    if unreadable:
+        raise typer.Exit(1)
 
 
 def _known(name: str) -> MachineRecord:
@@ -630,10 +663,12 @@ def logs(
     """A machine's output: its unit's journal under systemd, else its console as
     pymachined captured it, each line stamped with the time it came. (A booted
     machine's own journal: journalctl -M NAME.)"""
+    import itertools
     import time
     from collections import deque
+    from collections.abc import Iterator
 
-    from pymachined.commands import LOG_TIME_FORMAT
+    from pymachined.commands import LOG_TIME_FORMAT, rotated_log
     from pymachined.desired import console_log
     from pymachined.parsers import parse_log_line
 
@@ -645,7 +680,8 @@ def logs(
         _journal_logs(options.layout.unit_name(name), follow, lines, start, timestamps)
         return
     path = console_log(options.layout, name)
-    if not path.exists():
+    rotated = Path(rotated_log(PurePosixPath(path)))
+    if not path.exists() and not rotated.exists():
         typer.echo(f"{name} has no output yet", err=True)
         return
     # Stamps and the boundary share one fixed format, so they compare as text.
@@ -657,15 +693,40 @@ def logs(
             return
         typer.echo(f"{stamp} {text}" if timestamps and stamp else text, nl=False)
 
-    with path.open(errors="replace") as handle:
-        for line in handle if lines is None else deque(handle, maxlen=lines):
-            show(line)
-        while follow:
+    def read(source: Path) -> Iterator[str]:
+        try:
+            with source.open(errors="replace") as handle:
+                yield from handle
+        except FileNotFoundError:
+            return
+
+    # The rotated part first: the two are the machine's output in order.
+    both = itertools.chain(read(rotated), read(path))
+    for line in both if lines is None else deque(both, maxlen=lines):
+        show(line)
+    if not follow:
+        return
+    handle = path.open(errors="replace")
+    handle.seek(0, os.SEEK_END)
+    try:
+        while True:
             line = handle.readline()
             if line:
                 show(line)
+                continue
+            try:
+                renamed = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                renamed = False  # between the rename and the next line
+            if renamed:  # rotated: the rest of the old file, then on to the new one
+                for rest in handle:
+                    show(rest)
+                handle.close()
+                handle = path.open(errors="replace")
             else:
                 time.sleep(0.2)
+    finally:
+        handle.close()
 
 
 def _leader(name: str, supervisor: str) -> int:
@@ -822,7 +883,10 @@ def show_events(
     from pymachined.supervise.systemd import SystemdSupervisor, journal_events
 
     start = _since(since)
-    found = list(events.read(options.layout, start))
+    skipped: list[str] = []
+    found = list(events.read(options.layout, start, skipped))
+    for problem in skipped:
+        typer.echo(f"warning: {problem}", err=True)
     if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
         found = sorted(found + journal_events(start), key=lambda e: str(e["time"]))
     if output is Format.YAML:

@@ -169,15 +169,44 @@ def nsenter_argv(pid: int, command: Sequence[str], env: Sequence[str] = ()) -> l
 # A fixed script: each argument up to "--" is a cgroup.procs file the shell
 # writes its own pid into; then it becomes the command after "--".
 LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_STAMP = '{ print strftime("' + LOG_TIME_FORMAT + '"), $0; fflush() }'
+# The log is opened by name, its bytes counted, and past the cap it is closed
+# and renamed to LOG.1 (by a shell that reads both paths from the environment,
+# so no path is ever parsed as a command), then opened afresh.
+_STAMP = (
+    'BEGIN { f = ENVIRON["PYMACHINE_LOG"]; max = ENVIRON["PYMACHINE_LOG_MAX"] + 0;'
+    ' size = ENVIRON["PYMACHINE_LOG_SIZE"] + 0 }'
+    ' { line = strftime("' + LOG_TIME_FORMAT + '") " " $0; print line >> f; fflush(f);'
+    " size += length(line) + 1;"
+    ' if (size >= max) { close(f); system("exec mv -f -- \\"$PYMACHINE_LOG\\"'
+    ' \\"$PYMACHINE_LOG_OLD\\""); size = 0 } }'
+)
 
 
-def log_stamp_argv() -> list[str]:
+def rotated_log(log: PurePosixPath) -> PurePosixPath:
+    """Where a console log goes when it is rotated: LOG.1."""
+    return log.with_name(log.name + ".1")
+
+
+def log_stamp_argv(log: PurePosixPath, max_size: int, size: int) -> list[str]:
     """A filter that starts each line of a machine's output with the UTC time it
-    was read: what ``logs --since`` and ``logs --timestamps`` read back. mawk,
-    as every Debian system has it (it is Essential); ``-W interactive`` makes it
-    read line by line rather than wait for a full buffer."""
-    return ["/usr/bin/env", "TZ=UTC", "mawk", "-W", "interactive", _STAMP]
+    was read, appended to log (``size`` bytes long now): what ``logs --since``
+    and ``logs --timestamps`` read back. Past ``max_size`` bytes it renames log
+    to LOG.1 (replacing the one before) and starts a new one. mawk, as every
+    Debian system has it (it is Essential; its length() counts bytes);
+    ``-W interactive`` makes it read line by line rather than wait for a full
+    buffer."""
+    return [
+        "/usr/bin/env",
+        "TZ=UTC",
+        f"PYMACHINE_LOG={log}",
+        f"PYMACHINE_LOG_OLD={rotated_log(log)}",
+        f"PYMACHINE_LOG_MAX={max_size}",
+        f"PYMACHINE_LOG_SIZE={size}",
+        "mawk",
+        "-W",
+        "interactive",
+        _STAMP,
+    ]
 
 
 _ENTER = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; exec "$@"'

@@ -115,6 +115,7 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.oom_checked = 0.0
+        self.broken: dict[str, str] = {}  # machines whose records cannot be read, and why
 
     def _cgroup(self, name: str) -> MachineCgroup:
         """A machine's cgroups, scoped by the root."""
@@ -142,8 +143,11 @@ class Daemon:
                     restarts=int(data.get("restarts", 0)),
                     forgotten=bool(data.get("forgotten", False)),
                 )
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("ignoring unreadable supervisor record %s: %s", path, exc)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Kept, and reported as unknown: the machine may still run,
+                # and starting it again over its record would run it twice.
+                log.error("unreadable supervisor record %s: %s", path, exc)
+                self.broken[path.stem] = f"{path}: {exc}"
                 continue
             self.machines[machine.spec.name] = machine
             # The pidfd first: checked after, the start time proves it is the
@@ -192,11 +196,19 @@ class Daemon:
         # and the filter ends when the machine closes the pipe.
         read_end, write_end = os.pipe()
         try:
-            with open(spec.log, "ab") as output:  # noqa: PTH123 - an fd for the child
+            log_path = PurePosixPath(spec.log)
+            with contextlib.suppress(FileNotFoundError):
+                if Path(log_path).stat().st_size >= spec.log_max:
+                    Path(log_path).replace(Path(commands.rotated_log(log_path)))
+            with open(spec.log, "ab") as output:  # noqa: PTH123 - the log's size after the line
                 stamp = time.strftime(commands.LOG_TIME_FORMAT, time.gmtime())
                 output.write(f"{stamp} -- pymachined: starting {spec.name}\n".encode())
                 output.flush()
-                machine.stamper = run.spawn(commands.log_stamp_argv(), output, stdin=read_end)
+                size = os.fstat(output.fileno()).st_size
+            # The filter writes the log itself, by name; its own errors go
+            # to pymachined's log.
+            stamper = commands.log_stamp_argv(log_path, spec.log_max, size)
+            machine.stamper = run.spawn(stamper, sys.stderr.fileno(), stdin=read_end)
             child = run.spawn(argv, write_end)
         finally:
             os.close(read_end)
@@ -358,7 +370,12 @@ class Daemon:
         """One request: status, start, stop, forget, pause, unpause, limits."""
         op = request.get("op")
         if op == "status":
-            return {"machines": [m.status().as_json() for m in self.machines.values()]}
+            broken = [
+                Status(name, RunState.UNKNOWN, detail=why).as_json()
+                for name, why in sorted(self.broken.items())
+                if name not in self.machines
+            ]
+            return {"machines": [m.status().as_json() for m in self.machines.values()] + broken}
         if op == "ping":
             return {"pid": os.getpid()}
         name = str(request.get("name", ""))
@@ -367,11 +384,24 @@ class Daemon:
             machine = self.machines.get(spec.name)
             if machine is not None and machine.pid is not None:
                 return {"error": f"{spec.name} is running; stop it first"}
+            if machine is None and spec.name in self.broken:
+                return {
+                    "error": f"the record of {spec.name} cannot be read: {self.broken[spec.name]}"
+                }
             machine = Machine(spec, restarts=machine.restarts if machine else 0)
             self.machines[spec.name] = machine
             self.launch(machine)
             return {"status": machine.status().as_json()}
         machine = self.machines.get(name)
+        if machine is None and name in self.broken and op in ("stop", "forget"):
+            # What its record would have said is lost: end whatever runs in its cgroups.
+            group = self._cgroup(name)
+            group.kill_all()
+            group.remove()
+            if op == "forget":
+                del self.broken[name]
+                (self.records / f"{name}.json").unlink(missing_ok=True)
+            return {"status": Status(name, RunState.EXITED).as_json(), "stop_timeout": 0}
         if machine is None and op == "stop":  # never started here (since a reboot): stopped
             return {"status": Status(name, RunState.EXITED).as_json(), "stop_timeout": 0}
         if machine is None:

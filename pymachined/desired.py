@@ -120,6 +120,7 @@ def desire(
             stop_timeout=machine.stop_timeout,
             limits=Limits(**machine.resources.model_dump()),
             binds=tuple(BindSource(b.source, b.read_only) for b in machine.binds),
+            log_max=machine.log.max_size,
         )
         config = {
             "argv": list(run.argv),

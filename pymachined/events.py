@@ -46,18 +46,46 @@ def record(layout: Layout, machine: str, event: str, **fields: Any) -> None:
         os.close(fd)
 
 
-def read(layout: Layout, since: datetime | None = None) -> Iterator[dict[str, Any]]:
-    """Events in order, oldest first, from ``since`` on."""
+def parse_event(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """One event line as (its event, None), or (None, why it is skipped). Pure."""
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not valid UTF-8"
+    except ValueError:
+        return None, "not valid JSON"
+    if not isinstance(event, dict):
+        return None, "not a JSON object"
+    if not isinstance(event.get("machine"), str) or not isinstance(event.get("event"), str):
+        return None, "no machine or event"
+    when = event.get("time")
+    try:
+        moment = datetime.fromisoformat(when) if isinstance(when, str) else None
+    except ValueError:
+        moment = None
+    if moment is None:
+        return None, "no valid time"
+    if moment.tzinfo is None:
+        event["time"] = moment.replace(tzinfo=UTC).isoformat(timespec="milliseconds")
+    return event, None
+
+
+def read(
+    layout: Layout, since: datetime | None = None, skipped: list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Events in order, oldest first, from ``since`` on. A line that is not an
+    event is skipped, and said in ``skipped`` as FILE:LINE: why."""
     path = _path(layout)
     for source in (path.with_name(path.name + ".1"), path):
         try:
-            lines = source.read_text().splitlines()
+            lines = source.read_bytes().splitlines()
         except FileNotFoundError:
             continue
-        for line in lines:
-            try:
-                event: dict[str, Any] = json.loads(line)
-            except ValueError:
+        for number, line in enumerate(lines, 1):
+            event, problem = parse_event(line)
+            if event is None:
+                if skipped is not None and line.strip():
+                    skipped.append(f"{source}:{number}: {problem}; skipped")
                 continue
             if since is None or datetime.fromisoformat(event["time"]) >= since:
                 yield event

@@ -25,6 +25,7 @@ from pathlib import Path
 from pymachined import events, files, netplan, network, rootfs
 from pymachined.actions import (
     Action,
+    AdoptRoot,
     BuildImage,
     CreateMachine,
     CreateNetwork,
@@ -35,6 +36,7 @@ from pymachined.actions import (
     ReplaceNetwork,
     ReplaceRoot,
     RestartMachine,
+    StartForwarders,
     StartMachine,
     StopMachine,
     UpdateLimits,
@@ -100,7 +102,7 @@ class Executor:
                 backward.append(action)
             elif isinstance(action, EnableMachine):
                 continue  # taken in with the written files, below
-            elif isinstance(action, StartMachine | RestartMachine | UpdateLimits):
+            elif isinstance(action, StartMachine | RestartMachine | UpdateLimits | StartForwarders):
                 running.setdefault(action.machine, []).append(action)
             else:
                 making.setdefault(action.machine, []).append(action)
@@ -280,6 +282,17 @@ class Executor:
         self._event(replace(record, layers=want.layer_keys), "created")
         events.record(self.layout, want.name, "create")
 
+    def _AdoptRoot(self, action: AdoptRoot) -> None:
+        want = self.desired[action.machine]
+        self._claim_directory(want.name)
+        self.images.ensure(want.layers)
+        root = rootfs.adopt(self.layout, want.name, action.mode, want.layer_keys)
+        rootfs.mount(self.layout, self.images, root)
+        record = self.state.get(want.name) or MachineRecord(
+            name=want.name, config_hash="", layers=want.layer_keys, created=_now()
+        )
+        self._event(replace(record, layers=want.layer_keys), "root record made again, writes kept")
+
     def _ReplaceRoot(self, action: ReplaceRoot) -> None:
         want = self.desired[action.machine]
         self.supervisor.stop(want.name)
@@ -372,6 +385,14 @@ class Executor:
             spec=want.machine.model_dump(mode="json", by_alias=True),
         )
         self._event(record, f"limits changed ({action.reason})")
+
+    def _StartForwarders(self, action: StartForwarders) -> None:
+        record = self._record(action.machine)
+        if record.address is None:
+            raise PymachineError(f"machine {action.machine} has no address on record")
+        want = self.desired[action.machine]
+        network.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
+        self._event(record, f"port forwarders started again ({action.reason})")
 
     def _StopMachine(self, action: StopMachine) -> None:
         self.supervisor.stop(action.machine)

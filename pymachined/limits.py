@@ -19,6 +19,10 @@ CPU_PERIOD_US = 100_000
 V1_UNLIMITED = "-1"
 
 
+DEFAULT_LOG_MAX = 10 * 1024**2
+"""Bytes of a machine's console log before pymachined rotates it (spec: log.max_size)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """A machine's resource limits, as plain values (None: not limited)."""

@@ -168,7 +168,9 @@ def _build(
         try:
             return loader.construct_object(node)
         except (ValueError, KeyError, yaml.constructor.ConstructorError) as exc:
-            raise _YamlProblem(at, f"cannot read {node.value!r} as {node.tag}: {exc}") from exc
+            shown = node.value if len(node.value) <= 40 else node.value[:40] + "..."
+            reason = "more digits than any field takes" if "digits" in str(exc) else str(exc)
+            raise _YamlProblem(at, f"cannot read {shown!r} as {node.tag}: {reason}") from exc
     marks[path] = Mark(at[0], at[1])
     if len(path) >= MAX_DEPTH:
         raise _YamlProblem(at, f"nested more than {MAX_DEPTH} levels deep")
@@ -322,9 +324,53 @@ def _table_problem(
     return Diagnostic(file, line, column, kind, message, hint)
 
 
+_TOML_LONG_NUMBER = re.compile(r"(?<![\w.\"'])[+-]?\d[\d_]{400,}")
+
+
+def _line_column(text: str, offset: int) -> tuple[int, int]:
+    """The 1-based line and column of an offset into text."""
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _toml_too_deep(text: str) -> int | None:
+    """The offset where a TOML value opens its (MAX_DEPTH+1)th nested array or
+    inline table, or None: tomllib recurses once per level and would run out
+    of stack on a deep one. Strings and comments are skipped; a table header
+    opens and closes on its own line, so it never counts as deep."""
+    depth = 0
+    index = 0
+    length = len(text)
+    while index < length:
+        char = text[index]
+        if char in "\"'":
+            quote = text[index : index + 3] if text.startswith(char * 3, index) else char
+            index += len(quote)
+            while index < length and not text.startswith(quote, index):
+                index += 2 if text[index] == "\\" and quote[0] == '"' else 1
+            index += len(quote)
+            continue
+        if char == "#":
+            end = text.find("\n", index)
+            index = length if end < 0 else end
+            continue
+        if char in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return index
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        index += 1
+    return None
+
+
 def read_toml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
     """Declarations of a TOML file: one object with ``kind``, or arrays of tables
     ``[[machine]]``, ``[[network]]`` and ``[[image]]``."""
+    deep = _toml_too_deep(text)
+    if deep is not None:
+        message = f"nested more than {MAX_DEPTH} levels deep"
+        return [], [Diagnostic(file, *_line_column(text, deep), "", message)]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -332,6 +378,11 @@ def read_toml(file: Path, text: str) -> tuple[list[Document], list[Diagnostic]]:
         line, column = (int(match[1]), int(match[2])) if match else (None, None)
         message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
         return [], [Diagnostic(file, line, column, "", f"invalid TOML: {message}")]
+    except ValueError:  # Python's limit on converting long digit strings to int
+        number = _TOML_LONG_NUMBER.search(text)
+        line, column = _line_column(text, number.start()) if number else (None, None)
+        message = "invalid TOML: a number with more digits than any field takes"
+        return [], [Diagnostic(file, line, column, "", message)]
     marks = _toml_marks(text)
     if "kind" in data or not data:
         marks.setdefault((), Mark(1, 1))

@@ -427,6 +427,16 @@ def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Ad
     return pids
 
 
+def forwarders_gone(layout: Layout, machine: str) -> list[int]:
+    """The recorded IPv6 forwarders of a machine that no longer run (one that
+    ran out of descriptors, or was killed), so that plan starts them again."""
+    try:
+        pids = json.loads(_pidfile(layout, machine).read_text()).get("pids", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [p for p in pids if isinstance(p, int) and not _is_forwarder(p, machine)]
+
+
 def _is_forwarder(pid: int, machine: str) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from pymachined import network, rootfs
 from pymachined.desired import Desired, DesiredNetwork, file_hash
+from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 from pymachined.plan import Observed, ObservedNetwork
 from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.spec import Network
 from pymachined.state import StateStore
-from pymachined.supervise.base import Status
+from pymachined.supervise.base import RunState, Status
 
 
 def _hash_of(path: Path) -> str | None:
@@ -29,24 +30,38 @@ def observe(
     desired: Mapping[str, Desired],
     statuses: Mapping[str, Status],
 ) -> dict[str, Observed]:
-    """Observed state of every declared or recorded machine, by name."""
-    records = store.all()
-    names: Iterable[str] = sorted(set(desired) | set(records))
+    """Observed state of every declared or recorded machine, by name. A record
+    that cannot be read is that machine's problem, said in its Observed; a
+    root record that cannot be read is taken as missing, its writes kept."""
+    records, unreadable = store.scan()
+    names: Iterable[str] = sorted(set(desired) | set(records) | set(unreadable))
     networks = store.networks()
     out = {}
     for name in names:
-        root = rootfs.read(layout, name)
+        root_problem = None
+        try:
+            root = rootfs.read(layout, name)
+        except PymachineError as exc:
+            root, root_problem = None, str(exc)
         has_root = root is not None and Path(layout.rootfs(name)).is_dir()
         want = desired.get(name)
         paths = [Path(f.path) for f in want.files] if want else []
+        status = statuses.get(name)
+        problem = str(unreadable[name]) if name in unreadable else None
+        if problem is None and status is not None and status.state is RunState.UNKNOWN:
+            problem = f"its supervisor's record cannot be read ({status.detail})"
         out[name] = Observed(
             name=name,
             record=records.get(name),
             root=root.layers if root is not None and has_root else None,
             root_mode=root.mode if root is not None and has_root else None,
             files={str(p): _hash_of(p) for p in paths},
-            status=statuses.get(name),
-            link=_link_problem(layout, records.get(name), statuses.get(name), networks),
+            status=status,
+            kept=rootfs.kept(layout, name) if root is None else None,
+            root_problem=root_problem,
+            problem=problem,
+            forwarders_gone=len(network.forwarders_gone(layout, name)),
+            link=_link_problem(layout, records.get(name), status, networks),
         )
     return out
 
@@ -78,14 +93,15 @@ def observe_networks(
     store: StateStore, networks: Mapping[str, DesiredNetwork]
 ) -> dict[str, ObservedNetwork]:
     """Observed state of every declared or recorded network, by name."""
-    records = store.networks()
+    records, unreadable = store.scan_networks()
     return {
         name: ObservedNetwork(
             name=name,
             record=records.get(name),
             bridge_up=name in records and network.link_exists(records[name].bridge),
+            problem=str(unreadable[name]) if name in unreadable else None,
         )
-        for name in sorted(set(networks) | set(records))
+        for name in sorted(set(networks) | set(records) | set(unreadable))
     }
 
 

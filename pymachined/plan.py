@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from pymachined.actions import (
     Action,
+    AdoptRoot,
     BuildImage,
     CreateMachine,
     CreateNetwork,
@@ -23,6 +24,7 @@ from pymachined.actions import (
     ReplaceNetwork,
     ReplaceRoot,
     RestartMachine,
+    StartForwarders,
     StartMachine,
     StopMachine,
     UpdateLimits,
@@ -31,8 +33,18 @@ from pymachined.actions import (
 from pymachined.desired import Desired, DesiredNetwork, file_hash
 from pymachined.limits import Limits, describe_change
 from pymachined.records import MachineRecord, NetworkRecord
+from pymachined.sizes import human_size
 from pymachined.spec import MachineState, RootfsMode
 from pymachined.supervise.base import RunState, Status
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A machine's writes found without a readable root record: how they are
+    kept (an overlay's upper directory, or a copied root) and the bytes they hold."""
+
+    mode: RootfsMode
+    size: int
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,10 @@ class Observed:
     files: Mapping[str, str | None] = field(default_factory=dict)  # path -> hash on disk
     status: Status | None = None
     link: str | None = None  # what is wrong with a running machine's network link
+    kept: Kept | None = None  # its writes, when it has no readable root record
+    root_problem: str | None = None  # why its root record cannot be read
+    problem: str | None = None  # why nothing can be done to it (a record that cannot be read)
+    forwarders_gone: int = 0  # how many of its IPv6 port forwarders no longer run
 
     @property
     def running(self) -> bool:
@@ -64,6 +80,7 @@ class ObservedNetwork:
     name: str
     record: NetworkRecord | None = None
     bridge_up: bool = False  # its recorded bridge exists
+    problem: str | None = None  # why its record cannot be read
 
 
 def plan_networks(
@@ -74,6 +91,8 @@ def plan_networks(
     for name in sorted(networks):
         want = networks[name]
         seen = observed.get(name, ObservedNetwork(name))
+        if seen.problem is not None:
+            continue  # reported by problems()
         if seen.record is None:
             actions.append(
                 CreateNetwork(name, "new network", want.network, want.bridge, want.config_hash)
@@ -95,6 +114,45 @@ def plan_networks(
                 )
             )
     return actions
+
+
+def _adopt_reason(seen: Observed, kept: Kept) -> str:
+    found = "is missing" if seen.root_problem is None else f"cannot be read ({seen.root_problem})"
+    what = "writable layer" if kept.mode is RootfsMode.OVERLAY else "copied root"
+    made = "made again" if seen.record is not None else "made"
+    return (
+        f"its root record {found}; its {what} ({human_size(kept.size)}) is kept "
+        f"and the record {made} from the spec's image"
+    )
+
+
+def _blocked(
+    want: Desired | None, seen: Observed, networks: Mapping[str, ObservedNetwork]
+) -> str | None:
+    """Why nothing can be planned for a machine, or None."""
+    if seen.problem is not None:
+        return seen.problem
+    joined = want.machine.network if want is not None else None
+    network = networks.get(joined) if joined is not None else None
+    if network is not None and network.problem is not None:
+        return f"its network {joined} cannot be used: {network.problem}"
+    return None
+
+
+def problems(
+    desired: Mapping[str, Desired],
+    observed: Mapping[str, Observed],
+    observed_networks: Mapping[str, ObservedNetwork] | None = None,
+) -> list[str]:
+    """What keeps plan from acting on some machines and networks (each left as
+    it is, the others planned as usual): one line each, naming the machine."""
+    networks = observed_networks or {}
+    out = [f"network {n}: {seen.problem}" for n, seen in sorted(networks.items()) if seen.problem]
+    for name in sorted(observed):
+        why = _blocked(desired.get(name), observed[name], networks)
+        if why is not None:
+            out.append(f"{name}: {why}; left as it is")
+    return out
 
 
 def start_order(desired: Mapping[str, Desired]) -> list[str]:
@@ -166,6 +224,8 @@ def plan(
     for name in start_order(desired):
         want = desired[name]
         seen = observed.get(name, Observed(name))
+        if _blocked(want, seen, observed_networks) is not None:
+            continue  # reported by problems()
         top = want.layers[-1]
         if top.key not in built and top.key not in queued_builds:
             missing = [layer for layer in want.layers if layer.key not in built]
@@ -174,7 +234,9 @@ def plan(
             )
             queued_builds.add(top.key)
         recreated = False
-        if seen.record is None or seen.root is None:
+        if seen.root is None and seen.kept is not None:
+            actions.append(AdoptRoot(name, _adopt_reason(seen, seen.kept), mode=seen.kept.mode))
+        elif seen.record is None or seen.root is None:
             reason = "new machine" if seen.record is None else "its root is missing"
             actions.append(CreateMachine(name, reason))
             recreated = True
@@ -209,6 +271,14 @@ def plan(
             actions.append(UpdateLimits(name, change))
         elif not wants_running and seen.running:
             stopping.append(StopMachine(name, "state: stopped"))
+        if (
+            wants_running
+            and seen.running
+            and seen.forwarders_gone
+            and not any(isinstance(a, RestartMachine) and a.machine == name for a in actions)
+        ):
+            lost = f"{seen.forwarders_gone} of its IPv6 port forwarders are gone"
+            actions.append(StartForwarders(name, lost))
         at_boot = starts_at_boot(want)
         enabled = seen.status.enabled if seen.status is not None else None
         if (
@@ -221,12 +291,16 @@ def plan(
     # Stop dependents before what they depend on.
     actions += reversed(stopping)
     if prune:
-        gone = sorted(n for n in observed if n not in desired and observed[n].record is not None)
+        gone = sorted(
+            n
+            for n, seen in observed.items()
+            if n not in desired and seen.record is not None and seen.problem is None
+        )
         actions += [RemoveMachine(n, "no spec declares it") for n in reversed(gone)]
         unused = sorted(
             n
             for n, seen in observed_networks.items()
-            if n not in networks and seen.record is not None
+            if n not in networks and seen.record is not None and seen.problem is None
         )
         actions += [RemoveNetwork(n, "no spec declares it") for n in unused]
     return actions

@@ -20,7 +20,7 @@ from pymachined.images import ImageStore
 from pymachined.layout import Layout
 from pymachined.observe import observe, observe_networks
 from pymachined.parsers import machine_resolv_conf
-from pymachined.plan import Observed, plan
+from pymachined.plan import Observed, plan, problems
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
 from pymachined.validate import SpecSet, check_recorded_addresses, check_recorded_networks
@@ -126,25 +126,30 @@ class Reconciler:
         """The observed state of declared and recorded machines."""
         return observe(self.layout, self.state, desired, self.supervisor.status())
 
-    def plan(self, spec_set: SpecSet, *, prune: bool) -> tuple[dict[str, Desired], list[Action]]:
-        """The desired state and the actions that reach it."""
+    def plan(
+        self, spec_set: SpecSet, *, prune: bool
+    ) -> tuple[dict[str, Desired], list[Action], list[str]]:
+        """The desired state, the actions that reach it, and what keeps some
+        machines out of the plan (records that cannot be read), one line each."""
         check_host(spec_set)
         desired = self.desired(spec_set)
-        problems = check_recorded_addresses(spec_set, self.state.all().values())
-        problems += check_recorded_networks(spec_set, self.state.networks().values(), prune=prune)
-        if problems:
-            raise SpecError(problems)
+        clashes = check_recorded_addresses(spec_set, self.state.all().values())
+        clashes += check_recorded_networks(spec_set, self.state.networks().values(), prune=prune)
+        if clashes:
+            raise SpecError(clashes)
         networks = desire_networks(spec_set, self.layout)
         built = {record.key for record in self.images.records()}
+        observed = self.observed(desired)
+        observed_networks = observe_networks(self.state, networks)
         actions = plan(
             desired,
-            self.observed(desired),
+            observed,
             built,
             prune=prune,
             networks=networks,
-            observed_networks=observe_networks(self.state, networks),
+            observed_networks=observed_networks,
         )
-        return desired, actions
+        return desired, actions, problems(desired, observed, observed_networks)
 
     def undeclared(self, desired: dict[str, Desired]) -> list[str]:
         """Recorded machines that no spec declares (what --prune would remove)."""

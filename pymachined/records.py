@@ -91,7 +91,7 @@ def parse_record(text: str, where: Path) -> MachineRecord:
             created=str(data.get("created", "")),
             history=tuple(data.get("history", ())),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"state record {where} lacks {exc}", hint=hint) from exc
 
 

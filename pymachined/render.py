@@ -259,7 +259,8 @@ def service_context(
         "memory_high": resources.memory_soft,
         # CPUQuota= expands no specifiers: an int percentage, so no filter is needed.
         "cpu_quota": max(1, round(resources.cpus * 100)) if resources.cpus is not None else None,
-        "tasks_max": resources.pids,
+        # pids: max lifts the limit (unset, systemd would apply DefaultTasksMax).
+        "tasks_max": resources.pids if resources.pids is not None else "infinity",
         "cpu_weight": resources.cpu_weight,
         "io_weight": resources.io_weight,
         "device_allow": [f"{d.unit_name} {d.access}" for d in DEVICE_ALLOW],

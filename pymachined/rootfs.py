@@ -15,6 +15,8 @@ opens nothing even where a machine's device cgroup would allow it.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +25,7 @@ from pymachined.errors import PymachineError
 from pymachined.images import ImageRecord, ImageStore
 from pymachined.layout import Layout
 from pymachined.parsers import parse_mountinfo
+from pymachined.plan import Kept
 from pymachined.spec import RootfsMode
 
 RECORD = "rootfs.json"
@@ -30,6 +33,11 @@ OWNER = ".pymachine-owner"
 """Written into a machine directory before anything else, so that a directory
 left by a create that was killed half-way is still known as pymachine's."""
 
+
+REMOVING = ".pymachine-removing"
+"""Written before a root's record goes when the root is removed, and removed
+last: a directory with it holds what a removal killed half-way left, which is
+cleared, never kept."""
 
 PARTS = ("rootfs", "upper", "work", "ephemeral", "rootfs.partial", "rootfs.view")
 """What a root is made of in a machine's directory, besides its record."""
@@ -48,6 +56,58 @@ def _dir(layout: Layout, name: str) -> Path:
     return Path(layout.machine_dir(name))
 
 
+def _tree_size(path: Path) -> tuple[bool, int]:
+    """Whether a directory holds anything, and the bytes its files take
+    (without following symlinks or crossing into another filesystem)."""
+    try:
+        device = path.lstat().st_dev
+    except FileNotFoundError:
+        return False, 0
+    found = False
+    total = 0
+    pending = [path]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            found = True
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if info.st_dev == device:
+                    pending.append(Path(entry.path))
+            else:
+                total += info.st_blocks * 512
+    return found, total
+
+
+def kept(layout: Layout, name: str) -> Kept | None:
+    """What a machine without a readable root record has written, or None if
+    there is nothing to keep: no upper directory, an empty unmounted one (a
+    create killed half-way), or what a removal killed half-way left."""
+    base = _dir(layout, name)
+    if (base / REMOVING).exists():
+        return None
+    upper = base / "upper"
+    if upper.is_dir() and not upper.is_symlink():
+        found, size = _tree_size(upper)
+        # Mounted: a running machine's root (a create mounts only after its
+        # record is written), kept even before it wrote anything.
+        if found or is_mounted(base / "rootfs"):
+            return Kept(RootfsMode.OVERLAY, size)
+    rootfs = base / "rootfs"
+    if rootfs.is_dir() and not rootfs.is_symlink() and not is_mounted(rootfs):
+        found, size = _tree_size(rootfs)
+        if found:  # a copy is renamed into place whole, so this one is complete
+            return Kept(RootfsMode.COPY, size)
+    return None
+
+
 def read(layout: Layout, name: str) -> Root | None:
     """The root record of a machine, or None if it has no root."""
     path = _dir(layout, name) / RECORD
@@ -56,7 +116,7 @@ def read(layout: Layout, name: str) -> Root | None:
         return Root(name, RootfsMode(data["mode"]), tuple(data["layers"]))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PymachineError(
             f"root record {path} is unreadable: {exc}",
             hint=f"remove the machine's root with: pymachine destroy {name}",
@@ -80,9 +140,16 @@ def create(
     if not (base / RECORD).exists():
         # Whatever a create or a removal killed half-way left is never mixed
         # into the new root (the record goes first when a root is removed).
+        # A machine's own writes are never cleared here: plan adopts them.
+        if kept(layout, name) is not None:
+            raise PymachineError(
+                f"{base} holds a machine's writes but no root record; not removing them",
+                hint=f"run pymachine apply to keep them, or pymachine destroy {name}",
+            )
         files.unmount_under(base)
         for part in PARTS:
             files.remove_tree(base / part)
+        (base / REMOVING).unlink(missing_ok=True)
     rootfs = base / "rootfs"
     if mode is RootfsMode.COPY:
         _copy(base, chain)
@@ -95,6 +162,18 @@ def create(
     record = {"mode": mode.value, "layers": list(root.layers)}
     files.atomic_write_json(base / RECORD, record, durable=durable)
     return root
+
+
+def adopt(layout: Layout, name: str, mode: RootfsMode, layers: tuple[str, ...]) -> Root:
+    """Write a root record for the writes a machine kept (see ``kept``), so
+    that they are its root again, over ``layers``."""
+    base = _dir(layout, name)
+    (base / OWNER).write_text("pymachine\n")
+    if mode is RootfsMode.OVERLAY:
+        (base / "rootfs").mkdir(exist_ok=True)
+        (base / "work").mkdir(exist_ok=True)
+    files.atomic_write_json(base / RECORD, {"mode": mode.value, "layers": list(layers)})
+    return Root(name, mode, layers)
 
 
 def _copy(base: Path, chain: list[ImageRecord]) -> None:
@@ -171,9 +250,12 @@ def remove(layout: Layout, name: str) -> None:
     leaves no root taken as complete), after unmounting everything under it."""
     base = _dir(layout, name)
     unmount(layout, name)
+    if base.is_dir():
+        files.atomic_write(base / REMOVING, "pymachine\n", 0o644)
     (base / RECORD).unlink(missing_ok=True)
     for part in PARTS:
         files.remove_tree(base / part)
+    (base / REMOVING).unlink(missing_ok=True)
 
 
 def users(layout: Layout) -> dict[str, list[str]]:

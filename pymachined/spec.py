@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+from pymachined.limits import DEFAULT_LOG_MAX
 from pymachined.sizes import parse_duration, parse_size
 
 # ---------------------------------------------------------------------------
@@ -36,9 +37,28 @@ from pymachined.sizes import parse_duration, parse_size
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+MAX_TEXT_BYTES = 64 * 1024
+"""The longest single string of a spec (a command argument, an environment
+value, a label): half of the kernel's limit on one argument (MAX_ARG_STRLEN,
+128 KiB), so that it also fits as ``--setenv=NAME=VALUE``."""
+MAX_EXEC_BYTES = 128 * 1024
+"""The most a machine's ``command`` and ``environment`` may hold together, each
+string counted as execve(2) counts it (with its NUL, ``NAME=VALUE``): well
+within ARG_MAX, with room for what nspawn and the supervisor add, so that a
+start never fails with E2BIG."""
+
+
+def _utf8_size(value: str) -> int:
+    return len(value.encode("utf-8", "surrogatepass"))
+
 
 def check_safe_text(value: str) -> str:
-    """A string that may enter a unit or .nspawn file: one line, no control characters."""
+    """A string that may enter a unit or .nspawn file: one line, no control
+    characters, at most MAX_TEXT_BYTES."""
+    if _utf8_size(value) > MAX_TEXT_BYTES:
+        raise ValueError(
+            f"is {_utf8_size(value)} bytes long; a single string is at most {MAX_TEXT_BYTES}"
+        )
     bad = _CONTROL.search(value)
     if bad is not None:
         what = {"\n": "a newline", "\r": "a carriage return", "\x00": "a NUL byte"}.get(
@@ -383,13 +403,30 @@ class Port(Model):
 PortItem = Annotated[Port, BeforeValidator(_parse_port, json_schema_input_type=str | Port)]
 
 
+DEFAULT_PIDS = 2048
+"""Podman's default: a fork bomb stops at 2048 tasks, far below the smallest
+default kernel.pid_max (32768), so one machine cannot take every PID of the
+host; a booted systemd with its services uses a few hundred at most."""
+
+
+def _parse_pids(value: Any) -> Any:
+    if value == "max":
+        return None  # no limit, as cgroups spell it
+    if isinstance(value, str):
+        raise ValueError(f"{value!r} is not a number of tasks: use a number, or max for no limit")
+    return value
+
+
 class Resources(Model):
     """Resource limits of a machine's cgroup."""
 
     memory: PositiveSize | None = None
     memory_soft: PositiveSize | None = None
     cpus: Annotated[float, Field(gt=0, le=1024, strict=True, allow_inf_nan=False)] | None = None
-    pids: Annotated[StrictInt, Field(ge=1, le=4194304)] | None = None
+    pids: Annotated[
+        Annotated[StrictInt, Field(ge=1, le=4194304)] | None,
+        BeforeValidator(_parse_pids, json_schema_input_type=int | Literal["max"]),
+    ] = DEFAULT_PIDS
     cpu_weight: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
     io_weight: Annotated[StrictInt, Field(ge=1, le=10000)] | None = None
 
@@ -400,6 +437,14 @@ class Resources(Model):
         if value is not None and hard is not None and value > hard:
             raise ValueError(f"memory_soft ({value} bytes) is larger than memory ({hard} bytes)")
         return value
+
+
+class Log(Model):
+    """How much of a machine's console output pymachined keeps."""
+
+    # The log is rotated to console.log.1 past max_size: at most about twice
+    # max_size on disk.
+    max_size: Annotated[Size, Field(ge=64 * 1024)] = DEFAULT_LOG_MAX
 
 
 class Capabilities(Model):
@@ -465,6 +510,16 @@ Command = Annotated[
 ]
 
 
+def _check_exec_size(command: list[str], environment: dict[str, str]) -> None:
+    total = sum(_utf8_size(a) + 1 for a in command)
+    total += sum(_utf8_size(k) + _utf8_size(v) + 2 for k, v in environment.items())
+    if total > MAX_EXEC_BYTES:
+        raise ValueError(
+            f"command and environment are {total} bytes together; the limit is "
+            f"{MAX_EXEC_BYTES} (pass large data in a file or a bind instead)"
+        )
+
+
 def _check_network_ref(value: str) -> str:
     if value in ("host", "none"):
         return value
@@ -500,6 +555,7 @@ class Machine(Model):
     address: ipaddress.IPv4Address | None = None
     ports: list[PortItem] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
+    log: Log = Field(default_factory=Log)
     security: Security = Field(default_factory=Security)
     restart: RestartPolicy = RestartPolicy.ON_FAILURE
     stop_timeout: Annotated[Duration, Field(gt=0)] = 10.0
@@ -524,6 +580,13 @@ class Machine(Model):
             raise ValueError("set either boot: true or a command, not both")
         if not boot and value is None and "boot" in info.data:
             raise ValueError("missing: set a command to run, or boot: true to run systemd as init")
+        _check_exec_size(value or [], {})
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _exec_size(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        _check_exec_size(info.data.get("command") or [], value)
         return value
 
     @field_validator("user")

@@ -44,13 +44,27 @@ class StateStore:
         return sorted(p.parent.name for p in machines.glob(f"*/{RECORD}"))
 
     def all(self) -> dict[str, MachineRecord]:
-        """Every record, by machine name."""
+        """Every readable record, by machine name (see ``unreadable``)."""
+        return self.scan()[0]
+
+    def unreadable(self) -> dict[str, StateError]:
+        """The machines whose records cannot be read, and why."""
+        return self.scan()[1]
+
+    def scan(self) -> tuple[dict[str, MachineRecord], dict[str, StateError]]:
+        """Every record by machine name, and apart the records that cannot be
+        read: one bad record is its machine's problem, not every machine's."""
         out = {}
+        bad = {}
         for name in self.names():
-            record = self.get(name)
+            try:
+                record = self.get(name)
+            except StateError as exc:
+                bad[name] = exc
+                continue
             if record is not None:
                 out[name] = record
-        return out
+        return out, bad
 
     def put(self, record: MachineRecord, *, durable: bool = True) -> None:
         """Write a record atomically (and durably, unless the caller syncs later)."""
@@ -73,14 +87,23 @@ class StateStore:
         return None if text is None else parse_network_record(text, path)
 
     def networks(self) -> dict[str, NetworkRecord]:
-        """Every network record, by name."""
+        """Every readable network record, by name."""
+        return self.scan_networks()[0]
+
+    def scan_networks(self) -> tuple[dict[str, NetworkRecord], dict[str, StateError]]:
+        """Every network record by name, and apart those that cannot be read."""
         directory = Path(self.layout.networks_dir)
         out = {}
+        bad = {}
         for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-            record = self.network(path.stem)
+            try:
+                record = self.network(path.stem)
+            except StateError as exc:
+                bad[path.stem] = exc
+                continue
             if record is not None:
                 out[record.name] = record
-        return out
+        return out, bad
 
     def put_network(self, record: NetworkRecord) -> None:
         """Write a network's record atomically."""
@@ -94,8 +117,15 @@ class StateStore:
 def _read(path: Path) -> str | None:
     """A record's text, None if there is none; StateError if it cannot be read."""
     try:
-        return path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateError(
+            f"state record {path} is not valid UTF-8 (at byte {exc.start})",
+            hint=f"inspect {path}; if the machine is gone, remove the file, then apply again",
+        ) from exc

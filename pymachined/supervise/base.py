@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from pymachined.limits import Limits
+from pymachined.limits import DEFAULT_LOG_MAX, Limits
 
 SOCKET = "pymachined.sock"
 """pymachined's socket, in the run directory."""
@@ -46,6 +46,7 @@ class RunState(StrEnum):
     RESTARTING = "restarting"
     EXITED = "exited"
     DEAD = "dead"
+    UNKNOWN = "unknown"  # the supervisor's own record of it cannot be read
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RunSpec:
     stop_timeout: float
     limits: Limits = field(default_factory=Limits)
     binds: tuple[BindSource, ...] = ()
+    log_max: int = DEFAULT_LOG_MAX  # bytes of log before it is rotated to LOG.1
 
     def as_json(self) -> dict[str, Any]:
         """The spec as sent to and kept by the supervisor."""
@@ -80,6 +82,7 @@ class RunSpec:
             "stop_timeout": self.stop_timeout,
             "limits": self.limits.as_json(),
             "binds": [{"source": b.source, "read_only": b.read_only} for b in self.binds],
+            "log_max": self.log_max,
         }
 
     @classmethod
@@ -95,6 +98,7 @@ class RunSpec:
             binds=tuple(
                 BindSource(str(b["source"]), bool(b["read_only"])) for b in data.get("binds", [])
             ),
+            log_max=int(data.get("log_max", DEFAULT_LOG_MAX)),
         )
 
 
@@ -109,6 +113,7 @@ class Status:
     exit_code: int | None = None
     restarts: int = 0
     enabled: bool | None = None  # starts at boot; None where the supervisor has no such notion
+    detail: str | None = None  # why the state is unknown
 
     def as_json(self) -> dict[str, Any]:
         """The status in its JSON form."""
@@ -120,6 +125,7 @@ class Status:
             "exit_code": self.exit_code,
             "restarts": self.restarts,
             "enabled": self.enabled,
+            "detail": self.detail,
         }
 
     @classmethod
@@ -133,6 +139,7 @@ class Status:
             exit_code=data.get("exit_code"),
             restarts=int(data.get("restarts", 0)),
             enabled=data.get("enabled"),
+            detail=data.get("detail"),
         )
 
 

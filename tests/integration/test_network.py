@@ -614,3 +614,129 @@ def test_a_machine_cannot_reach_the_hosts_loopback(net_host: Host) -> None:
     finally:
         for listener in listeners:
             listener.close()
+
+
+def _echo_server(port: int) -> socket.socket:
+    """A TCP server on 127.0.0.1 that answers each connection's first line."""
+    import threading
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(64)
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"echo " + conn.recv(100))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def _ask(port: int) -> bytes:
+    with socket.create_connection(("::1", port), timeout=5) as sock:
+        sock.sendall(b"hi")
+        return sock.recv(100)
+
+
+def test_a_forwarder_flooded_with_few_descriptors_keeps_serving() -> None:
+    import resource
+    import sys
+    import time
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    server = _echo_server(19401)
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("::1", 19400))
+    listener.listen(128)
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    argv = [sys.executable, "-m", "pymachined.forward", "tcp", str(listener.fileno())]
+    forwarder = subprocess.Popen(
+        [*argv, "127.0.0.1", "19401", "flood-test"],
+        pass_fds=(listener.fileno(),),
+        preexec_fn=few_descriptors,
+        stderr=subprocess.PIPE,
+    )
+    listener.close()
+    flood: list[socket.socket] = []
+    try:
+        assert _ask(19400) == b"echo hi"
+        for _ in range(2000):  # 2,000 clients that connect and then hold on
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect_ex(("::1", 19400))
+            flood.append(sock)
+        time.sleep(2)
+        assert forwarder.poll() is None, "the forwarder died"
+        for sock in flood:
+            sock.close()
+        flood.clear()
+        deadline = time.monotonic() + 30
+        while True:  # the held clients' slots come back as their relays end
+            try:
+                assert _ask(19400) == b"echo hi"
+                break
+            except (OSError, AssertionError):
+                assert forwarder.poll() is None, "the forwarder died"
+                assert time.monotonic() < deadline, "the forwarder stopped serving"
+                time.sleep(0.2)
+        assert forwarder.poll() is None
+    finally:
+        for sock in flood:
+            sock.close()
+        forwarder.kill()
+        forwarder.wait()
+        server.close()
+
+
+def test_a_dead_forwarder_is_seen_by_plan_and_started_again(net_host: Host) -> None:
+    import os
+    import signal
+
+    host = net_host
+    host.declare(
+        """\
+kind: network
+name: "@rd1"
+subnet: 10.234.1.0/24
+---
+name: "@fw"
+image: debian-bookworm-slim
+packages: [python3]
+network: "@rd1"
+ports: ["[::1]:19410:8080"]
+command: [python3, -m, http.server, --bind, 0.0.0.0, "8080"]
+"""
+    )
+    host.apply()
+    url = "http://[::1]:19410/"
+    assert wait_http(url) == "200"
+    layout = Layout(PurePosixPath(host.root))
+    pidfile = Path(layout.net_run_dir) / f"{host.prefix}fw.forwarders.json"
+    (pid,) = json.loads(pidfile.read_text())["pids"]
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    with pytest.raises(OSError):
+        http_get(url)
+    planned = host.pymachine("plan", str(host.specs), check=False)
+    assert planned.returncode == 2
+    assert (
+        f"start the port forwarders of {host.prefix}fw: 1 of its IPv6 port forwarders are gone"
+        in planned.stdout
+    )
+    host.apply()
+    assert wait_http(url) == "200"
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0

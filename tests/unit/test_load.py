@@ -112,3 +112,59 @@ def test_deep_nesting_is_refused(tmp_path: Path) -> None:
     _, problems = collect([tmp_path])
     assert len(problems) == 1
     assert "nested more than" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "where", "message"),
+    [
+        (
+            "deep.toml",
+            'kind = "machine"\nname = "x"\nlabels = {a = ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            (3, 46),
+            "nested more than 32 levels deep",
+        ),
+        (
+            "deep-tables.toml",
+            'kind = "machine"\nname = "x"\nx = ' + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n",
+            (3, 5 + 32 * 5),
+            "nested more than 32 levels deep",
+        ),
+        (
+            "brackets-in-strings.toml",
+            'kind = "machine"\nname = "x"\ncommand = ["'
+            + "[" * 100
+            + "\", '{{{']\n"
+            + "# [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\n"
+            + "x = "
+            + "[" * 40
+            + "]" * 40
+            + "\n",
+            (5, 37),
+            "nested more than 32 levels deep",
+        ),
+        (
+            "deep.yaml",
+            "name: x\nlabels: " + "[" * 100_000 + "]" * 100_000 + "\n",
+            (2, None),
+            "",
+        ),
+        (
+            "long.toml",
+            'kind = "machine"\nname = "x"\n[resources]\nmemory = -' + "9" * 5000 + "\n",
+            (4, 10),
+            "a number with more digits than any field takes",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.endswith(("toml", "yaml")) else "",
+)
+def test_hostile_files_give_positioned_errors(
+    tmp_path: Path, name: str, text: str, where: tuple[int, int | None], message: str
+) -> None:
+    write(tmp_path / name, text)
+    _, problems = collect([tmp_path])
+    assert len(problems) == 1, problems
+    (problem,) = problems
+    assert problem.line == where[0]
+    if where[1] is not None:
+        assert problem.column == where[1]
+    assert message in problem.message

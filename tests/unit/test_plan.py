@@ -11,9 +11,10 @@ import pytest
 from pymachined.actions import Action
 from pymachined.desired import Desired, desire, file_hash
 from pymachined.layout import Layout
-from pymachined.plan import Observed, plan, start_order, warnings
+from pymachined.plan import Kept, Observed, plan, problems, start_order, warnings
 from pymachined.recipes import Salts
 from pymachined.records import MachineRecord
+from pymachined.spec import RootfsMode
 from pymachined.supervise.base import RunState, Status
 from pymachined.validate import load_set
 
@@ -117,7 +118,7 @@ def test_a_limit_change_updates_the_running_machine_without_a_restart(
     after = desired_from(repo, tmp_path, limited)
     actions = plan(after, observed, built)
     assert kinds(actions) == [("WriteFiles", "web"), ("UpdateLimits", "web")]
-    assert actions[1].reason == "memory unlimited → 64M, pids unlimited → 64"
+    assert actions[1].reason == "memory unlimited → 64M, pids 2048 → 64"
     observed, built = converged(after)
     assert plan(after, observed, built) == []
     lifted = desired_from(repo, tmp_path, limited.replace("memory: 64M, ", ""))
@@ -302,3 +303,58 @@ def test_a_changed_bind_source_restarts_though_its_staging_path_stays(
     assert kinds(actions) == [("RestartMachine", "web")]
     observed, built = converged(after)
     assert plan(after, observed, built) == []
+
+
+def test_writes_without_a_root_record_are_kept(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    lost = replace(
+        observed["web"], root=None, root_mode=None, kept=Kept(RootfsMode.OVERLAY, 12 * 1024**2)
+    )
+    actions = plan(desired, {**observed, "web": lost}, built)
+    assert kinds(actions) == [("AdoptRoot", "web")]
+    assert actions[0].describe() == (
+        "keep the root of web: its root record is missing; its writable layer (12 MiB) "
+        "is kept and the record made again from the spec's image"
+    )
+    unreadable = replace(lost, root_problem="root record x is unreadable: not JSON")
+    (action,) = plan(desired, {**observed, "web": unreadable}, built)
+    assert "its root record cannot be read (root record x is unreadable: not JSON)" in (
+        action.reason
+    )
+    # Nothing written (a create killed half-way): the root is made again.
+    empty = replace(lost, kept=None)
+    assert kinds(plan(desired, {**observed, "web": empty}, built)) == [
+        ("CreateMachine", "web"),
+        ("RestartMachine", "web"),
+        ("RestartMachine", "cache"),
+    ]
+
+
+def test_an_unreadable_record_leaves_only_its_machine(repo: Path, tmp_path: Path) -> None:
+    changed = desired_from(repo, tmp_path, SPECS.replace("MODE: prod", "MODE: test"))
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    broken = Observed("web", problem="state record w is not valid JSON")
+    observed = {**observed, "web": broken, "old": Observed("old", problem="bad")}
+    actions = plan(changed, observed, built, prune=True)
+    assert "web" not in {a.machine for a in actions}
+    assert "old" not in {a.machine for a in actions}  # never pruned unread
+    assert problems(changed, observed) == [
+        "old: bad; left as it is",
+        "web: state record w is not valid JSON; left as it is",
+    ]
+    assert problems(desired, converged(desired)[0]) == []
+
+
+def test_a_running_machine_gets_its_lost_forwarders_back(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    lost = replace(observed["web"], forwarders_gone=1)
+    actions = plan(desired, {**observed, "web": lost}, built)
+    assert [a.describe() for a in actions] == [
+        "start the port forwarders of web: 1 of its IPv6 port forwarders are gone"
+    ]
+    # Stopped, or restarted anyway: the start makes them.
+    stopped = replace(lost, status=Status("web", RunState.EXITED))
+    assert kinds(plan(desired, {**observed, "web": stopped}, built)) == [("StartMachine", "web")]

@@ -1,0 +1,76 @@
+"""Records and event lines that cannot be read: each is its own problem,
+reported with where it is, never an internal error."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from pymachined import events
+from pymachined.errors import StateError
+from pymachined.layout import Layout
+from pymachined.records import MachineRecord
+from pymachined.state import StateStore
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b'{"time": "2026-12-01T10:00:00+00:00", "machine": "a", "event": "\xff"}', "UTF-8"),
+        (b"not json", "not valid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"machine": "a", "event": "start"}', "no valid time"),
+        (b'{"time": "yesterday", "machine": "a", "event": "start"}', "no valid time"),
+        (b'{"time": 5, "machine": "a", "event": "start"}', "no valid time"),
+        (b'{"time": "2026-12-01T10:00:00", "event": "start"}', "no machine or event"),
+    ],
+)
+def test_bad_event_lines_are_skipped_with_a_reason(line: bytes, why: str) -> None:
+    event, problem = events.parse_event(line)
+    assert event is None
+    assert problem is not None and why in problem
+
+
+def test_events_read_past_bad_lines(tmp_path: Path) -> None:
+    layout = Layout(PurePosixPath(tmp_path))
+    path = Path(layout.state_dir) / "events.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(
+        b'{"time": "2026-12-01T10:00:00", "machine": "a", "event": "start"}\n'
+        b"\xff\xfe\n"
+        b'{"machine": "a", "event": "die"}\n'
+        b'{"time": "2026-12-01T11:00:00+00:00", "machine": "a", "event": "stop"}\n'
+    )
+    skipped: list[str] = []
+    since = datetime(2026, 12, 1, 9, tzinfo=UTC)
+    found = list(events.read(layout, since, skipped))
+    assert [e["event"] for e in found] == ["start", "stop"]
+    assert found[0]["time"] == "2026-12-01T10:00:00.000+00:00"  # a naive time is UTC
+    assert skipped == [f"{path}:2: not valid UTF-8; skipped", f"{path}:3: no valid time; skipped"]
+
+
+def test_one_unreadable_record_is_set_apart(tmp_path: Path) -> None:
+    layout = Layout(PurePosixPath(tmp_path))
+    store = StateStore(layout)
+    store.put(MachineRecord(name="good", config_hash="h", layers=("k",)))
+    for name, content in (
+        ("utf", b'{"version": 1, "\xff": 1}'),
+        (
+            "list",
+            b'{"version": 1, '
+            b'"owner": "pymachine", "name": "list", "config_hash": "h", '
+            b'"layers": [], "files": [1]}',
+        ),
+    ):
+        store.path(name).parent.mkdir(parents=True)
+        store.path(name).write_bytes(content)
+    records, bad = store.scan()
+    assert list(records) == ["good"]
+    assert sorted(bad) == ["list", "utf"]
+    assert f"state record {store.path('utf')} is not valid UTF-8 (at byte 16)" in str(bad["utf"])
+    assert "lacks" in str(bad["list"])
+    assert list(store.all()) == ["good"]
+    with pytest.raises(StateError, match="not valid UTF-8"):
+        store.get("utf")
