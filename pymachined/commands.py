@@ -22,7 +22,10 @@ def isolated_argv(argv: Sequence[str]) -> list[str]:
     setpriv makes unshare get SIGKILL when its parent (pymachine) dies; unshare
     then kills its child, which is PID 1 of the new PID namespace, so the kernel
     kills every process in it; the mount namespace, and every mount made in it
-    (debootstrap's /proc and /sys in the target), goes with its last process."""
+    (debootstrap's /proc and /sys in the target), goes with its last process.
+    The namespace gets its own /proc: systemd-nspawn looks itself up there by
+    the pid it has in it (its cgroup, under systemd), which the host's /proc
+    does not know."""
     return [
         "setpriv",
         "--pdeathsig",
@@ -34,6 +37,7 @@ def isolated_argv(argv: Sequence[str]) -> list[str]:
         "private",
         "--pid",
         "--fork",
+        "--mount-proc",
         "--kill-child",
         "--",
         *argv,

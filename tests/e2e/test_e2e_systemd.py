@@ -272,3 +272,74 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     watched = host.show("pymachine-watched.service", "LoadState", "ActiveState")
     assert watched == {"LoadState": "not-found", "ActiveState": "inactive"}, watched
     print(f"e2e steps took {time.monotonic() - started:.0f} s")
+
+
+BUILD_SPECS = "/root/build-specs"
+# A derived layer built inside the booted host. Its base (debian-bookworm-slim,
+# which specs/ needs) is in the inner cache already; the layer itself is not,
+# so pymachine builds it there, under systemd as PID 1. A script: layer needs
+# no network (the host has none, so packages: could not reach a mirror).
+BUILT = """\
+kind: image
+name: built-{where}
+from: debian-bookworm-slim
+script: "echo built {where} > /built-here"
+---
+name: built-{where}
+image: built-{where}
+command: [cat, /built-here]
+network: none
+restart: "no"
+"""
+
+
+def _built(host: BootedHost, where: str) -> str:
+    """Write a spec dir whose image is not in the cache yet."""
+    spec_dir = f"{BUILD_SPECS}-{where}"
+    host.write(f"{spec_dir}/built.yaml", BUILT.format(where=where))
+    return spec_dir
+
+
+def test_images_build_under_systemd(booted_host: BootedHost) -> None:
+    host = booted_host
+    # From a unit, as the boot apply and any service run it.
+    in_unit = host.run(
+        [
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            "--",
+            "pymachine",
+            "apply",
+            "--yes",
+            _built(host, "unit"),
+        ],
+        check=False,
+    )
+    assert in_unit.returncode == 0, in_unit.stdout + in_unit.stderr
+    assert "image built-unit: built" in in_unit.stderr
+    host.wait_for(
+        "built-unit's output",
+        lambda: "built unit" in host.run(["journalctl", "-u", "pymachine-built-unit"]).stdout,
+    )
+    # From a login shell, which runs in its session's scope (a command entered
+    # with nsenter is in no unit at all, as nothing on a real host is).
+    in_shell = host.run(
+        ["systemd-run", "--scope", "--quiet", "--", "pymachine", "image", "build"]
+        + [_built(host, "shell")],
+        check=False,
+    )
+    assert in_shell.returncode == 0, in_shell.stdout + in_shell.stderr
+    # From the boot apply's own unit.
+    host.run(["pymachine", "install", _built(host, "boot")])
+    host.run(["systemctl", "start", APPLY])
+    assert host.show(APPLY, "Result")["Result"] == "success"
+    journal = host.run(["journalctl", "-u", APPLY, "--no-pager"]).stdout
+    assert "image built-boot: built" in journal
+    host.run(["pymachine", "uninstall"])
+    listed = host.run(["pymachine", "image", "ls", "-o", "json"]).stdout
+    names = {image["name"] for image in json.loads(listed)}
+    assert {"built-unit", "built-shell", "built-boot"} <= names
+    for name in ("built-unit", "built-boot"):
+        host.run(["pymachine", "destroy", "--yes", name])
