@@ -488,17 +488,12 @@ def start(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
 @app.command("prepare", hidden=True)
 def prepare(name: NameArg) -> None:
     """Assemble what a machine needs to start if the host lacks it: its root
-    and its network (bridge, namespace, rules). Its unit runs this before
-    systemd-nspawn, so machines start at boot and by systemctl alone."""
-    from pymachined.execute import attach_recorded, ready_root
-    from pymachined.state import StateStore
-    from pymachined.verbs import recorded_spec
+    and its network (bridge, namespace, rules); a stale registration with
+    machined cleared. Its unit runs this before systemd-nspawn, so machines
+    start at boot and by systemctl alone, and after nspawn was killed."""
+    from pymachined import verbs
 
-    state = StateStore(options.layout)
-    record = _known(name)
-    ready_root(options.layout, _store(), name, recorded_spec(record))
-    # Forwarders started here would not outlive this step: forward-ports.
-    attach_recorded(options.layout, state, record, forwarders=False)
+    verbs.prepare(options.layout, _store(), name)
 
 
 # The name units rendered by earlier versions run before their next apply.

@@ -231,6 +231,23 @@ def systemctl_argv(verb: str, units: Sequence[str], *flags: str) -> list[str]:
     return [SYSTEMCTL, verb, *flags, "--", *units]
 
 
+def unregister_machine_argv(name: str) -> list[str]:
+    """Drop a machine's registration with systemd-machined without touching its
+    processes (TerminateMachine would stop the unit asking)."""
+    return [
+        "busctl",
+        "call",
+        "--quiet",
+        "--",
+        "org.freedesktop.machine1",
+        "/org/freedesktop/machine1",
+        "org.freedesktop.machine1.Manager",
+        "UnregisterMachine",
+        "s",
+        name,
+    ]
+
+
 def daemon_reload_argv() -> list[str]:
     """systemctl daemon-reload: systemd reads changed unit files again."""
     return [SYSTEMCTL, "daemon-reload"]

@@ -256,7 +256,10 @@ class Daemon:
         again = machine.wanted == "running" and (
             policy == "always" or (policy == "on-failure" and code != 0)
         )
-        self._event(machine.spec.name, "die", exit_code=code)
+        # A stop asked for ends as a stop, with the payload's own exit code (0
+        # for one that handles its stop signal); any other end is a death.
+        stopped = machine.wanted == "stopped"
+        self._event(machine.spec.name, "stop" if stopped else "die", exit_code=code)
         machine.failures = 0 if ran > HEALTHY_AFTER else machine.failures + 1
         if again and machine.failures > START_LIMIT:
             machine.state = RunState.DEAD
@@ -425,7 +428,8 @@ class Daemon:
         if op in ("stop", "forget"):
             if machine.state is RunState.PAUSED:
                 self._cgroup(name).freeze(False)  # a frozen process cannot act on SIGTERM
-            self._event(name, "stop")
+            if machine.pid is None:
+                self._event(name, "stop")  # else when it has exited, with its exit code
             machine.wanted = "stopped"
             machine.restart_at = None
             if machine.pid is not None:

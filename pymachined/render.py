@@ -116,6 +116,7 @@ def nspawn_context(
         "marker": Escaped(MARKER),
         "name": machine.name,
         "boot": machine.boot,
+        "kill_signal": machine.kill_signal,
         "parameters": list(machine.command or []),
         "environment": [f"{k}={v}" for k, v in sorted(machine.environment.items())],
         "user": machine.user,
@@ -191,8 +192,10 @@ def nspawn_run_argv(machine: Machine, layout: Layout, resolv_conf: str = "copy-h
         argv.append("--private-network")
     if context["resolv_conf"]:
         argv.append(f"--resolv-conf={context['resolv_conf']}")
+    # Without it, nspawn answers SIGTERM by SIGKILLing a command's payload.
+    argv.append(f"--kill-signal={context['kill_signal']}")
     if machine.boot:
-        argv += ["--boot", "--kill-signal=SIGRTMIN+3"]
+        argv.append("--boot")
     else:
         argv += ["--", *context["parameters"]]
     if machine.network in ("host", "none"):

@@ -179,6 +179,30 @@ Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=int | s
 PositiveSize = Annotated[Size, Field(gt=0)]
 Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=float | str)]
 
+# The signals a machine may be stopped with: what payloads handle for a clean
+# shutdown. SIGKILL is left out: it follows stop_timeout anyway.
+_STOP_SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "WINCH", "PWR")
+
+
+def parse_stop_signal(value: object) -> object:
+    """A stop signal as ``SIGTERM``, from ``SIGTERM``, ``TERM`` or
+    ``SIGRTMIN+N`` (N from 0 to 30)."""
+    if not isinstance(value, str):
+        return value
+    name = value.upper().removeprefix("SIG")
+    if name in _STOP_SIGNALS:
+        return f"SIG{name}"
+    if name.startswith("RTMIN+") and name[6:].isdigit() and int(name[6:]) <= 30:
+        return f"SIGRTMIN+{int(name[6:])}"
+    raise ValueError(
+        f"{value!r} is not a signal to stop a machine with: use one of "
+        + ", ".join(f"SIG{n}" for n in _STOP_SIGNALS)
+        + " or SIGRTMIN+N"
+    )
+
+
+StopSignal = Annotated[StrictStr, BeforeValidator(parse_stop_signal, json_schema_input_type=str)]
+
 # The capabilities systemd-nspawn knows (capability(7)), without the CAP_ prefix.
 CAPABILITIES = frozenset(
     (
@@ -559,9 +583,16 @@ class Machine(Model):
     security: Security = Field(default_factory=Security)
     restart: RestartPolicy = RestartPolicy.ON_FAILURE
     stop_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    stop_signal: StopSignal | None = None
     autostart: StrictBool = True
     state: MachineState = MachineState.RUNNING
     depends_on: list[Name] = Field(default_factory=list)
+
+    @property
+    def kill_signal(self) -> str:
+        """The signal a stop sends the payload: the declared one, else SIGTERM
+        for a command and SIGRTMIN+3 (systemd's orderly shutdown) for a boot."""
+        return self.stop_signal or ("SIGRTMIN+3" if self.boot else "SIGTERM")
 
     @field_validator("name")
     @classmethod

@@ -143,6 +143,22 @@ class Verbs:
             return self.supervisor.pause(name, paused)
 
 
+def prepare(layout: Layout, images: ImageStore, name: str) -> None:
+    """What a machine's unit runs before systemd-nspawn: its root and network
+    assembled where the host lacks them (after a boot, or a start by
+    systemctl alone), and a stale registration with machined cleared."""
+    from pymachined.supervise.systemd import clear_registration
+
+    state = StateStore(layout)
+    record = state.get(name)
+    if record is None:
+        raise PymachineError(f"no machine named {name!r}", hint="see pymachine ls")
+    ready_root(layout, images, name, recorded_spec(record))
+    # Forwarders started here would not outlive this step: forward-ports.
+    attach_recorded(layout, state, record, forwarders=False)
+    clear_registration(name)
+
+
 def recorded_spec(record: MachineRecord) -> Machine | None:
     """A machine's spec as it was last started (None before its first start)."""
     return Machine.model_validate(record.spec) if record.spec else None

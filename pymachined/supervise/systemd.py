@@ -42,6 +42,14 @@ PROPERTIES = (
 CLD_EXITED = 1
 
 
+def clear_registration(name: str) -> bool:
+    """Before a machine's unit starts nspawn: drop a registration machined kept
+    of an earlier run whose nspawn was killed (SIGKILL), which would make the
+    new one fail with "Machine 'NAME' already exists" until the start limit.
+    Whether there was one."""
+    return run.run(commands.unregister_machine_argv(name), check=False).returncode == 0
+
+
 def machine_of(unit: str) -> str | None:
     """The machine a unit runs, from its name (None if it is not a machine's)."""
     if not (unit.startswith(PREFIX) and unit.endswith(SUFFIX)):

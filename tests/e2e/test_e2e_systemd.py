@@ -325,11 +325,8 @@ def test_images_build_under_systemd(booted_host: BootedHost) -> None:
     )
     # From a login shell, which runs in its session's scope (a command entered
     # with nsenter is in no unit at all, as nothing on a real host is).
-    in_shell = host.run(
-        ["systemd-run", "--scope", "--quiet", "--", "pymachine", "image", "build"]
-        + [_built(host, "shell")],
-        check=False,
-    )
+    scope = ["systemd-run", "--scope", "--quiet", "--"]
+    in_shell = host.run([*scope, "pymachine", "image", "build", _built(host, "shell")], check=False)
     assert in_shell.returncode == 0, in_shell.stdout + in_shell.stderr
     # From the boot apply's own unit.
     host.run(["pymachine", "install", _built(host, "boot")])
@@ -342,4 +339,62 @@ def test_images_build_under_systemd(booted_host: BootedHost) -> None:
     names = {image["name"] for image in json.loads(listed)}
     assert {"built-unit", "built-shell", "built-boot"} <= names
     for name in ("built-unit", "built-boot"):
+        host.run(["pymachine", "destroy", "--yes", name])
+
+
+STOPPING = """\
+name: graceful
+image: debian-bookworm-slim
+command: [sh, -c, "trap 'echo got TERM; exit 0' TERM; echo up; while :; do sleep 0.1; done"]
+network: none
+restart: always
+---
+name: needs-graceful
+image: debian-bookworm-slim
+command: [sleep, infinity]
+network: none
+depends_on: [graceful]
+"""
+GRACEFUL = "pymachine-graceful.service"
+NEEDS = "pymachine-needs-graceful.service"
+
+
+def _journal_count(host: BootedHost, unit: str, text: str) -> int:
+    return host.run(["journalctl", "-u", unit, "--no-pager"]).stdout.count(text)
+
+
+def test_stops_are_graceful_and_crashes_recover_under_systemd(booted_host: BootedHost) -> None:
+    host = booted_host
+    host.write("/root/stop-specs/stop.yaml", STOPPING)
+    host.run(["pymachine", "apply", "--yes", "/root/stop-specs"])
+    host.wait_for("graceful up", lambda: _journal_count(host, GRACEFUL, "up") >= 1)
+    # stop: the payload gets SIGTERM and exits 0; the unit ends inactive, not failed.
+    out = host.run(["pymachine", "stop", "--yes", "graceful"]).stdout
+    assert "exit code 0" in out
+    host.wait_for("got TERM", lambda: _journal_count(host, GRACEFUL, "got TERM") >= 1)
+    props = host.show(GRACEFUL, "ActiveState", "Result", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    # restart brings back what needs it (Requires= stopped it with graceful).
+    host.run(["pymachine", "restart", "graceful"])
+    host.run(["pymachine", "start", "needs-graceful"])
+    host.run(["pymachine", "restart", "graceful"])
+    host.wait_for(
+        "graceful and its dependent", lambda: _running(host, GRACEFUL) and _running(host, NEEDS)
+    )
+    assert _journal_count(host, GRACEFUL, "got TERM") >= 2
+    # kill -9 of nspawn itself: back by policy, its registration with machined cleared.
+    before = _main_pid(host, GRACEFUL)
+    host.run(["systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", GRACEFUL])
+    try:
+        host.wait_for(
+            "graceful back after kill -9",
+            lambda: _running(host, GRACEFUL) and _main_pid(host, GRACEFUL) not in (0, before),
+            timeout=60,
+        )
+    except AssertionError:
+        print(host.run(["journalctl", "-u", GRACEFUL, "-n", "40", "--no-pager"]).stdout)
+        raise
+    host.wait_for("its dependent back", lambda: _running(host, NEEDS), timeout=60)
+    assert "already exists" not in host.run(["journalctl", "-u", GRACEFUL, "--no-pager"]).stdout
+    for name in ("needs-graceful", "graceful"):
         host.run(["pymachine", "destroy", "--yes", name])

@@ -225,6 +225,62 @@ def test_restart_policies(host: Host) -> None:
     assert host.pymachine("events", "--since", "soon", check=False).returncode == 2
 
 
+GRACEFUL = """\
+name: "@g"
+image: debian-bookworm-slim
+command: [sh, -c, "trap 'echo got TERM; exit 0' TERM; echo up; while :; do sleep 0.1; done"]
+network: none
+restart: always
+environment: {V: "1"}
+---
+name: "@stubborn"
+image: debian-bookworm-slim
+command: [sh, -c, "trap '' TERM; echo up; while :; do sleep 0.1; done"]
+network: none
+restart: "no"
+stop_timeout: 2s
+"""
+
+
+def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
+    host.declare(GRACEFUL)
+    host.apply()
+    log = host.root / f"var/lib/pymachine/machines/{host.prefix}g/console.log"
+
+    def count(text: str, at_least: int) -> None:
+        deadline = time.monotonic() + 60
+        while log.read_text().count(text) < at_least:
+            assert time.monotonic() < deadline, f"{text!r} x{at_least}: {log.read_text()}"
+            time.sleep(0.1)
+
+    count("up", 1)
+    host.wait_for_output("stubborn", "up")
+    # stop: the payload gets SIGTERM, exits 0, and that is a stop, not a death.
+    stopped = host.pymachine("stop", f"{host.prefix}g")
+    assert "exit code 0" in stopped.stdout
+    count("got TERM", 1)
+    assert (host.machines()["g"]["state"], host.machines()["g"]["exit_code"]) == ("exited", 0)
+    events = [json.loads(e) for e in host.pymachine("events", "-o", "json").stdout.splitlines()]
+    mine = [(e["event"], e.get("exit_code")) for e in events if e["machine"] == f"{host.prefix}g"]
+    assert mine[-1] == ("stop", 0) and ("die", 0) not in mine
+    # restart by name, and a changed spec: each stop is as graceful.
+    host.pymachine("start", f"{host.prefix}g")
+    count("up", 2)
+    host.pymachine("restart", f"{host.prefix}g")
+    count("got TERM", 2)
+    count("up", 3)
+    host.declare(GRACEFUL.replace('V: "1"', 'V: "2"'))
+    host.apply()
+    count("got TERM", 3)
+    count("up", 4)
+    # A payload that ignores its stop signal is killed after stop_timeout, not before.
+    started = time.monotonic()
+    killed = host.pymachine("stop", f"{host.prefix}stubborn")
+    took = time.monotonic() - started
+    assert 2.0 <= took < 8.0, took
+    assert f"exit code {128 + signal.SIGKILL}" in killed.stdout
+
+
 def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
     host.declare(TWO)
     host.apply()

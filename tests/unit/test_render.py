@@ -76,6 +76,7 @@ def test_round_trip_nspawn_file(repo: Path) -> None:
         ("Exec", "Capability", "CAP_NET_ADMIN"),
         ("Exec", "DropCapability", "CAP_MKNOD CAP_SYS_CHROOT"),
         ("Exec", "NoNewPrivileges", "yes"),
+        ("Exec", "KillSignal", "SIGTERM"),
         ("Exec", "SystemCallFilter", "@mount"),
         ("Exec", "SystemCallFilter", "~kexec_load bpf"),
         ("Exec", "ResolvConf", "copy-host"),  # nspawn cannot tell its network is private
