@@ -1244,14 +1244,13 @@ def prune(
                 f"{', '.join(map(str, paths))} declares no machines; refusing to prune them all",
                 hint="check the path; to remove one machine, use pymachine destroy",
             )
-        from pymachined.supervise.base import RunState
+        from pymachined.supervise.base import LIVE
 
         statuses = _reconciler(supervisor).supervisor.status()
-        live = (RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING)
         for name in StateStore(options.layout).names():
             status = statuses.get(name)
             # A machine between two runs (restarting) is not a stopped one.
-            running = status is not None and (status.pid is not None or status.state in live)
+            running = status is not None and (status.pid is not None or status.state in LIVE)
             if name not in declared and not running:
                 doomed.append(name)
     _prune(doomed, yes, supervisor)

@@ -35,7 +35,7 @@ from pymachined.limits import Limits, describe_change
 from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.sizes import human_size
 from pymachined.spec import MachineState, RootfsMode
-from pymachined.supervise.base import RunState, Status
+from pymachined.supervise.base import LIVE, RunState, Status
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,7 @@ class Observed:
     @property
     def running(self) -> bool:
         """Whether its supervisor runs it (or is about to restart it)."""
-        return self.status is not None and self.status.state in (
-            RunState.RUNNING,
-            RunState.PAUSED,
-            RunState.RESTARTING,
-        )
+        return self.status is not None and self.status.state in LIVE
 
 
 @dataclass(frozen=True)

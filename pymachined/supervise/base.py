@@ -41,12 +41,17 @@ class RunState(StrEnum):
     """A supervised machine's state."""
 
     CREATED = "created"
+    STARTING = "starting"  # its nspawn is setting it up: the payload does not run yet
     RUNNING = "running"
     PAUSED = "paused"
     RESTARTING = "restarting"
     EXITED = "exited"
     DEAD = "dead"
     UNKNOWN = "unknown"  # the supervisor's own record of it cannot be read
+
+
+LIVE = frozenset({RunState.STARTING, RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING})
+"""The states of a machine its supervisor runs, or is about to run again."""
 
 
 @dataclass(frozen=True)

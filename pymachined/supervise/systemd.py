@@ -38,6 +38,7 @@ PROPERTIES = (
     "ExecMainStatus",
     "NRestarts",
     "UnitFileState",
+    "Restart",
 )
 CLD_EXITED = 1
 
@@ -76,16 +77,22 @@ def unit_status(properties: Mapping[str, str]) -> Status | None:
     exit_code = None if code == 0 else raw if code == CLD_EXITED else 128 + raw
     if active == "activating" and sub == "auto-restart":
         state = RunState.RESTARTING
-    elif active in ("active", "activating", "reloading", "deactivating"):
+    elif active == "activating":  # nspawn has not said READY=1: the payload is not up
+        state = RunState.STARTING
+    elif active in ("active", "reloading", "deactivating"):
         state = RunState.PAUSED if sub == "frozen" else RunState.RUNNING
     elif active == "failed":
+        # A unit that restarts by policy, has restarted, and is failed has
+        # given up: its start limit was hit (systemd 252 says so in Result=
+        # only sometimes, and leaves Result=exit-code after the last failure).
         limit = properties.get("Result") == "start-limit-hit"
-        state = RunState.DEAD if limit else RunState.EXITED
+        gave_up = properties.get("Restart", "no") not in ("", "no") and restarts > 0
+        state = RunState.DEAD if limit or gave_up else RunState.EXITED
     elif started is None and code == 0:
         state = RunState.CREATED
     else:
         state = RunState.EXITED
-    if state not in (RunState.RUNNING, RunState.PAUSED):
+    if state not in (RunState.STARTING, RunState.RUNNING, RunState.PAUSED):
         pid = None
     enabled = {"enabled": True, "disabled": False}.get(properties.get("UnitFileState", ""))
     return Status(name, state, pid, started, exit_code if pid is None else None, restarts, enabled)

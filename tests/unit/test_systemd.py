@@ -109,7 +109,7 @@ STARTED = {"ExecMainStartTimestamp": "@1795919690"}
         # starting (ExecStartPre, or nspawn before READY=1)
         (
             _unit(ActiveState="activating", SubState="start", MainPID="42", **STARTED),
-            Status("web", RunState.RUNNING, 42, 1795919690.0),
+            Status("web", RunState.STARTING, 42, 1795919690.0),
         ),
         # frozen
         (
@@ -143,6 +143,23 @@ STARTED = {"ExecMainStartTimestamp": "@1795919690"}
                 ActiveState="failed", Result="start-limit-hit", ExecMainCode="1", ExecMainStatus="1"
             ),
             Status("web", RunState.DEAD, None, None, 1),
+        ),
+        # systemd 252 after the start limit: failed, Result=exit-code, restarts made
+        (
+            _unit(
+                ActiveState="failed",
+                Result="exit-code",
+                ExecMainCode="1",
+                ExecMainStatus="1",
+                Restart="always",
+                NRestarts="5",
+            ),
+            Status("web", RunState.DEAD, None, None, 1, 5),
+        ),
+        # failed once with a restart policy, and stopped by hand before any restart
+        (
+            _unit(ActiveState="failed", Result="timeout", Restart="on-failure", NRestarts="0"),
+            Status("web", RunState.EXITED),
         ),
         # file removed and unit stopped: gone
         (_unit(LoadState="not-found"), None),
