@@ -35,7 +35,7 @@ from pymachined.limits import Limits, describe_change
 from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.sizes import human_size
 from pymachined.spec import MachineState, RootfsMode
-from pymachined.supervise.base import LIVE, RunState, Status
+from pymachined.supervise.base import LIVE, Status
 
 
 @dataclass(frozen=True)

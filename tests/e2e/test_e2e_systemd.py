@@ -354,6 +354,12 @@ image: debian-bookworm-slim
 command: [sleep, infinity]
 network: none
 depends_on: [graceful]
+---
+name: crashing
+image: debian-bookworm-slim
+command: [sh, -c, "exit 3"]
+network: none
+restart: always
 """
 GRACEFUL = "pymachine-graceful.service"
 NEEDS = "pymachine-needs-graceful.service"
@@ -396,5 +402,13 @@ def test_stops_are_graceful_and_crashes_recover_under_systemd(booted_host: Boote
         raise
     host.wait_for("its dependent back", lambda: _running(host, NEEDS), timeout=60)
     assert "already exists" not in host.run(["journalctl", "-u", GRACEFUL, "--no-pager"]).stdout
-    for name in ("needs-graceful", "graceful"):
+
+    # A machine that keeps failing ends dead once systemd's start limit is hit
+    # (systemd 252 leaves Result=exit-code then).
+    def state(name: str) -> str:
+        rows = json.loads(host.run(["pymachine", "ls", "-o", "json"]).stdout)
+        return next(str(r["state"]) for r in rows if r["name"] == name)
+
+    host.wait_for("crashing dead", lambda: state("crashing") == "dead", timeout=60)
+    for name in ("needs-graceful", "graceful", "crashing"):
         host.run(["pymachine", "destroy", "--yes", name])
