@@ -205,8 +205,19 @@ def test_exec_is_confined_as_the_machines_pid_1(host: Host, tmp_path: Path) -> N
     # Neither blocks nor leads to the host's files.
     host.pymachine("exec", default, "--", "sh", "-c", "rm /etc/passwd; mkfifo /etc/passwd")
     fifo = subprocess.run(
-        [sys.executable, "-m", "pymachined", "--root", str(host.root)]
-        + ["exec", "-u", "daemon", default, "--", "true"],
+        [
+            sys.executable,
+            "-m",
+            "pymachined",
+            "--root",
+            str(host.root),
+            "exec",
+            "-u",
+            "daemon",
+            default,
+            "--",
+            "true",
+        ],
         capture_output=True,
         text=True,
         check=False,
