@@ -189,13 +189,11 @@ def join_cgroups(proc: int) -> None:
     mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
     own = {m.hierarchy: m for m in parse_proc_cgroup(Path("/proc/self/cgroup").read_text())}
     for membership in parse_proc_cgroup(_read_at(proc, "cgroup")):
+        if own.get(membership.hierarchy) == membership:
+            continue  # already there (and the hierarchy may be read-only here)
         directory = cgroup_directory(membership, mounts)
         if directory is None:
-            # A hierarchy this host does not mount: nothing can move either
-            # process there, and a difference would leave the command outside.
-            if own.get(membership.hierarchy) != membership:
-                raise EnterError(f"cannot join cgroup {membership}: its hierarchy is not mounted")
-            continue
+            raise EnterError(f"cannot join cgroup {membership}: its hierarchy is not mounted")
         try:
             Path(directory / "cgroup.procs").write_text(str(os.getpid()))
         except OSError as exc:
