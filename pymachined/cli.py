@@ -725,23 +725,77 @@ def logs(
 
 
 def _leader(name: str, supervisor: str) -> int:
+    """The host pid of a running machine's PID 1, once it runs the payload
+    (waiting at most 30 s for a machine that is starting)."""
     import time
 
-    from pymachined.observe import leader_pid
+    from pymachined.observe import leader_pid, payload_running
+    from pymachined.supervise.base import RunState
 
     _known(name)
     reconciler = _reconciler(supervisor)
     deadline = time.monotonic() + 30
     while True:
         status = reconciler.supervisor.status().get(name)
+        if status is not None and status.state == RunState.PAUSED:
+            raise PymachineError(f"machine {name} is paused", hint=f"pymachine unpause {name}")
         if status is None or status.pid is None:
             raise PymachineError(f"machine {name} is not running", hint=f"pymachine start {name}")
         pid = leader_pid(status.pid)
-        if pid is not None:
+        if pid is not None and payload_running(status.pid, pid):
             return pid
         if time.monotonic() > deadline:
             raise PymachineError(f"machine {name} is still starting after 30 s")
         time.sleep(0.1)  # nspawn is still preparing the machine
+
+
+UserOption = Annotated[
+    str | None,
+    typer.Option(
+        "--user", "-u", help="USER[:GROUP], a name or number (the machine's user by default)."
+    ),
+]
+WorkdirOption = Annotated[
+    str | None,
+    typer.Option("--workdir", "-w", help="The working directory (the machine's by default)."),
+]
+EnvOption = Annotated[
+    list[str] | None,
+    typer.Option("--env", "-e", help="KEY=VALUE over the machine's environment (repeatable)."),
+]
+
+
+def _enter(
+    name: str,
+    supervisor: str,
+    command: list[str],
+    user: str | None,
+    workdir: str | None,
+    env: list[str] | None,
+) -> int:
+    """Run command in a running machine, confined as its PID 1 is; the exit code."""
+    import sys
+
+    from pymachined import commands, run
+
+    for pair in env or []:
+        if "=" not in pair or pair.startswith("="):
+            raise UsageError(f"--env {pair!r}: not KEY=VALUE")
+    record = _known(name)
+    spec = record.spec or {}
+    pid = _leader(name, supervisor)
+    environment = [f"TERM={os.environ.get('TERM', 'dumb')}"]
+    environment += [f"{k}={v}" for k, v in sorted(spec.get("environment", {}).items())]
+    environment += env or []
+    argv = commands.enter_argv(
+        sys.executable,
+        pid,
+        command,
+        environment,
+        user if user is not None else spec.get("user"),
+        workdir if workdir is not None else spec.get("workdir"),
+    )
+    return run.interactive(argv)
 
 
 @app.command(
@@ -750,32 +804,33 @@ def _leader(name: str, supervisor: str) -> int:
 def exec_command(
     name: NameArg,
     command: Annotated[list[str], typer.Argument(help="The command and its arguments.")],
+    user: UserOption = None,
+    workdir: WorkdirOption = None,
+    env: EnvOption = None,
     supervisor: SupervisorOption = "auto",
 ) -> None:
-    """Run a command in a running machine; its exit code is pymachine's."""
-    from pymachined import commands, run
-
+    """Run a command in a running machine, confined as the machine's own PID 1
+    is (cgroups, namespaces, bounding set, no_new_privs, seccomp filters), with
+    its environment, user and working directory; options go before NAME. The
+    exit code is the command's (128+N when signal N killed it)."""
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
         raise UsageError("exec needs a command: pymachine exec NAME -- COMMAND...")
-    pid = _leader(name, supervisor)
-    record = _known(name)
-    environment = (record.spec or {}).get("environment", {})
-    env = [f"{k}={v}" for k, v in sorted(environment.items())]
-    env.append(f"TERM={os.environ.get('TERM', 'dumb')}")
-    raise typer.Exit(run.interactive(commands.nsenter_argv(pid, command, env)))
+    raise typer.Exit(_enter(name, supervisor, command, user, workdir, env))
 
 
 @app.command()
-def shell(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
-    """A login shell in a running machine."""
-    from pymachined import commands, run
-
-    pid = _leader(name, supervisor)
-    env = [f"TERM={os.environ.get('TERM', 'dumb')}", "HOME=/root"]
+def shell(
+    name: NameArg,
+    user: UserOption = None,
+    workdir: WorkdirOption = None,
+    env: EnvOption = None,
+    supervisor: SupervisorOption = "auto",
+) -> None:
+    """A login shell in a running machine, confined as exec's commands are."""
     login = ["/bin/sh", "-c", "exec $(command -v bash || command -v sh) -l"]
-    raise typer.Exit(run.interactive(commands.nsenter_argv(pid, login, env)))
+    raise typer.Exit(_enter(name, supervisor, login, user, workdir, env))
 
 
 @app.command()

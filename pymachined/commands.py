@@ -152,22 +152,24 @@ def copy_tree_argv(source: PurePosixPath, target: PurePosixPath) -> list[str]:
     return ["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(target)]
 
 
-def nsenter_argv(pid: int, command: Sequence[str], env: Sequence[str] = ()) -> list[str]:
-    """Run command inside every namespace of process pid, in its root and working
-    directory, with only the given environment (and a standard PATH)."""
-    return [
-        "nsenter",
-        f"--target={pid}",
-        "--all",
-        "--root",
-        "--wd",
-        "--",
-        "/usr/bin/env",
-        "-i",
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        *env,
-        *command,
-    ]
+def enter_argv(
+    python: str,
+    pid: int,
+    command: Sequence[str],
+    env: Sequence[str] = (),
+    user: str | None = None,
+    workdir: str | None = None,
+) -> list[str]:
+    """Run command inside the machine whose PID 1 is pid (its host pid), confined
+    as that process is (``pymachined.enter``), as user in workdir, with the
+    KEY=VALUE pairs of env over nspawn's standard environment."""
+    argv = [python, "-m", "pymachined.enter", f"--pid={pid}"]
+    if user is not None:
+        argv.append(f"--user={user}")
+    if workdir is not None:
+        argv.append(f"--workdir={workdir}")
+    argv += [f"--env={pair}" for pair in env]
+    return [*argv, "--", *command]
 
 
 # A fixed script: each argument up to "--" is a cgroup.procs file the shell

@@ -119,3 +119,16 @@ def leader_pid(nspawn_pid: int) -> int | None:
             continue
     inside = [c for c in children if _pid_namespace(c) not in (None, own)]
     return min(inside) if inside else None
+
+
+def payload_running(nspawn_pid: int, leader: int) -> bool:
+    """Whether the machine's PID 1 has become its payload: nspawn sets up the
+    namespaces, root, bounding set and seccomp filters in that process and then
+    execs the payload, so until its executable differs from nspawn's own, it is
+    not yet confined as the machine's processes are."""
+    try:
+        ours = Path(f"/proc/{nspawn_pid}/exe").stat()
+        theirs = Path(f"/proc/{leader}/exe").stat()
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino)

@@ -76,6 +76,9 @@ def debian_mirror(sources: list[AptSource]) -> str | None:
 # Mounts
 
 
+_SLASH = PurePosixPath("/")
+
+
 @dataclass(frozen=True)
 class Mount:
     """One line of /proc/self/mountinfo."""
@@ -86,6 +89,7 @@ class Mount:
     fstype: str
     source: str
     options: str
+    root: PurePosixPath = _SLASH
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -112,6 +116,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
                 fstype=fstype,
                 source=_unescape_mountinfo(source),
                 options=options,
+                root=PurePosixPath(_unescape_mountinfo(fields[3])),
             )
         )
     return mounts
@@ -241,3 +246,157 @@ def machine_resolv_conf(host_text: str, uplink_exists: bool) -> str:
     if servers and uplink_exists and all(_is_loopback(s) for s in servers):
         return "copy-uplink"
     return "copy-host"
+
+
+# ---------------------------------------------------------------------------
+# Processes: what confines one (read from /proc/PID/status and /proc/PID/cgroup)
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """A process's capability sets (as bit masks), no_new_privs flag and seccomp
+    mode and filter count, from its /proc/PID/status."""
+
+    cap_inh: int
+    cap_prm: int
+    cap_eff: int
+    cap_bnd: int
+    cap_amb: int
+    no_new_privs: bool
+    seccomp: int
+    seccomp_filters: int
+
+
+def parse_proc_status(text: str) -> Confinement:
+    """The confinement of a process from the text of its /proc/PID/status."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key] = value.strip()
+    try:
+        return Confinement(
+            cap_inh=int(fields["CapInh"], 16),
+            cap_prm=int(fields["CapPrm"], 16),
+            cap_eff=int(fields["CapEff"], 16),
+            cap_bnd=int(fields["CapBnd"], 16),
+            cap_amb=int(fields.get("CapAmb", "0"), 16),
+            no_new_privs=fields["NoNewPrivs"] == "1",
+            seccomp=int(fields["Seccomp"]),
+            # Older kernels have no count; a filter mode then means at least one.
+            seccomp_filters=int(
+                fields.get("Seccomp_filters", "1" if fields["Seccomp"] == "2" else "0")
+            ),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"not a /proc/PID/status text: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class CgroupMembership:
+    """One line of /proc/PID/cgroup: a hierarchy (0 is the unified one), its
+    controllers (``name=systemd`` for a named one) and the group's path."""
+
+    hierarchy: int
+    controllers: tuple[str, ...]
+    path: PurePosixPath
+
+
+def parse_proc_cgroup(text: str) -> list[CgroupMembership]:
+    """The groups of a process, from the text of its /proc/PID/cgroup."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        hierarchy, sep, rest = line.partition(":")
+        controllers, sep2, path = rest.partition(":")
+        if not (sep and sep2) or not path.startswith("/"):
+            raise ValueError(f"not a /proc/PID/cgroup line: {line!r}")
+        out.append(
+            CgroupMembership(
+                int(hierarchy), tuple(c for c in controllers.split(",") if c), PurePosixPath(path)
+            )
+        )
+    return out
+
+
+def cgroup_directory(membership: CgroupMembership, mounts: list[Mount]) -> PurePosixPath | None:
+    """Where the group of a /proc/PID/cgroup line is in the file system, from the
+    mounts of the reader (its mountinfo); None if its hierarchy is not mounted
+    or the group lies outside the mounted part of it."""
+    for mount in mounts:
+        if membership.hierarchy == 0 and not membership.controllers:
+            if mount.fstype != "cgroup2":
+                continue
+        elif mount.fstype != "cgroup" or not set(membership.controllers) <= set(
+            mount.options.split(",")
+        ):
+            continue
+        if membership.path != mount.root and mount.root not in membership.path.parents:
+            continue
+        return mount.target / membership.path.relative_to(mount.root)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Users: /etc/passwd and /etc/group of a machine (hostile text: never trusted)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who a process runs as: ids, supplementary groups, home and shell."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+    shell: str
+
+
+def _id(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() and int(text) < 2**32 - 1 else None
+
+
+def resolve_user(user: str, passwd: str, group: str) -> Credentials:
+    """The credentials of ``user`` (a name or number, optionally ``:group``) as
+    the texts of a machine's /etc/passwd and /etc/group define them, with the
+    supplementary groups that list it as a member (what nspawn gives a
+    machine's ``user``: the primary group is not repeated there). A number
+    not in the files is taken as it is, with home /."""
+    name, _, group_name = user.partition(":")
+    entry: tuple[str, int, int, str, str] | None = None
+    for line in passwd.splitlines():
+        fields = line.split(":")
+        if len(fields) < 7:
+            continue
+        uid, gid = _id(fields[2]), _id(fields[3])
+        if uid is None or gid is None:
+            continue
+        if fields[0] == name or (_id(name) is not None and uid == _id(name)):
+            entry = (fields[0], uid, gid, fields[5] or "/", fields[6] or "/bin/sh")
+            break
+    if entry is None:
+        number = _id(name)
+        if number is None:
+            raise ValueError(f"no user {name!r} in the machine's /etc/passwd")
+        entry = (name, number, number, "/", "/bin/sh")
+    login, uid, gid, home, shell = entry
+    groups: list[int] = []
+    for line in group.splitlines():
+        fields = line.split(":")
+        if len(fields) < 4 or _id(fields[2]) is None:
+            continue
+        number = _id(fields[2])
+        assert number is not None
+        if group_name and (fields[0] == group_name or _id(group_name) == number):
+            gid = number
+            group_name = ""
+        if login in fields[3].split(",") and number not in groups:
+            groups.append(number)
+    if group_name:
+        number = _id(group_name)
+        if number is None:
+            raise ValueError(f"no group {group_name!r} in the machine's /etc/group")
+        gid = number
+    return Credentials(login, uid, gid, tuple(sorted(groups)), home, shell)

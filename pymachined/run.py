@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import subprocess
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -135,10 +136,20 @@ def spawn(
 
 
 def interactive(argv: Sequence[str]) -> int:
-    """Run argv with pymachine's own stdin, stdout and stderr; its exit code."""
+    """Run argv with pymachine's own stdin, stdout and stderr; its exit code, or
+    128+N when signal N killed it. As system(3) does, pymachine ignores SIGINT
+    and SIGQUIT meanwhile: the terminal sends them to the command too, and it
+    is the command's exit that ends pymachine."""
     argv = [str(a) for a in argv]
     logger.debug("+ %s", shlex.join(argv))
     try:
-        return subprocess.run(argv, check=False).returncode  # noqa: S603 - argv list
+        proc = subprocess.Popen(argv)  # noqa: S603 - argv list
     except FileNotFoundError as exc:
         raise PymachineError(f"{argv[0]}: command not found") from exc
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        code = proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code

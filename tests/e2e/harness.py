@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pymachined.parsers import cgroup_directory, parse_mountinfo, parse_proc_cgroup
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "PYMACHINE_E2E_CACHE"
 DEFAULT_CACHE = Path("/var/tmp/pymachine-e2e-cache")
@@ -249,6 +251,11 @@ class BootedHost:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # A real host's root processes have no seccomp filter; one of
+                # nspawn's own would stop pymachine exec from reading a
+                # machine's filters (the kernel refuses that to a filtered
+                # tracer), and the machines' filters would stack on it.
+                env={**os.environ, "SYSTEMD_SECCOMP": "0"},
             )
         deadline = time.monotonic() + timeout
         state = ""
@@ -351,8 +358,20 @@ class BootedHost:
             "SYSTEMD_COLORS=0",
             *argv,
         ]
+        groups = _controller_groups(leader)
+
+        def join() -> None:
+            for procs in groups:
+                procs.write_text(str(os.getpid()))
+
         proc = subprocess.run(
-            full, capture_output=True, text=True, timeout=timeout, input=input, check=False
+            full,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+            preexec_fn=join,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -384,3 +403,20 @@ class BootedHost:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
             time.sleep(interval)
+
+
+def _controller_groups(pid: int) -> list[Path]:
+    """The cgroup.procs files of process pid's groups in the v1 controller
+    hierarchies. The booted host sees those read-only and cannot move anything
+    there, so every process in it is in its PID 1's group; a command run with
+    run() joins them too, as a login shell inside would be (the name=systemd
+    and unified trees are the inner systemd's own to manage)."""
+    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    out = []
+    for membership in parse_proc_cgroup(Path(f"/proc/{pid}/cgroup").read_text()):
+        if membership.hierarchy == 0 or any(c.startswith("name=") for c in membership.controllers):
+            continue
+        directory = cgroup_directory(membership, mounts)
+        if directory is not None:
+            out.append(Path(directory) / "cgroup.procs")
+    return out

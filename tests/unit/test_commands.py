@@ -60,11 +60,21 @@ def test_isolation_wraps_without_touching_the_command() -> None:
     assert argv[-3:] == ["mmdebstrap", "--", "x"]
 
 
-def test_nsenter_enters_every_namespace_with_a_clean_environment() -> None:
-    argv = commands.nsenter_argv(42, ["cat", "/etc/hostname"], ["TERM=xterm"])
-    assert argv[:6] == ["nsenter", "--target=42", "--all", "--root", "--wd", "--"]
-    assert argv[6:8] == ["/usr/bin/env", "-i"]
-    assert argv[-3:] == ["TERM=xterm", "cat", "/etc/hostname"]
+def test_enter_runs_the_confining_module_with_the_command_after_a_separator() -> None:
+    argv = commands.enter_argv("/py", 42, ["--user", "x"], ["TERM=xterm", "A=b=c"])
+    assert argv == [
+        "/py",
+        "-m",
+        "pymachined.enter",
+        "--pid=42",
+        "--env=TERM=xterm",
+        "--env=A=b=c",
+        "--",
+        "--user",
+        "x",
+    ]
+    argv = commands.enter_argv("/py", 7, ["id"], user="daemon", workdir="/srv")
+    assert argv[3:] == ["--pid=7", "--user=daemon", "--workdir=/srv", "--", "id"]
 
 
 def test_overlay_mounts() -> None:
