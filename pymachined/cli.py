@@ -729,7 +729,7 @@ def _leader(name: str, supervisor: str) -> int:
     (waiting at most 30 s for a machine that is starting)."""
     import time
 
-    from pymachined.observe import leader_pid, payload_running
+    from pymachined.procs import leader_pid, payload_running
     from pymachined.supervise.base import RunState
 
     _known(name)

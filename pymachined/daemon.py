@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pymachined import commands, events, files, run
+from pymachined import commands, events, files, procs, run
 from pymachined.cgroups import MachineCgroup
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
@@ -50,16 +50,6 @@ BACKOFF_MAX = 10.0
 HEALTHY_AFTER = 10.0
 START_LIMIT = 5  # quick exits in a row before a machine is dead, as systemd's StartLimitBurst
 OOM_POLL = 1.0  # seconds between looks at the running machines' OOM kill counters
-
-
-def process_start_time(pid: int) -> int | None:
-    """The start time of a process in clock ticks since boot (field 22 of
-    /proc/PID/stat), or None if there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[19])
 
 
 @dataclass
@@ -79,15 +69,21 @@ class Machine:
     restart_at: float | None = None
     kill_at: float | None = None
     oom_kills: int = 0
+    payload_up: bool = False  # its PID 1 was seen to have become its payload
     pidfd: int | None = field(default=None, repr=False)
     child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     stamper: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def status(self) -> Status:
-        """The machine's status as the interface reports it."""
-        return Status(
-            self.spec.name, self.state, self.pid, self.started, self.exit_code, self.restarts
-        )
+        """The machine's status as the interface reports it: ``starting`` while
+        its nspawn still sets it up (shifting its root to a user namespace's
+        ids takes seconds at a first start), ``running`` once its payload runs."""
+        state = self.state
+        if state is RunState.RUNNING and self.pid is not None and not self.payload_up:
+            leader = procs.leader_pid(self.pid)
+            self.payload_up = leader is not None and procs.payload_running(self.pid, leader)
+            state = RunState.RUNNING if self.payload_up else RunState.STARTING
+        return Status(self.spec.name, state, self.pid, self.started, self.exit_code, self.restarts)
 
     def as_json(self) -> dict[str, Any]:
         """What is kept on disk."""
@@ -160,7 +156,7 @@ class Daemon:
                 pidfd is not None
                 and machine.pid is not None
                 and machine.pid_start is not None
-                and process_start_time(machine.pid) == machine.pid_start
+                and procs.process_start_time(machine.pid) == machine.pid_start
             )
             if alive and pidfd is not None and machine.pid is not None:
                 log.info("adopted %s (pid %d)", machine.spec.name, machine.pid)
@@ -186,11 +182,11 @@ class Daemon:
         Path(spec.log).parent.mkdir(parents=True, exist_ok=True)
         group = self._cgroup(spec.name)
         group.remove()  # left by an earlier run of the machine, if any
-        procs = group.create()
+        entries = group.create()
         for problem in group.set_limits(spec.limits):
             log.warning("%s: a limit is not applied: %s", spec.name, problem)
         machine.oom_kills = 0
-        argv = commands.cgroup_enter_argv([PurePosixPath(p) for p in procs], spec.argv)
+        argv = commands.cgroup_enter_argv([PurePosixPath(p) for p in entries], spec.argv)
         # The machine writes into a pipe, and a filter in a session of its own
         # stamps each line with the time into the log: both outlive pymachined,
         # and the filter ends when the machine closes the pipe.
@@ -215,9 +211,10 @@ class Daemon:
             os.close(write_end)
         machine.child = child
         machine.pid = child.pid
-        machine.pid_start = process_start_time(child.pid)
+        machine.pid_start = procs.process_start_time(child.pid)
         machine.started = time.time()
         machine.state = RunState.RUNNING
+        machine.payload_up = False
         machine.exit_code = None
         machine.restart_at = None
         self._watch(machine, child.pid)

@@ -82,13 +82,6 @@ def _link_problem(
     return network.link_problem(layout, record.name, Network.model_validate(made.spec))
 
 
-def _pid_namespace(pid: int) -> str | None:
-    try:
-        return str(Path(f"/proc/{pid}/ns/pid").readlink())
-    except OSError:
-        return None
-
-
 def observe_networks(
     store: StateStore, networks: Mapping[str, DesiredNetwork]
 ) -> dict[str, ObservedNetwork]:
@@ -103,32 +96,3 @@ def observe_networks(
         )
         for name in sorted(set(networks) | set(records) | set(unreadable))
     }
-
-
-def leader_pid(nspawn_pid: int) -> int | None:
-    """The machine's own PID 1 (as the host sees it): the child of its
-    systemd-nspawn process in a PID namespace of its own, or None while there
-    is none yet (nspawn's first child only prepares the machine, and shifting
-    a root to a user namespace's ids takes a moment at a first start)."""
-    own = _pid_namespace(nspawn_pid)
-    children: list[int] = []
-    for task in Path(f"/proc/{nspawn_pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    inside = [c for c in children if _pid_namespace(c) not in (None, own)]
-    return min(inside) if inside else None
-
-
-def payload_running(nspawn_pid: int, leader: int) -> bool:
-    """Whether the machine's PID 1 has become its payload: nspawn sets up the
-    namespaces, root, bounding set and seccomp filters in that process and then
-    execs the payload, so until its executable differs from nspawn's own, it is
-    not yet confined as the machine's processes are."""
-    try:
-        ours = Path(f"/proc/{nspawn_pid}/exe").stat()
-        theirs = Path(f"/proc/{leader}/exe").stat()
-    except OSError:
-        return False
-    return (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pymachined.faults import STEPS
-from pymachined.observe import leader_pid
 from pymachined.parsers import parse_log_line
+from pymachined.procs import leader_pid
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -279,6 +279,23 @@ def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
     took = time.monotonic() - started
     assert 2.0 <= took < 8.0, took
     assert f"exit code {128 + signal.SIGKILL}" in killed.stdout
+
+
+def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
+    # A first start shifts a whole debian-bookworm root to the machine's user
+    # namespace (seconds): ls says starting meanwhile, running once it runs.
+    host.declare(
+        'name: "@s"\nimage: debian-bookworm\nnetwork: none\n'
+        'command: [sh, -c, "echo up; exec sleep infinity"]\n'
+    )
+    host.apply()
+    seen = []
+    deadline = time.monotonic() + 120
+    while not seen or seen[-1] != "running":
+        assert time.monotonic() < deadline, seen
+        seen.append(host.machines()["s"]["state"])
+    assert seen[0] == "starting", seen
+    assert "up" in host.wait_for_output("s", "up")
 
 
 def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
