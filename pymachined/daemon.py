@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pymachined import commands, events, files, procs, run
+from pymachined import commands, events, files, parsers, procs, run
 from pymachined.cgroups import MachineCgroup
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
@@ -198,7 +198,7 @@ class Daemon:
                     Path(log_path).replace(Path(commands.rotated_log(log_path)))
             with open(spec.log, "ab") as output:  # noqa: PTH123 - the log's size after the line
                 stamp = time.strftime(commands.LOG_TIME_FORMAT, time.gmtime())
-                output.write(f"{stamp} -- pymachined: starting {spec.name}\n".encode())
+                output.write(f"{stamp} {parsers.STARTING_MARK}{spec.name}\n".encode())
                 output.flush()
                 size = os.fstat(output.fileno()).st_size
             # The filter writes the log itself, by name; its own errors go
@@ -234,6 +234,10 @@ class Daemon:
         if machine.child is not None:
             code = machine.child.wait()
             machine.child = None
+            if code == 1:  # nspawn's own exit when the payload was killed by a signal
+                killed = parsers.parse_payload_signal(_log_tail(Path(machine.spec.log)))
+                if killed is not None:
+                    return 128 + killed
             return code if code >= 0 else 128 - code
         return None  # adopted: not our child, so its exit code is lost
 
@@ -490,6 +494,20 @@ class Daemon:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps(reply).encode() + b"\n")
+
+
+def _log_tail(path: Path, size: int = 4096) -> str:
+    """The last bytes of a machine's console log (pymachine's own file, opened
+    without following a symlink or waiting on a FIFO); '' if there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        end = os.fstat(fd).st_size
+        return os.pread(fd, size, max(0, end - size)).decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def notify(state: str) -> None:

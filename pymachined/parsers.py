@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -400,3 +401,23 @@ def resolve_user(user: str, passwd: str, group: str) -> Credentials:
             raise ValueError(f"no group {group_name!r} in the machine's /etc/group")
         gid = number
     return Credentials(login, uid, gid, tuple(sorted(groups)), home, shell)
+
+
+STARTING_MARK = "-- pymachined: starting "
+"""What pymachined writes into a machine's log before each start."""
+
+_KILLED = re.compile(r"Container \S+ terminated by signal (?:SIG)?([A-Z0-9+]+)\.")
+
+
+def parse_payload_signal(tail: str) -> int | None:
+    """The signal that killed a machine's payload, from the last lines nspawn
+    wrote ("Container NAME terminated by signal KILL."), or None. nspawn itself
+    then exits 1, which would hide the signal (Docker says 137 for a KILL)."""
+    found = _KILLED.findall(tail.rpartition(STARTING_MARK)[2])
+    if not found:
+        return None
+    name = found[-1]
+    try:
+        return int(signal.Signals[f"SIG{name}"])
+    except KeyError:
+        return None

@@ -223,6 +223,16 @@ def test_restart_policies(host: Host) -> None:
     assert ("b", "restart", None) not in seen
     assert host.pymachine("events", "--since", "1h").stdout.count(host.prefix) == len(seen)
     assert host.pymachine("events", "--since", "soon", check=False).returncode == 2
+    # The payload killed by a signal, not its nspawn (which then exits 1): 128+N too.
+    running = host.machines()["a"]
+    payload = leader_pid(running["pid"])
+    assert payload is not None
+    os.kill(payload, signal.SIGKILL)
+    host.wait_for(lambda m: m["a"]["restarts"] == 2 and m["a"]["state"] == "running", "a again")
+    lines = host.pymachine("events", "-o", "json").stdout.splitlines()
+    deaths = [e for e in map(json.loads, lines) if e["event"] == "die"]
+    assert deaths[-1]["machine"] == f"{host.prefix}a"
+    assert deaths[-1]["exit_code"] == 128 + signal.SIGKILL
 
 
 GRACEFUL = """\

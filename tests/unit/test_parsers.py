@@ -188,3 +188,14 @@ def test_users_resolve_in_the_machines_own_files(user: str, expected: Credential
 def test_unknown_users_and_groups_are_refused(user: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resolve_user(user, PASSWD, GROUP)
+
+
+def test_the_signal_that_killed_a_payload_is_read_from_nspawns_last_words() -> None:
+    from pymachined.parsers import STARTING_MARK, parse_payload_signal
+
+    earlier = f"2026-12-01T10:00:00Z {STARTING_MARK}db\nContainer db terminated by signal KILL.\n"
+    now = f"2026-12-01T10:01:00Z {STARTING_MARK}db\nup\n"
+    assert parse_payload_signal(now + "Container db terminated by signal KILL.\n") == 9
+    assert parse_payload_signal(now + "Container db terminated by signal SEGV.\n") == 11
+    assert parse_payload_signal(earlier + now) is None  # an earlier run's death is not this one's
+    assert parse_payload_signal(now + "Container db terminated by signal NOPE.\n") is None
