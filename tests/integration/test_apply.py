@@ -299,7 +299,7 @@ def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
         'command: [sh, -c, "echo up; exec sleep infinity"]\n'
     )
     host.apply()
-    seen = []
+    seen: list[str] = []
     deadline = time.monotonic() + 120
     while not seen or seen[-1] != "running":
         assert time.monotonic() < deadline, seen
