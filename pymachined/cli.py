@@ -356,11 +356,16 @@ def apply(
         _show_problems(problems)
         if not prune:
             _show_undeclared(reconciler.undeclared(desired))
-        if not actions or dry_run:
+        if dry_run:
             raise typer.Exit(1 if problems else 0)
-        if not yes and sys.stdin.isatty():
-            typer.confirm("apply these changes?", abort=True)
-        reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
+        if actions:
+            if not yes and sys.stdin.isatty():
+                typer.confirm("apply these changes?", abort=True)
+            reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
+        if not problems:
+            reconciler.supervisor.settled()
+        if not actions:
+            raise typer.Exit(1 if problems else 0)
     typer.echo(f"applied {_plural(len(actions), 'change')}")
     if problems:
         raise PymachineError(

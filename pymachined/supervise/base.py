@@ -159,6 +159,11 @@ class Supervisor(Protocol):
         """Every machine the supervisor knows, by name."""
         ...
 
+    def settled(self) -> None:
+        """An apply has converged the host (systemd: a boot apply that failed
+        earlier no longer leaves its unit failed, the host degraded)."""
+        ...
+
     def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
         """Take in rendered files written or removed since the last commit:
         ``autostart`` by machine name for those whose files were written,

@@ -106,6 +106,9 @@ class BuiltinSupervisor:
         reply = self.request({"op": "status"})
         return {m["name"]: Status.from_json(m) for m in reply["machines"]}
 
+    def settled(self) -> None:
+        """Nothing: pymachined has no unit of the boot apply."""
+
     def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
         """Nothing: pymachined runs machines from their run specs, not unit files."""
 

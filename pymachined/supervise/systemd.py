@@ -204,6 +204,17 @@ class SystemdSupervisor:
         """Every machine unit's state, from one systemctl show."""
         return self._show(self._units())
 
+    def settled(self) -> None:
+        """Clear a failure of the boot apply's unit that this apply made good:
+        systemd would otherwise keep it failed, and the host degraded."""
+        from pymachined.render import APPLY_UNIT
+
+        properties = parse_systemctl_show(
+            run.run(commands.systemctl_show_argv([APPLY_UNIT], ["ActiveState"]), check=False).stdout
+        )
+        if any(p.get("ActiveState") == "failed" for p in properties):
+            run.run(commands.systemctl_argv("reset-failed", [APPLY_UNIT]), check=False)
+
     def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
         """Take in rendered files: enable or disable the named machines' units by
         autostart (without the reload each would do), then reload systemd once."""

@@ -334,6 +334,14 @@ def test_images_build_under_systemd(booted_host: BootedHost) -> None:
     assert host.show(APPLY, "Result")["Result"] == "success"
     journal = host.run(["journalctl", "-u", APPLY, "--no-pager"]).stdout
     assert "image built-boot: built" in journal
+    # A boot apply that failed, made good by an apply by hand: no failed unit stays.
+    broken = f"{BUILD_SPECS}-boot/broken.yaml"
+    host.write(broken, "name: broken\nimage: no-such-image\ncommand: [sleep, '1']\n")
+    host.run(["systemctl", "start", APPLY], check=False)
+    assert host.show(APPLY, "ActiveState")["ActiveState"] == "failed"
+    host.run(["rm", broken])
+    host.run(["pymachine", "apply", "--yes", f"{BUILD_SPECS}-boot"])
+    assert host.show(APPLY, "ActiveState")["ActiveState"] == "inactive"
     host.run(["pymachine", "uninstall"])
     listed = host.run(["pymachine", "image", "ls", "-o", "json"]).stdout
     names = {image["name"] for image in json.loads(listed)}

@@ -326,3 +326,22 @@ def test_journal_entries_become_events(
     entry: dict[str, str], event: dict[str, object] | None
 ) -> None:
     assert journal_event(entry) == event
+
+
+@pytest.mark.parametrize(("state", "reset"), [("failed", True), ("inactive", False)])
+def test_a_converged_apply_clears_a_failed_boot_apply(
+    monkeypatch: pytest.MonkeyPatch, state: str, reset: bool
+) -> None:
+    from pymachined import run
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    ran: list[list[str]] = []
+
+    def fake(argv: list[str], **kwargs: object) -> run.Completed:
+        ran.append(list(argv))
+        return run.Completed(tuple(argv), 0, f"ActiveState={state}\n", "")
+
+    monkeypatch.setattr(run, "run", fake)
+    SystemdSupervisor(Layout()).settled()
+    assert ran[0][:2] == ["systemctl", "show"] and ran[0][-1] == APPLY_UNIT
+    assert (["systemctl", "reset-failed", "--", APPLY_UNIT] in ran) is reset
