@@ -559,13 +559,14 @@ def inspect(
     from pymachined import rootfs
 
     record = _known(name)
-    status = _reconciler(supervisor).supervisor.status().get(name)
+    chosen = _reconciler(supervisor).supervisor
+    status = chosen.status().get(name)
     root = rootfs.read(options.layout, name)
     document = {
         "name": name,
         "spec": record.spec,
         "state": status.as_json() if status else None,
-        "run": record.run,
+        "run": chosen.run_view(name, record.run, record.spec) if record.run else None,
         "root": {
             "mode": root.mode.value if root else None,
             "path": str(options.layout.rootfs(name)),

@@ -159,6 +159,13 @@ class Supervisor(Protocol):
         """Every machine the supervisor knows, by name."""
         ...
 
+    def run_view(
+        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """How a machine runs under this supervisor, for ``inspect``: its
+        recorded run spec with the command line and log source actually used."""
+        ...
+
     def settled(self) -> None:
         """An apply has converged the host (systemd: a boot apply that failed
         earlier no longer leaves its unit failed, the host degraded)."""

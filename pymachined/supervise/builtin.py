@@ -106,6 +106,12 @@ class BuiltinSupervisor:
         reply = self.request({"op": "status"})
         return {m["name"]: Status.from_json(m) for m in reply["machines"]}
 
+    def run_view(
+        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """pymachined runs the recorded command line, into the console log."""
+        return run
+
     def settled(self) -> None:
         """Nothing: pymachined has no unit of the boot apply."""
 

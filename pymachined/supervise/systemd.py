@@ -204,6 +204,19 @@ class SystemdSupervisor:
         """Every machine unit's state, from one systemctl show."""
         return self._show(self._units())
 
+    def run_view(
+        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The unit runs nspawn with the .nspawn file's settings, into its journal."""
+        from pymachined.render import nspawn_exec_argv
+        from pymachined.spec import Machine
+
+        unit = self.unit(name)
+        view = {**run, "unit": unit, "log": f"journalctl -u {unit}"}
+        if spec:
+            view["argv"] = nspawn_exec_argv(Machine.model_validate(spec), self.layout)
+        return view
+
     def settled(self) -> None:
         """Clear a failure of the boot apply's unit that this apply made good:
         systemd would otherwise keep it failed, and the host degraded."""

@@ -382,6 +382,8 @@ def test_stops_are_graceful_and_crashes_recover_under_systemd(booted_host: Boote
     host.write("/root/stop-specs/stop.yaml", STOPPING)
     host.run(["pymachine", "apply", "--yes", "/root/stop-specs"])
     host.wait_for("graceful up", lambda: _journal_count(host, GRACEFUL, "up") >= 1)
+    shown = json.loads(host.run(["pymachine", "inspect", "graceful"]).stdout)["run"]
+    assert shown["log"] == f"journalctl -u {GRACEFUL}" and "--keep-unit" in shown["argv"]
     # stop: the payload gets SIGTERM and exits 0; the unit ends inactive, not failed.
     out = host.run(["pymachine", "stop", "--yes", "graceful"]).stdout
     assert "exit code 0" in out

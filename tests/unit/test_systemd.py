@@ -345,3 +345,14 @@ def test_a_converged_apply_clears_a_failed_boot_apply(
     SystemdSupervisor(Layout()).settled()
     assert ran[0][:2] == ["systemctl", "show"] and ran[0][-1] == APPLY_UNIT
     assert (["systemctl", "reset-failed", "--", APPLY_UNIT] in ran) is reset
+
+
+def test_inspect_under_systemd_shows_the_units_command_line_and_journal() -> None:
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    spec = {"name": "web", "image": "debian-bookworm-slim", "command": ["sleep", "1"]}
+    recorded = {"argv": ["pymachined's", "argv"], "log": "/var/lib/.../console.log"}
+    view = SystemdSupervisor(Layout()).run_view("web", recorded, spec)
+    assert view["argv"][0].endswith("systemd-nspawn") and "--machine=web" in view["argv"]
+    assert view["log"] == "journalctl -u pymachine-web.service"
+    assert view["unit"] == "pymachine-web.service"
