@@ -443,7 +443,9 @@ def test_a_full_disk_fails_plainly_and_loses_nothing(host: Host) -> None:
         failed = host.apply(check=False)
         assert failed.returncode == 1, failed.stderr
         assert "internal error" not in failed.stderr
-        assert f"error: No space left on device: {machines}/" in failed.stderr, failed.stderr
+        assert f"error: {host.prefix}a: No space left on device: {machines}/" in failed.stderr, (
+            failed.stderr
+        )
         assert "hint: free space on that file system" in failed.stderr
         # What was on record is intact: a runs as before; no temporary file is left.
         now = host.machines()["a"]
