@@ -291,23 +291,6 @@ def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
     assert f"exit code {128 + signal.SIGKILL}" in killed.stdout
 
 
-def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
-    # A first start shifts a whole debian-bookworm root to the machine's user
-    # namespace (seconds): ls says starting meanwhile, running once it runs.
-    host.declare(
-        'name: "@s"\nimage: debian-bookworm\nnetwork: none\n'
-        'command: [sh, -c, "echo up; exec sleep infinity"]\n'
-    )
-    host.apply()
-    seen: list[str] = []
-    deadline = time.monotonic() + 120
-    while not seen or seen[-1] != "running":
-        assert time.monotonic() < deadline, seen
-        seen.append(host.machines()["s"]["state"])
-    assert seen[0] == "starting", seen
-    assert "up" in host.wait_for_output("s", "up")
-
-
 def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
     host.declare(TWO)
     host.apply()
