@@ -266,7 +266,8 @@ def test_copy_and_ephemeral_roots(
         cache_store,
         rootfs.create(cache_layout, machine_names[0], RootfsMode.COPY, chain),
     )
-    assert mounted_under(copy) == []
+    # A copy is its own tree, bound onto itself only to be nodev.
+    assert mounted_under(copy) == [str(copy)]
     (copy / "etc/debian_version").unlink()
     assert (slim_image.tree / "etc/debian_version").is_file()
 
@@ -278,6 +279,8 @@ def test_copy_and_ephemeral_roots(
     again = rootfs.mount(cache_layout, cache_store, root)
     assert not (again / "scratch").exists()
     assert (again / "etc/debian_version").is_file()
+    rootfs.remove(cache_layout, machine_names[0])
+    assert mounted_under(copy) == []
 
 
 def test_removing_a_root_spares_a_bind_mounted_host_directory(
