@@ -168,3 +168,16 @@ def test_hostile_files_give_positioned_errors(
     if where[1] is not None:
         assert problem.column == where[1]
     assert message in problem.message
+
+
+def test_stop_signals_are_named_one_way_and_default_by_kind() -> None:
+    from pymachined.spec import Machine
+
+    def machine(**fields: object) -> Machine:
+        return Machine.model_validate({"name": "m", "command": ["true"], **fields})
+
+    assert machine().kill_signal == "SIGTERM"
+    assert machine(stop_signal="int").kill_signal == "SIGINT"
+    assert machine(stop_signal="RTMIN+4").kill_signal == "SIGRTMIN+4"
+    booted = Machine.model_validate({"name": "m", "boot": True})
+    assert booted.kill_signal == "SIGRTMIN+3"
