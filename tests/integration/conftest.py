@@ -26,6 +26,7 @@ import pytest
 
 from pymachined.images import ImageRecord, ImageStore, Progress
 from pymachined.layout import Layout
+from pymachined.procs import leader_pid, payload_running
 from pymachined.recipes import layers
 from pymachined.validate import SpecSet, load_set
 
@@ -123,6 +124,19 @@ class Host:
                 return
             time.sleep(0.2)
         pytest.fail(f"timed out waiting for {what}: {self.machines()}")
+
+    def payload(self, name: str) -> int:
+        """The host PID of a machine's payload, once its nspawn has made the
+        machine's PID 1 and exec'd the command in it (a first start shifts the
+        root to the machine's user namespace before that)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            nspawn = self.machines()[name]["pid"]
+            leader = leader_pid(nspawn) if nspawn else None
+            if leader is not None and payload_running(nspawn, leader):
+                return leader
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for the payload of {name}: {self.machines()}")
 
     def wait_for_output(self, name: str, text: str) -> str:
         """A machine's console log, once it holds text (a first start shifts the
