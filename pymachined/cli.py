@@ -659,24 +659,41 @@ def logs(
     timestamps: Annotated[
         bool, typer.Option("--timestamps", "-t", help="Start each line with its UTC time.")
     ] = False,
+    journal: Annotated[
+        bool,
+        typer.Option(
+            "--journal", "-j", help="A booted machine's own journal (its services' messages)."
+        ),
+    ] = False,
     supervisor: SupervisorOption = "auto",
 ) -> None:
     """A machine's output: its unit's journal under systemd, else its console as
-    pymachined captured it, each line stamped with the time it came. (A booted
-    machine's own journal: journalctl -M NAME.)"""
+    pymachined captured it, each line stamped with the time it came. With
+    --journal, a booted machine's own journal, read inside it by its own
+    journalctl, confined as exec's commands are (under both supervisors)."""
     import itertools
     import time
     from collections import deque
     from collections.abc import Iterator
 
+    from pymachined import commands
     from pymachined.commands import LOG_TIME_FORMAT, rotated_log
     from pymachined.desired import console_log
     from pymachined.parsers import parse_log_line
 
-    _known(name)
+    record = _known(name)
     from pymachined.supervise.systemd import SystemdSupervisor
 
     start = _since(since)
+    if journal:
+        if not (record.spec or {}).get("boot"):
+            raise PymachineError(
+                f"{name} is not booted: its output is all there is",
+                hint=f"pymachine logs {name}",
+            )
+        moment = start.strftime("%Y-%m-%d %H:%M:%S") if start is not None else None
+        argv = commands.journal_argv(follow, lines, moment, timestamps)
+        raise typer.Exit(_enter(name, supervisor, argv, "root", None, None))
     if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
         _journal_logs(options.layout.unit_name(name), follow, lines, start, timestamps)
         return

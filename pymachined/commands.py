@@ -172,6 +172,20 @@ def enter_argv(
     return [*argv, "--", *command]
 
 
+def journal_argv(follow: bool, lines: int | None, since: str | None, timestamps: bool) -> list[str]:
+    """journalctl of a booted machine's own journal, run inside it: its messages
+    as journalctl prints them, their times in UTC as ISO 8601 with timestamps;
+    since is a UTC time as ``YYYY-MM-DD HH:MM:SS``."""
+    argv = ["journalctl", "--no-pager", "--utc", "-o", "short-iso" if timestamps else "short"]
+    if follow:
+        argv.append("--follow")
+    if lines is not None:
+        argv.append(f"--lines={lines}")
+    if since is not None:
+        argv.append(f"--since={since} UTC")
+    return argv
+
+
 # A fixed script: each argument up to "--" is a cgroup.procs file the shell
 # writes its own pid into; then it becomes the command after "--".
 LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"

@@ -69,15 +69,21 @@ class Machine:
     restart_at: float | None = None
     kill_at: float | None = None
     oom_kills: int = 0
+    payload_up: bool = False  # its PID 1 was seen to have become its payload
     pidfd: int | None = field(default=None, repr=False)
     child: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     stamper: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def status(self) -> Status:
-        """The machine's status as the interface reports it."""
-        return Status(
-            self.spec.name, self.state, self.pid, self.started, self.exit_code, self.restarts
-        )
+        """The machine's status as the interface reports it: ``starting`` while
+        its nspawn still sets it up (shifting its root to a user namespace's
+        ids takes seconds at a first start), ``running`` once its payload runs."""
+        state = self.state
+        if state is RunState.RUNNING and self.pid is not None and not self.payload_up:
+            leader = procs.leader_pid(self.pid)
+            self.payload_up = leader is not None and procs.payload_running(self.pid, leader)
+            state = RunState.RUNNING if self.payload_up else RunState.STARTING
+        return Status(self.spec.name, state, self.pid, self.started, self.exit_code, self.restarts)
 
     def as_json(self) -> dict[str, Any]:
         """What is kept on disk."""
@@ -208,6 +214,7 @@ class Daemon:
         machine.pid_start = procs.process_start_time(child.pid)
         machine.started = time.time()
         machine.state = RunState.RUNNING
+        machine.payload_up = False
         machine.exit_code = None
         machine.restart_at = None
         self._watch(machine, child.pid)

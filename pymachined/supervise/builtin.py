@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,10 @@ from pymachined.layout import Layout
 from pymachined.limits import Limits
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 
-START_TIMEOUT = 10.0
+START_TIMEOUT = 10.0  # for pymachined itself to listen
+# How long a start waits for the machine's payload: systemd's
+# DefaultTimeoutStartSec, which machine units keep.
+MACHINE_START_TIMEOUT = 90.0
 
 
 class BuiltinSupervisor:
@@ -119,30 +122,42 @@ class BuiltinSupervisor:
         """Nothing: pymachined runs machines from their run specs, not unit files."""
 
     def start(self, spec: RunSpec) -> Status:
-        """Start a machine."""
-        return Status.from_json(self.request({"op": "start", "spec": spec.as_json()})["status"])
+        """Start a machine and wait until its payload runs (a first start with a
+        user namespace shifts the root first), it ends, or MACHINE_START_TIMEOUT passes,
+        as `systemctl start` waits for nspawn's READY=1 under systemd."""
+        reply = self.request({"op": "start", "spec": spec.as_json()})
+        status = Status.from_json(reply["status"])
+        if status.state is not RunState.STARTING:
+            return status
+        return self._wait(
+            spec.name, lambda s: s.state is not RunState.STARTING, MACHINE_START_TIMEOUT
+        )
 
     def restart(self, spec: RunSpec) -> Status:
         """Stop a machine, then start it with spec."""
         self.stop(spec.name)
         return self.start(spec)
 
-    def _wait_stopped(self, name: str, timeout: float) -> Status | None:
+    def _wait(self, name: str, done: Callable[[Status], bool], timeout: float) -> Status:
+        """The machine's status once done(status), or when timeout passes."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status().get(name)
-            if status is None or status.pid is None:
+            status = self.status().get(name, Status(name, RunState.EXITED))
+            if done(status) or time.monotonic() > deadline:
                 return status
-            if time.monotonic() > deadline:
-                raise PymachineError(f"{name} did not stop within {timeout:g} s")
             time.sleep(0.05)
+
+    def _wait_stopped(self, name: str, timeout: float) -> Status:
+        status = self._wait(name, lambda s: s.pid is None, timeout)
+        if status.pid is not None:
+            raise PymachineError(f"{name} did not stop within {timeout:g} s")
+        return status
 
     def stop(self, name: str) -> Status:
         """Stop a machine and wait until its process is gone."""
         reply = self.request({"op": "stop", "name": name})
         # pymachined SIGKILLs the machine after its stop_timeout: wait that, and a margin.
-        status = self._wait_stopped(name, float(reply.get("stop_timeout", 0)) + 10)
-        return status or Status(name, RunState.EXITED)
+        return self._wait_stopped(name, float(reply.get("stop_timeout", 0)) + 10)
 
     def forget(self, name: str) -> None:
         """Stop a machine if needed and drop it from pymachined."""

@@ -10,6 +10,7 @@ Restarting by policy, and starting at boot, is systemd's own work.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from pymachined import commands, run
 from pymachined.errors import CommandError, PymachineError
 from pymachined.layout import Layout
 from pymachined.limits import Limits, unit_properties
-from pymachined.parsers import parse_systemctl_show, parse_unix_timestamp
+from pymachined.parsers import parse_payload_signal, parse_systemctl_show, parse_unix_timestamp
 from pymachined.supervise.base import RunSpec, RunState, Status
 
 PREFIX = "pymachine-"
@@ -135,8 +136,19 @@ def journal_events(since: datetime | None) -> list[dict[str, Any]]:
     reader.add_match(_PID="1")
     if since is not None:
         reader.seek_realtime(since)
+    # nspawn's own word of a payload killed by a signal, which comes before
+    # PID 1's word of nspawn's exit 1.
+    reader.add_disjunction()
+    reader.add_match(SYSLOG_IDENTIFIER="systemd-nspawn")
     found = []
+    killed: dict[str, int] = {}
     for entry in reader:
+        unit = str(entry.get("_SYSTEMD_UNIT", ""))
+        if entry.get("SYSLOG_IDENTIFIER") == "systemd-nspawn" and unit:
+            signal = parse_payload_signal(str(entry.get("MESSAGE", "")))
+            if signal is not None:
+                killed[unit] = signal
+            continue
         message_id = entry.get("MESSAGE_ID")
         if message_id is None or message_id.hex not in JOURNAL_EVENTS:
             continue
@@ -144,9 +156,27 @@ def journal_events(since: datetime | None) -> list[dict[str, Any]]:
         stamp = datetime.fromtimestamp(when.timestamp(), UTC).isoformat(timespec="milliseconds")
         text = {k: str(v) for k, v in entry.items() if isinstance(v, str | int)}
         event = journal_event({**text, "MESSAGE_ID": message_id.hex, "time": stamp})
-        if event is not None:
-            found.append(event)
+        if event is None:
+            continue
+        signal = killed.pop(str(entry.get("UNIT", "")), None)
+        if event["event"] == "die" and event.get("exit_code") == 1 and signal is not None:
+            event["exit_code"] = 128 + signal
+        found.append(event)
     return found
+
+
+def payload_signal(unit: str, since: float | None) -> int | None:
+    """The signal that killed the payload of a unit's last run, from what its
+    nspawn logged ("Container NAME terminated by signal KILL."), or None:
+    nspawn exits 1 then, which alone would hide the signal."""
+    from systemd import journal
+
+    reader = journal.Reader()
+    reader.add_match(_SYSTEMD_UNIT=unit)
+    if since is not None:
+        reader.seek_realtime(datetime.fromtimestamp(since, UTC))
+    text = "\n".join(str(entry.get("MESSAGE", "")) for entry in reader)
+    return parse_payload_signal(text)
 
 
 class SystemdSupervisor:
@@ -190,8 +220,13 @@ class SystemdSupervisor:
         out = {}
         for block in parse_systemctl_show(text):
             status = unit_status(block)
-            if status is not None:
-                out[status.name] = status
+            if status is None:
+                continue
+            if status.exit_code == 1:  # nspawn's answer to a payload killed by a signal
+                killed = payload_signal(self.unit(status.name), status.started)
+                if killed is not None:
+                    status = dataclasses.replace(status, exit_code=128 + killed)
+            out[status.name] = status
         return out
 
     def _one(self, name: str) -> Status:

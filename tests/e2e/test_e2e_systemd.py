@@ -368,6 +368,12 @@ image: debian-bookworm-slim
 command: [sh, -c, "exit 3"]
 network: none
 restart: always
+---
+name: victim
+image: debian-bookworm-slim
+command: [sleep, "7777"]
+network: none
+restart: "no"
 """
 GRACEFUL = "pymachine-graceful.service"
 NEEDS = "pymachine-needs-graceful.service"
@@ -420,5 +426,15 @@ def test_stops_are_graceful_and_crashes_recover_under_systemd(booted_host: Boote
         return next(str(r["state"]) for r in rows if r["name"] == name)
 
     host.wait_for("crashing dead", lambda: state("crashing") == "dead", timeout=60)
-    for name in ("needs-graceful", "graceful", "crashing"):
+    # The payload killed by a signal (nspawn then exits 1): 128+N, as Docker says.
+    host.run(["pkill", "--signal", "KILL", "--full", "^sleep 7777$"])
+    host.wait_for("victim exited", lambda: state("victim") == "exited", timeout=60)
+    rows = json.loads(host.run(["pymachine", "ls", "-o", "json"]).stdout)
+    assert next(r["exit_code"] for r in rows if r["name"] == "victim") == 137, rows
+    events = host.run(["pymachine", "events", "-o", "json"]).stdout.splitlines()
+    deaths = [
+        e for e in map(json.loads, events) if e["machine"] == "victim" and e["event"] == "die"
+    ]
+    assert deaths and deaths[-1]["exit_code"] == 137, deaths
+    for name in ("needs-graceful", "graceful", "crashing", "victim"):
         host.run(["pymachine", "destroy", "--yes", name])

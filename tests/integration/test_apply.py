@@ -287,6 +287,33 @@ def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
     assert f"exit code {128 + signal.SIGKILL}" in killed.stdout
 
 
+def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
+    # A first start shifts a whole debian-bookworm root to the machine's user
+    # namespace (seconds): ls says starting meanwhile, and apply returns once
+    # the payload runs, as systemctl start waits for nspawn's READY=1.
+    host.declare(
+        'name: "@s"\nimage: debian-bookworm\nnetwork: none\n'
+        'command: [sh, -c, "echo up; exec sleep infinity"]\n'
+    )
+    argv = [sys.executable, "-m", "pymachined", "--root", str(host.root)]
+    applying = subprocess.Popen(
+        [*argv, "apply", str(host.specs), "--yes"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    while applying.poll() is None:
+        assert time.monotonic() < deadline, seen
+        state = host.machines().get("s", {}).get("state")
+        if state and (not seen or seen[-1] != state):
+            seen.append(state)
+    assert applying.returncode == 0, applying.stderr.read() if applying.stderr else ""
+    assert "starting" in seen, seen
+    assert host.machines()["s"]["state"] == "running"
+    assert "up" in host.wait_for_output("s", "up")
+
+
 def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
     host.declare(TWO)
     host.apply()

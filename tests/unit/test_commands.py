@@ -123,3 +123,23 @@ def test_the_log_stamper_gets_its_paths_from_the_environment() -> None:
     assert str(log) not in script  # a path is never part of the program or the shell line
     assert '"$PYMACHINE_LOG" "$PYMACHINE_LOG_OLD"' in script.replace("\\", "")
     assert commands.rotated_log(log) == PurePosixPath(f"{log}.1")
+
+
+def test_journal_argv_reads_a_machines_journal_in_utc() -> None:
+    assert commands.journal_argv(False, None, None, False) == [
+        "journalctl",
+        "--no-pager",
+        "--utc",
+        "-o",
+        "short",
+    ]
+    assert commands.journal_argv(True, 5, "2026-12-02 01:02:03", True) == [
+        "journalctl",
+        "--no-pager",
+        "--utc",
+        "-o",
+        "short-iso",
+        "--follow",
+        "--lines=5",
+        "--since=2026-12-02 01:02:03 UTC",
+    ]
