@@ -497,6 +497,9 @@ def _stage(staging: Path, bind: BindSource, machine: str) -> bool:
     try:
         fd = open_no_symlinks(bind.source)
     except OSError as exc:
+        # What an earlier start staged goes too: nothing stays mounted of a
+        # source the spec no longer reaches.
+        _unstage(staging)
         if exc.errno == errno.ELOOP:
             raise PymachineError(
                 f"machine {machine}: bind source {bind.source} is a symlink, or passes "

@@ -337,6 +337,9 @@ def test_a_bind_source_swapped_for_a_symlink_is_never_followed(host: Host, tmp_p
     assert started.returncode == 1
     assert f"bind source {source} is a symlink" in started.stderr
     assert "Traceback" not in started.stderr
+    # What the first start staged is taken away with the refused restage.
+    mounted = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    assert str(staging) not in mounted and not staging.exists()
     planned = host.pymachine("plan", str(host.specs), check=False)
     assert planned.returncode == 1
     assert f"bind source {source} is a symlink" in planned.stderr
