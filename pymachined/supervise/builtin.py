@@ -118,6 +118,9 @@ class BuiltinSupervisor:
     def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
         """Nothing: pymachined runs machines from their run specs, not unit files."""
 
+    def ready(self) -> None:
+        """Nothing: no unit waits for an apply under pymachined."""
+
     def start(self, spec: RunSpec) -> Status:
         """Start a machine."""
         return Status.from_json(self.request({"op": "start", "spec": spec.as_json()})["status"])
