@@ -540,6 +540,21 @@ def test_power_cycle_stops_gracefully_and_boots_on_the_applied_settings(
     assert _running(host, BO)
     assert _said(_entries(host, BO, "0"), "got TERM") == 2
 
+    # A boot apply that fails before READY=1 (a broken spec) fails its unit's
+    # start; the machine units, only ordered after it, start on the settings
+    # they have. An apply that converges then leaves no failed unit.
+    broken = f"{POWER_SPECS}/broken.yaml"
+    host.write(broken, "name: bo-broken\nimage: no-such-image\ncommand: [sleep, '1']\n")
+    host.poweroff()
+    host.boot()
+    host.wait_for("bo-term running after a failed boot apply", lambda: _running(host, BO))
+    shown = host.show(APPLY, "ActiveState", "Result")
+    assert shown == {"ActiveState": "failed", "Result": "exit-code"}, shown
+    assert _said(_entries(host, BO, "0"), "up four") == 1
+    host.run(["rm", broken])
+    _in_unit(host, "apply", "--yes", POWER_SPECS)
+    assert host.show(APPLY, "ActiveState")["ActiveState"] == "inactive"
+
     host.run(["pymachine", "uninstall"])
     host.run(["pymachine", "destroy", "--yes", "bo-term"])
     failed = host.run(["systemctl", "--failed", "--no-legend", "--plain", "--no-pager"]).stdout
