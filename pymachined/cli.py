@@ -362,6 +362,8 @@ def apply(
             if not yes and sys.stdin.isatty():
                 typer.confirm("apply these changes?", abort=True)
             reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
+        # Said by the executor before its starts; here for an apply with nothing to do.
+        reconciler.supervisor.ready()
         if not problems:
             reconciler.supervisor.settled()
         if not actions:

@@ -122,6 +122,9 @@ class Executor:
                     autostart[action.machine] = action.enabled
             if autostart:
                 self.supervisor.commit(autostart, reload=bool(written))
+            # Before any start: the boot apply's unit holds the machine units
+            # back until now (under systemd), and a start would wait for them.
+            self.supervisor.ready()
             self._run_forward(running)
             for action in backward:
                 self._guarded(action.machine, action)

@@ -229,6 +229,10 @@ def _timespan(seconds: float) -> str:
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
+APPLY_UNIT = "pymachine-apply.service"
+APPLY_PATH_UNIT = "pymachine-apply.path"
+
+
 def program_argv(program: Sequence[str], layout: Layout, *args: str) -> list[str]:
     """A pymachine command line for a unit: the program, the layout's root, args."""
     return [*program, f"--root={layout.root}", *args]
@@ -245,6 +249,8 @@ def service_context(
         "marker": Escaped(MARKER),
         "name": machine.name,
         "dependencies": [layout.unit_name(d) for d in machine.depends_on],
+        # Ordered after the boot apply, which says when the settings are in place.
+        "apply_unit": APPLY_UNIT,
         "machine_dir": str(layout.machine_dir(machine.name)),
         "exec_start_pre": program_argv(program, layout, "prepare", "--", machine.name),
         "exec_start": nspawn_exec_argv(machine, layout),
@@ -292,10 +298,6 @@ def machine_files(
         RenderedFile(layout.nspawn_file(machine.name), nspawn),
         RenderedFile(layout.unit_file(machine.name), service),
     ]
-
-
-APPLY_UNIT = "pymachine-apply.service"
-APPLY_PATH_UNIT = "pymachine-apply.path"
 
 
 def apply_unit_context(

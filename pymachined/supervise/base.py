@@ -178,6 +178,12 @@ class Supervisor(Protocol):
         daemon-reload; pymachined reads nothing from them)."""
         ...
 
+    def ready(self) -> None:
+        """An apply's files are in place and committed; it starts machines next
+        (systemd: the boot apply's unit says READY=1, which lets the machine
+        units ordered after it start). Said once; the later calls do nothing."""
+        ...
+
     def start(self, spec: RunSpec) -> Status:
         """Start a machine (replacing any earlier spec of the same name)."""
         ...

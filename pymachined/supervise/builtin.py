@@ -121,6 +121,9 @@ class BuiltinSupervisor:
     def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
         """Nothing: pymachined runs machines from their run specs, not unit files."""
 
+    def ready(self) -> None:
+        """Nothing: no unit waits for an apply under pymachined."""
+
     def start(self, spec: RunSpec) -> Status:
         """Start a machine and wait until its payload runs (a first start with a
         user namespace shifts the root first), it ends, or MACHINE_START_TIMEOUT passes,

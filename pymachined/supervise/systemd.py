@@ -6,11 +6,19 @@ one daemon-reload after the files of an apply are written, enable/disable by
 ``autostart``, start/stop/restart, resource changes applied live with
 ``systemctl set-property``, and one ``systemctl show`` for every unit's state.
 Restarting by policy, and starting at boot, is systemd's own work.
+
+At boot the machine units wait for pymachine-apply.service (``After=``), a
+``Type=notify`` unit: its apply says READY=1 (``ready``) once the files are
+written and systemd reloaded, before its first start, so each machine starts
+once, on the applied settings, and no start of the apply waits for a job that
+waits for the apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -179,12 +187,25 @@ def payload_signal(unit: str, since: float | None) -> int | None:
     return parse_payload_signal(text)
 
 
+def notify(address: str, state: str) -> None:
+    """Send state (``READY=1``) to a service manager's notification socket, as
+    sd_notify does: one datagram; an address starting with @ is abstract."""
+    target = "\0" + address[1:] if address.startswith("@") else address
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(state.encode(), target)
+
+
 class SystemdSupervisor:
     """Machines supervised by systemd, as ``pymachine-NAME.service`` units."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._lock = threading.Lock()
+        # As the main process of a Type=notify unit (pymachine-apply.service),
+        # this process says when it is ready. The socket is taken out of the
+        # environment, so that no child speaks for the unit: the systemd-nspawn
+        # of an image build would say READY=1 there too.
+        self._notify = os.environ.pop("NOTIFY_SOCKET", None) or None
 
     def unit(self, name: str) -> str:
         """The unit of a machine."""
@@ -262,6 +283,13 @@ class SystemdSupervisor:
         )
         if any(p.get("ActiveState") == "failed" for p in properties):
             run.run(commands.systemctl_argv("reset-failed", [APPLY_UNIT]), check=False)
+
+    def ready(self) -> None:
+        """Say READY=1 to the unit this apply runs as (pymachine-apply.service),
+        once: the machine units, held back behind it at boot, may start now."""
+        address, self._notify = self._notify, None
+        if address is not None:
+            notify(address, "READY=1")
 
     def commit(self, autostart: Mapping[str, bool], reload: bool) -> None:
         """Take in rendered files: enable or disable the named machines' units by

@@ -95,7 +95,8 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host.run(["systemctl", "restart", "pymachine-srv.service"])
     _serving(host, "after systemctl restart")
 
-    # And with the boot-time apply, which runs beside the machines' units.
+    # And with the boot-time apply, which the machines' units wait for until it
+    # has written their files, then run beside it.
     host.run(["pymachine", "install", SPECS])
     host.poweroff()
     host.boot()

@@ -330,7 +330,13 @@ def test_images_build_under_systemd(booted_host: BootedHost) -> None:
     assert in_shell.returncode == 0, in_shell.stdout + in_shell.stderr
     # From the boot apply's own unit.
     host.run(["pymachine", "install", _built(host, "boot")])
+    # systemctl start returns once the apply has said READY=1 (its builds and
+    # files done); it starts the machines after that.
     host.run(["systemctl", "start", APPLY])
+    host.wait_for(
+        "the boot apply's unit to finish",
+        lambda: host.show(APPLY, "ActiveState")["ActiveState"] in ("inactive", "failed"),
+    )
     assert host.show(APPLY, "Result")["Result"] == "success"
     journal = host.run(["journalctl", "-u", APPLY, "--no-pager"]).stdout
     assert "image built-boot: built" in journal
@@ -438,3 +444,134 @@ def test_stops_are_graceful_and_crashes_recover_under_systemd(booted_host: Boote
     assert deaths and deaths[-1]["exit_code"] == 137, deaths
     for name in ("needs-graceful", "graceful", "crashing", "victim"):
         host.run(["pymachine", "destroy", "--yes", name])
+
+
+POWER_SPECS = "/root/bo-specs"
+# A payload that stops cleanly on SIGTERM, and says which settings it runs on.
+POWER = """\
+name: bo-term
+image: debian-bookworm-slim
+command:
+  - sh
+  - -c
+  - "trap 'echo got TERM; exit 0' TERM; echo up $GREETING; while :; do sleep 0.1; done"
+environment:
+  GREETING: {greeting}
+network: none
+restart: on-failure
+"""
+BO = "pymachine-bo-term.service"
+UNIT_STARTING = "7d4958e842da4a758f6c1cdc7b36dcc5"  # SD_MESSAGE_UNIT_STARTING
+UNIT_STARTED = "39f53479d3a045ac8e11786248231fbf"  # SD_MESSAGE_UNIT_STARTED
+UNIT_SUCCESS = "7ad2d189f7e94e70a38c781354912448"  # SD_MESSAGE_UNIT_SUCCESS
+UNIT_FAILED = "d9b373ed55a64feb8242e02dbe79a49c"  # SD_MESSAGE_UNIT_FAILURE_RESULT
+
+
+def _in_unit(host: BootedHost, *argv: str) -> str:
+    """A pymachine command run from a transient unit, as a service would run it."""
+    done = host.run(
+        ["systemd-run", "--wait", "--pipe", "--quiet", "--", "pymachine", *argv], check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+def _entries(host: BootedHost, unit: str, boot: str) -> list[dict[str, str]]:
+    """A unit's journal entries of one boot (0 this one, -1 the one before)."""
+    out = host.run(["journalctl", "-b", boot, "-u", unit, "-o", "json", "--no-pager"]).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _said(entries: list[dict[str, str]], text: str) -> int:
+    return sum(1 for e in entries if e.get("MESSAGE") == text)
+
+
+def _ids(entries: list[dict[str, str]], message_id: str) -> int:
+    return sum(1 for e in entries if e.get("MESSAGE_ID") == message_id)
+
+
+def _apply_done(host: BootedHost) -> bool:
+    return host.show(APPLY, "ActiveState")["ActiveState"] in ("inactive", "failed")
+
+
+def test_power_cycle_stops_gracefully_and_boots_on_the_applied_settings(
+    booted_host: BootedHost,
+) -> None:
+    host = booted_host
+    host.write(f"{POWER_SPECS}/bo.yaml", POWER.format(greeting="one"))
+    host.run(["pymachine", "install", POWER_SPECS])
+    _in_unit(host, "apply", "--yes", POWER_SPECS)
+    host.wait_for("bo-term up", lambda: _said(_entries(host, BO, "0"), "up one") == 1)
+    # The spec changes on disk with no apply; the host is powered off.
+    host.write(f"{POWER_SPECS}/bo.yaml", POWER.format(greeting="two"))
+    host.poweroff()
+    host.boot()
+    host.wait_for("the boot apply to finish", lambda: _apply_done(host), timeout=120)
+    host.wait_for("bo-term running after boot", lambda: _running(host, BO), timeout=60)
+
+    # At poweroff the payload got SIGTERM, exited 0, and its unit ended
+    # inactive, not failed.
+    before = _entries(host, BO, "-1")
+    assert _said(before, "got TERM") == 1, [e.get("MESSAGE") for e in before]
+    assert _ids(before, UNIT_SUCCESS) >= 1 and _ids(before, UNIT_FAILED) == 0, [
+        e.get("MESSAGE") for e in before
+    ]
+
+    # At boot the machine started once, on the new settings, after the boot
+    # apply had written them (its READY=1 made its unit active): the apply
+    # found it not running and started it (a machine unit not ordered after
+    # the apply starts on the old settings beside it, and is restarted).
+    boot_log = host.run(["journalctl", "-b", "0", "-u", APPLY, "--no-pager"]).stdout
+    assert "write files of bo-term" in boot_log, boot_log
+    assert "start bo-term: not running" in boot_log, boot_log
+    assert "restart bo-term" not in boot_log, boot_log
+    now = _entries(host, BO, "0")
+    said = [e.get("MESSAGE") for e in now]
+    assert _ids(now, UNIT_STARTING) == 1 and _ids(now, UNIT_STARTED) == 1, said
+    assert _said(now, "up two") == 1 and _said(now, "up one") == 0, said
+    assert _said(now, "got TERM") == 0, said
+    apply_unit = host.show(
+        APPLY, "Result", "ExecMainStartTimestampMonotonic", "ActiveEnterTimestampMonotonic"
+    )
+    machine = host.show(BO, "NRestarts", "InactiveExitTimestampMonotonic")
+    assert apply_unit["Result"] == "success", apply_unit
+    assert machine["NRestarts"] == "0", machine
+    ready = int(apply_unit["ActiveEnterTimestampMonotonic"])
+    assert int(apply_unit["ExecMainStartTimestampMonotonic"]) < ready, apply_unit
+    assert int(machine["InactiveExitTimestampMonotonic"]) >= ready, (apply_unit, machine)
+    failed = host.run(["systemctl", "--failed", "--no-legend", "--plain", "--no-pager"]).stdout
+    assert failed.strip() == "", failed
+
+    # The boot apply's unit started by hand restarts a machine from inside it:
+    # no start waits for the unit that waits for it.
+    host.write(f"{POWER_SPECS}/bo.yaml", POWER.format(greeting="three"))
+    host.run(["systemctl", "start", APPLY], timeout=120)
+    host.wait_for("the apply unit to finish", lambda: _apply_done(host), timeout=120)
+    assert host.show(APPLY, "Result")["Result"] == "success"
+    host.wait_for("bo-term on three", lambda: _said(_entries(host, BO, "0"), "up three") == 1)
+    # An apply from a shell still returns only once its machines run.
+    host.write(f"{POWER_SPECS}/bo.yaml", POWER.format(greeting="four"))
+    out = _in_unit(host, "apply", "--yes", POWER_SPECS)
+    assert "restart bo-term" in out, out
+    assert _running(host, BO)
+    assert _said(_entries(host, BO, "0"), "got TERM") == 2
+
+    # A boot apply that fails before READY=1 (a broken spec) fails its unit's
+    # start; the machine units, only ordered after it, start on the settings
+    # they have. An apply that converges then leaves no failed unit.
+    broken = f"{POWER_SPECS}/broken.yaml"
+    host.write(broken, "name: bo-broken\nimage: no-such-image\ncommand: [sleep, '1']\n")
+    host.poweroff()
+    host.boot()
+    host.wait_for("bo-term running after a failed boot apply", lambda: _running(host, BO))
+    shown = host.show(APPLY, "ActiveState", "Result")
+    assert shown == {"ActiveState": "failed", "Result": "exit-code"}, shown
+    assert _said(_entries(host, BO, "0"), "up four") == 1
+    host.run(["rm", broken])
+    _in_unit(host, "apply", "--yes", POWER_SPECS)
+    assert host.show(APPLY, "ActiveState")["ActiveState"] == "inactive"
+
+    host.run(["pymachine", "uninstall"])
+    host.run(["pymachine", "destroy", "--yes", "bo-term"])
+    failed = host.run(["systemctl", "--failed", "--no-legend", "--plain", "--no-pager"]).stdout
+    assert failed.strip() == "", failed

@@ -101,7 +101,11 @@ def test_round_trip_unit_file(repo: Path) -> None:
         ("Unit", "Documentation", "man:systemd-nspawn(1)"),
         ("Unit", "PartOf", "machines.target"),
         ("Unit", "Before", "machines.target"),
-        ("Unit", "After", "network.target systemd-resolved.service pymachine-db.service"),
+        (
+            "Unit",
+            "After",
+            "network.target systemd-resolved.service pymachine-apply.service pymachine-db.service",
+        ),
         ("Unit", "Requires", ("pymachine-db.service",)),
         ("Unit", "RequiresMountsFor", "/var/lib/pymachine/machines/web"),
         ("Service", "ExecStartPre", "pymachine --root=/ prepare -- web"),

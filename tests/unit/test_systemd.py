@@ -4,6 +4,7 @@ recorded output)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -248,7 +249,11 @@ def test_the_apply_unit_runs_apply_before_machines_target(repo: Path) -> None:
     service, path = ({(e.section, e.key): e.value for e in parse_unit(f.content)} for f in files)
     assert files[0].content.startswith("# pymachine-owner:")
     assert service["Unit", "Before"] == "machines.target"
-    assert service["Service", "Type"] == "oneshot"
+    # Ready once the files are in place, before the starts (machine units are
+    # ordered after it): as a oneshot its own starts would wait for it.
+    assert service["Service", "Type"] == "notify"
+    assert service["Service", "NotifyAccess"] == "main"
+    assert "RemainAfterExit" not in {key for _, key in service}
     assert service["Install", "WantedBy"] == "machines.target"
     assert split_words(service["Service", "ExecStart"]) == [
         "/opt/pm/bin/python3",
@@ -356,3 +361,50 @@ def test_inspect_under_systemd_shows_the_units_command_line_and_journal() -> Non
     assert view["argv"][0].endswith("systemd-nspawn") and "--machine=web" in view["argv"]
     assert view["log"] == "journalctl -u pymachine-web.service"
     assert view["unit"] == "pymachine-web.service"
+
+
+def test_machine_units_start_after_the_boot_apply(repo: Path) -> None:
+    from pymachined.render import machine_files
+    from pymachined.spec import Machine
+
+    machine = Machine.model_validate(
+        {"name": "web", "image": "debian-bookworm-slim", "command": ["sleep", "1"]}
+    )
+    unit = machine_files(machine, Layout(), repo / "templates")[1]
+    keys = {(e.section, e.key): e.value for e in parse_unit(unit.content)}
+    assert APPLY_UNIT in split_words(keys["Unit", "After"])
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_the_apply_says_ready_once_and_no_child_inherits_the_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abstract: bool
+) -> None:
+    import os
+
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        if abstract:
+            name = f"pymachine-test-{os.getpid()}-{tmp_path.name}"
+            server.bind("\0" + name)
+            address = "@" + name
+        else:
+            address = str(tmp_path / "notify")
+            server.bind(address)
+        server.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        supervisor = SystemdSupervisor(Layout())
+        assert "NOTIFY_SOCKET" not in os.environ  # a build's nspawn must not say READY=1
+        supervisor.ready()
+        assert server.recv(1024) == b"READY=1"
+        supervisor.ready()
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.recv(1024)
+
+
+def test_outside_a_notify_unit_ready_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    SystemdSupervisor(Layout()).ready()
