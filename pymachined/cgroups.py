@@ -363,11 +363,16 @@ def load_device_program(program: bytes) -> int:
         return _bpf(BPF_PROG_LOAD, attr)
     except OSError as exc:
         verifier = log.value.decode(errors="replace").strip()
+        hint = (
+            "the verifier's log above says why: a bug of pymachine's to report"
+            if verifier
+            else "pymachined needs bpf(2) with CAP_BPF and CAP_SYS_ADMIN and a kernel "
+            "with CONFIG_CGROUP_BPF, to filter the devices of machines on cgroup v2"
+        )
         raise PymachineError(
             f"the kernel refuses the machines' BPF device program: {exc.strerror}"
             + (f"\n{verifier}" if verifier else ""),
-            hint="pymachined needs bpf(2) with CAP_BPF and CAP_SYS_ADMIN and a kernel "
-            "with CONFIG_CGROUP_BPF, to filter the devices of machines on cgroup v2",
+            hint=hint,
         ) from exc
 
 
