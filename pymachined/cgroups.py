@@ -5,18 +5,24 @@ Without systemd as PID 1, systemd-nspawn puts a machine only in the
 ``name=systemd`` hierarchy, so pymachined makes a ``pymachine/<name>`` group
 (``pymachine/<scope>-<name>`` under another --root) in
 each controller it needs (cgroup v1, as on hybrid hosts, or the unified v2
-tree) and starts the machine inside them.
+tree) and starts the machine inside them. Its devices are closed by the v1
+``devices`` controller and, in the unified tree, by a BPF device program
+(devprog) loaded and attached with bpf(2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import signal
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pymachined.devprog import device_program
 from pymachined.errors import PymachineError
 from pymachined.limits import Limits, device_writes, v1_writes, v2_writes
 
@@ -90,11 +96,20 @@ class MachineCgroup:
         if self.v2:
             self._delegate_controllers()
         procs = []
-        for directory in self.dirs().values():
+        dirs = self.dirs()
+        for directory in dirs.values():
             directory.mkdir(parents=True, exist_ok=True)
             procs.append(directory / "cgroup.procs")
         if not self.v2:
             self._close_devices()
+        if "unified" in dirs:
+            # On v2 the program is the only device filter. On a hybrid host
+            # the kernel runs it as well as the v1 controller (both must
+            # allow), so there it is a second wall, and a failure is fatal
+            # too: a kernel that cannot attach it is one whose v2 machines
+            # would run unfiltered, and the same program on both kinds of host
+            # means every machine here exercises it.
+            attach_device_program(dirs["unified"], self.name)
         return procs
 
     def _close_devices(self) -> None:
@@ -117,6 +132,12 @@ class MachineCgroup:
                     f"cannot write {write.value!r} to {write.file} of machine {self.name}: "
                     f"{exc.strerror}"
                 ) from exc
+
+    def device_programs(self) -> list[int]:
+        """The ids of the BPF device programs attached to the machine's group in
+        the unified tree (none without one)."""
+        directory = self.dirs().get("unified")
+        return attached_device_programs(directory) if directory is not None else []
 
     def _delegate_controllers(self) -> None:
         """On v2, enable the controllers limits need for the groups below ours."""
@@ -286,3 +307,115 @@ class MachineCgroup:
             io_bytes=io,
             oom_kills=self.oom_kills(),
         )
+
+
+# bpf(2), from <linux/bpf.h>.
+BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_QUERY = 16
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+# Programs attached below (a booted machine's own systemd's, per unit) run too,
+# and every one must allow: they can narrow the machine's list, never widen it.
+BPF_F_ALLOW_MULTI = 2
+BPF_LOG_SIZE = 1 << 16
+BPF_ATTR_SIZE = 128  # larger than any field used; the kernel wants the rest zero
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    """One bpf(2) call; its result, or raises OSError."""
+    number = BPF_SYSCALL.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) is not known on {os.uname().machine}")
+    result = int(
+        _libc.syscall(ctypes.c_long(number), ctypes.c_int(command), attr, ctypes.c_uint(len(attr)))
+    )
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def load_device_program(program: bytes) -> int:
+    """Load a BPF_PROG_TYPE_CGROUP_DEVICE program; its fd. A program the
+    verifier refuses raises PymachineError with the verifier's log."""
+    insns = ctypes.create_string_buffer(program, len(program))
+    # It calls no helper, so its license matters to no one; GPL, as systemd's.
+    license = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(BPF_LOG_SIZE)
+    attr = ctypes.create_string_buffer(BPF_ATTR_SIZE)
+    struct_fields: list[tuple[int, str, int]] = [
+        (0, "I", BPF_PROG_TYPE_CGROUP_DEVICE),
+        (4, "I", len(program) // 8),
+        (8, "Q", ctypes.addressof(insns)),
+        (16, "Q", ctypes.addressof(license)),
+        (24, "I", 1),  # log_level
+        (28, "I", BPF_LOG_SIZE),
+        (32, "Q", ctypes.addressof(log)),
+    ]
+    for offset, kind, value in struct_fields:
+        struct.pack_into("=" + kind, attr, offset, value)
+    struct.pack_into("=16s", attr, 48, b"pymachine_dev")  # prog_name, for bpftool's listing
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except OSError as exc:
+        verifier = log.value.decode(errors="replace").strip()
+        hint = (
+            "the verifier's log above says why: a bug of pymachine's to report"
+            if verifier
+            else "pymachined needs bpf(2) with CAP_BPF and CAP_SYS_ADMIN and a kernel "
+            "with CONFIG_CGROUP_BPF, to filter the devices of machines on cgroup v2"
+        )
+        raise PymachineError(
+            f"the kernel refuses the machines' BPF device program: {exc.strerror}"
+            + (f"\n{verifier}" if verifier else ""),
+            hint=hint,
+        ) from exc
+
+
+def attach_device_program(directory: Path, machine: str) -> None:
+    """Attach the device allow-list's program to a group of the unified tree,
+    before anything is in it. It stays attached, after its fd is closed, for
+    the life of the group."""
+    fd = load_device_program(device_program())
+    try:
+        group = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        os.close(fd)
+        raise
+    try:
+        attr = ctypes.create_string_buffer(BPF_ATTR_SIZE)
+        struct.pack_into("=IIII", attr, 0, group, fd, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI)
+        _bpf(BPF_PROG_ATTACH, attr)
+    except OSError as exc:
+        raise PymachineError(
+            f"cannot attach the BPF device program to the cgroup of machine {machine} "
+            f"({directory}): {exc.strerror}",
+            hint="pymachined does not run a machine whose devices are not filtered; "
+            "it needs CAP_SYS_ADMIN and a writable cgroup v2 tree",
+        ) from exc
+    finally:
+        os.close(group)
+        os.close(fd)
+
+
+def attached_device_programs(directory: Path) -> list[int]:
+    """The ids of the BPF device programs attached to a group of the unified
+    tree itself (not those of its parents)."""
+    try:
+        group = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return []
+    try:
+        ids = (ctypes.c_uint32 * 64)()
+        attr = ctypes.create_string_buffer(BPF_ATTR_SIZE)
+        struct.pack_into("=II", attr, 0, group, BPF_CGROUP_DEVICE)
+        struct.pack_into("=QI", attr, 16, ctypes.addressof(ids), len(ids))
+        _bpf(BPF_PROG_QUERY, attr)
+        count = struct.unpack_from("=I", attr, 24)[0]
+        return list(ids[: min(count, len(ids))])
+    finally:
+        os.close(group)
