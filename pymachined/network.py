@@ -14,10 +14,10 @@ import errno
 import ipaddress
 import json
 import os
+import select
 import signal
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -446,23 +446,32 @@ def _is_forwarder(pid: int, machine: str) -> bool:
 
 
 def stop_forwarders(layout: Layout, machine: str) -> None:
-    """End a machine's forwarders (only processes that still are its forwarders)."""
+    """End a machine's forwarders (only processes that still are its forwarders),
+    and wait until they are gone, their ports free, before this returns."""
     path = _pidfile(layout, machine)
     try:
         pids = json.loads(path.read_text()).get("pids", [])
     except (OSError, ValueError):
         return
-    ended = []
     for pid in pids:
-        if isinstance(pid, int) and _is_forwarder(pid, machine):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-                ended.append(pid)
-    for pid in ended:  # gone, and so their ports free, before this returns
+        if not isinstance(pid, int):
+            continue
+        # A pidfd first, so the pid cannot be another process's by the time it
+        # is signalled; it becomes readable once the process is a zombie, after
+        # the kernel closed its files. (Its cmdline empties earlier, when it
+        # drops its memory: polling that raced the sockets' release.)
         try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:  # another process started it: poll
-            deadline = time.monotonic() + 5
-            while _is_forwarder(pid, machine) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not _is_forwarder(pid, machine):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            select.select([pidfd], [], [], 5)
+        finally:
+            os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped if this process started it
     path.unlink(missing_ok=True)
