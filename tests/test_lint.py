@@ -48,3 +48,37 @@ def test_test_modules_have_distinct_names() -> None:
     for path in sorted((REPO / "tests").rglob("test_*.py")):
         assert path.name not in seen, f"{path} and {seen[path.name]} share a name"
         seen[path.name] = path
+
+
+@pytest.mark.parametrize(
+    ("module", "line"),
+    [
+        ("plan", "import subprocess"),  # the system, directly
+        ("plan", "from pymachined import files"),  # an edge of pymachine's own
+        ("render", "from pymachined import execute"),  # one that reaches it all
+    ],
+)
+def test_the_contracts_catch_an_impure_core(tmp_path: Path, module: str, line: str) -> None:
+    # A copy of the package with one edge imported into one pure module: the
+    # contracts must fail on it, as they pass on the real tree.
+    shutil.copytree(REPO / "pymachined", tmp_path / "pymachined", ignore=_caches)
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    core = tmp_path / "pymachined" / "core"
+    target = (core if core.is_dir() else tmp_path / "pymachined") / f"{module}.py"
+    text = target.read_text()
+    head, _, body = text.partition("from __future__ import annotations\n")
+    target.write_text(f"{head}from __future__ import annotations\n{line}\n{body}")
+    result = subprocess.run(
+        [tool("lint-imports"), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": str(BIN), "PYTHONPATH": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The pure core never touches the system BROKEN" in result.stdout, result.stdout
+
+
+def _caches(directory: str, names: list[str]) -> set[str]:
+    return {n for n in names if n == "__pycache__"}
