@@ -6,7 +6,7 @@ operands come after ``--`` wherever the tool accepts it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 
 from pymachined.spec import Bootstrap
@@ -81,15 +81,34 @@ def bootstrap_argv(
     return debootstrap_argv(bootstrap, target, mirror)
 
 
+# The proxy settings a build step gets from pymachine's environment, as Docker
+# passes its predefined proxy build arguments: apt in a derived layer fetches
+# through the proxy a host must use. They are no part of a layer's key.
+PROXY_VARIABLES = (
+    "http_proxy",
+    "https_proxy",
+    "ftp_proxy",
+    "no_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "FTP_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+)
+
+
 def nspawn_run_argv(
     root: PurePosixPath,
     command: Sequence[str],
     *,
     binds_ro: Sequence[tuple[PurePosixPath, PurePosixPath]] = (),
     network: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Run command in root with systemd-nspawn for a build step: not registered
-    with machined, in the caller's unit, the host's DNS copied in."""
+    with machined, in the caller's unit, the host's DNS copied in; env's
+    variables set (nspawn gives a machine none of its caller's)."""
     argv = [
         NSPAWN,
         "--quiet",
@@ -101,6 +120,7 @@ def nspawn_run_argv(
         f"--directory={root}",
         "--setenv=DEBIAN_FRONTEND=noninteractive",
         "--setenv=LC_ALL=C",
+        *(f"--setenv={key}={value}" for key, value in sorted((env or {}).items())),
     ]
     if not network:
         argv.append("--private-network")

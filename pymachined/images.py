@@ -418,6 +418,7 @@ class ImageStore:
             PurePosixPath(root),
             ["/bin/sh", str(BUILD_DIR / template.removesuffix(".j2"))],
             binds_ro=[(PurePosixPath(build), BUILD_DIR)],
+            env={k: v for k in commands.PROXY_VARIABLES if (v := os.environ.get(k))},
         )
         run.stream(commands.isolated_argv(argv), log=log, on_line=self.progress.line)
 

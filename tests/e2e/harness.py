@@ -142,6 +142,9 @@ def mounts_under(path: Path) -> list[str]:
     return found
 
 
+SHARED = "/run/host-shared"  # BootedHost.shared, inside
+
+
 @dataclass
 class BootedHost:
     """One run's host: an overlay over the cached root, with pymachine's state
@@ -169,11 +172,17 @@ class BootedHost:
         """Outside path of the inner /var/lib/pymachine."""
         return self.run_dir / "state"
 
+    @property
+    def shared(self) -> Path:
+        """Outside path of the inner /run/host-shared: a directory for sockets
+        a test serves to the host from outside (it has no network)."""
+        return self.run_dir / "shared"
+
     # -- before boot -----------------------------------------------------------
 
     def assemble(self) -> None:
         """Mount the overlay and install pymachine (offline, from wheels)."""
-        for part in ("upper", "work", "merged", "state"):
+        for part in ("upper", "work", "merged", "state", "shared"):
             (self.run_dir / part).mkdir(parents=True, exist_ok=True)
         upper, work = self.run_dir / "upper", self.run_dir / "work"
         _run(
@@ -246,6 +255,7 @@ class BootedHost:
                     "--capability=all",
                     "--console=passive",
                     f"--bind={self.state}:/var/lib/pymachine",
+                    f"--bind={self.shared}:{SHARED}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -143,3 +143,17 @@ def test_journal_argv_reads_a_machines_journal_in_utc() -> None:
         "--lines=5",
         "--since=2026-12-02 01:02:03 UTC",
     ]
+
+
+def test_a_build_step_gets_the_environment_it_is_given_and_no_more() -> None:
+    root = PurePosixPath("/var/lib/pymachine/images/.build/merged")
+    plain = commands.nspawn_run_argv(root, ["true"])
+    assert not [a for a in plain if "proxy" in a.lower()]
+    given = commands.nspawn_run_argv(
+        root, ["true"], env={"https_proxy": "http://p:3128", "http_proxy": "http://p:3128"}
+    )
+    assert given[: given.index("--")][-2:] == [
+        "--setenv=http_proxy=http://p:3128",
+        "--setenv=https_proxy=http://p:3128",
+    ]
+    assert set(commands.PROXY_VARIABLES) >= {"http_proxy", "HTTPS_PROXY", "no_proxy"}
