@@ -1,8 +1,11 @@
 """The one place a subprocess starts.
 
 Command lines are argv lists built by pure ``*_argv`` functions elsewhere; this
-module runs them, logs them with ``--debug`` (``+ argv``), and turns a failure
-into a CommandError carrying argv, exit code and stderr. Never ``shell=True``.
+module runs them. Every entry point (``run``, ``stream``, ``spawn``,
+``interactive``) starts its process through one core, ``_start``, which logs
+the argv with ``--debug`` (``+ argv``) and turns a missing command into an
+error with a hint; a failure becomes a CommandError carrying argv, exit code
+and the end of the command's output. Never ``shell=True``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
-from pymachined.errors import CommandError, PymachineError
+from pymachined.errors import CommandError, PymachineError, host_error
 
 logger = logging.getLogger("pymachine.run")
+
+MISSING_HINT = "install it (see the README's quick start for the packages pymachine needs)"
+
+# The single call that makes a process. The unit tests replace it
+# (tests/unit/conftest.py), so a unit test that reaches any entry point fails.
+_popen = subprocess.Popen
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,28 @@ class Completed:
     stderr: str
 
 
+def _start(argv: Sequence[str], *, background: bool = False, **options: Any) -> Any:
+    """Start argv (a list of str) with the given Popen options, logged once;
+    a command that is not installed is a PymachineError with a hint."""
+    logger.debug("+ %s%s", shlex.join(argv), " &" if background else "")
+    try:
+        return _popen(argv, **options)  # an argv list, never a shell
+    except FileNotFoundError as exc:
+        if exc.filename is not None and str(exc.filename) != argv[0]:
+            raise host_error(exc) from exc  # a missing cwd, not a missing command
+        raise PymachineError(f"{argv[0]}: command not found", hint=MISSING_HINT) from exc
+
+
+def _check(argv: Sequence[str], returncode: int, output: str) -> None:
+    """Raise the CommandError of a command that exited returncode, if not 0."""
+    if returncode != 0:
+        raise CommandError(argv, returncode, output)
+
+
+def _argv(argv: Sequence[object]) -> list[str]:
+    return [str(a) for a in argv]
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -42,30 +73,31 @@ def run(
     timeout: float | None = None,
 ) -> Completed:
     """Run argv to completion, capturing output; raise CommandError on failure if check."""
-    argv = [str(a) for a in argv]
-    logger.debug("+ %s", shlex.join(argv))
-    try:
-        proc = subprocess.run(  # noqa: S603 - argv list, never a shell
-            argv,
-            input=input,
-            capture_output=True,
-            text=True,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            timeout=timeout,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise PymachineError(
-            f"{argv[0]}: command not found",
-            hint="install it (see the README's quick start for the packages pymachine needs)",
-        ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(argv, -1, f"timed out after {timeout} s") from exc
-    done = Completed(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
-    if check and proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, proc.stderr)
-    return done
+    args = _argv(argv)
+    proc: subprocess.Popen[str] = _start(
+        args,
+        stdin=subprocess.PIPE if input is not None else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+    )
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # As subprocess.run does: kill it and reap it before reporting.
+            proc.kill()
+            proc.wait()
+            _check(args, -1, f"timed out after {timeout} s")
+            raise
+        except BaseException:
+            proc.kill()
+            raise
+    if check:
+        _check(args, proc.returncode, stderr)
+    return Completed(tuple(args), proc.returncode, stdout, stderr)
 
 
 def stream(
@@ -77,26 +109,19 @@ def stream(
 ) -> None:
     """Run argv with stdout and stderr merged, each line appended to log and passed
     to on_line as it arrives; raise CommandError (with the last lines) on failure."""
-    argv = [str(a) for a in argv]
-    logger.debug("+ %s", shlex.join(argv))
-    log.write(f"+ {shlex.join(argv)}\n")
+    args = _argv(argv)
+    log.write(f"+ {shlex.join(args)}\n")
     log.flush()
     tail: deque[str] = deque(maxlen=20)
-    try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list, never a shell
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            env=dict(env) if env is not None else None,
-        )
-    except FileNotFoundError as exc:
-        raise PymachineError(
-            f"{argv[0]}: command not found",
-            hint="install it (see the README's quick start for the packages pymachine needs)",
-        ) from exc
+    proc: subprocess.Popen[str] = _start(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=dict(env) if env is not None else None,
+    )
     assert proc.stdout is not None
     with proc:
         for line in proc.stdout:
@@ -105,8 +130,7 @@ def stream(
             tail.append(line.rstrip("\n"))
             if on_line is not None:
                 on_line(line.rstrip("\n"))
-    if proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, "\n".join(tail))
+    _check(args, proc.returncode, "\n".join(tail))
 
 
 def spawn(
@@ -119,20 +143,17 @@ def spawn(
     stdout and stderr appended to output (a file or a pipe's fd), its stdin
     from the fd stdin (else /dev/null), and pass_fds open in it; the caller
     watches it."""
-    argv = [str(a) for a in argv]
-    logger.debug("+ %s &", shlex.join(argv))
-    try:
-        return subprocess.Popen(  # noqa: S603 - argv list, never a shell
-            argv,
-            stdin=subprocess.DEVNULL if stdin is None else stdin,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=tuple(pass_fds),
-        )
-    except FileNotFoundError as exc:
-        raise PymachineError(f"{argv[0]}: command not found") from exc
+    proc: subprocess.Popen[bytes] = _start(
+        _argv(argv),
+        background=True,
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+        pass_fds=tuple(pass_fds),
+    )
+    return proc
 
 
 def interactive(argv: Sequence[str]) -> int:
@@ -140,12 +161,7 @@ def interactive(argv: Sequence[str]) -> int:
     128+N when signal N killed it. As system(3) does, pymachine ignores SIGINT
     and SIGQUIT meanwhile: the terminal sends them to the command too, and it
     is the command's exit that ends pymachine."""
-    argv = [str(a) for a in argv]
-    logger.debug("+ %s", shlex.join(argv))
-    try:
-        proc = subprocess.Popen(argv)  # noqa: S603 - argv list
-    except FileNotFoundError as exc:
-        raise PymachineError(f"{argv[0]}: command not found") from exc
+    proc: subprocess.Popen[bytes] = _start(_argv(argv))
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGQUIT)}
     try:
         code = proc.wait()

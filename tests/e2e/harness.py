@@ -23,12 +23,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pymachined.parsers import cgroup_directory, parse_mountinfo, parse_proc_cgroup
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "PYMACHINE_E2E_CACHE"
@@ -267,19 +267,25 @@ class BootedHost:
                 # tracer), and the machines' filters would stack on it.
                 env={**os.environ, "SYSTEMD_SECCOMP": "0"},
             )
-        deadline = time.monotonic() + timeout
         state = ""
-        while state not in ("running", "degraded"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise HarnessError(f"the host did not come up ({state!r}); see {self.console}")
+
+        def up() -> bool:
+            nonlocal state
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise HarnessError(f"the host's nspawn ended ({state!r}); see {self.console}")
             if self.leader() is None:
-                time.sleep(0.1)
-                continue
+                return False
             # Fails (empty) until systemd listens on its private socket.
             state = self.run(
                 ["systemctl", "is-system-running", "--wait"], check=False, timeout=timeout
             ).stdout.strip()
-            time.sleep(0.2)
+            return state in ("running", "degraded")
+
+        try:
+            wait_until(up, "the host to come up", timeout)
+        except AssertionError as exc:
+            raise HarnessError(f"the host did not come up ({state!r}); see {self.console}") from exc
 
     def leader(self) -> int | None:
         """The inner host's PID 1 (outer PID): the child of systemd-nspawn."""
@@ -423,11 +429,7 @@ class BootedHost:
     ) -> None:
         """Poll predicate() until it is true; fail naming what was awaited."""
         assert callable(predicate)
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-            time.sleep(interval)
+        wait_until(lambda: bool(predicate()), what, timeout, interval=interval)
 
 
 def _controller_groups(pid: int) -> list[Path]:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pymachined.layout import Layout
 from pymachined.procs import leader_pid, payload_running
 from pymachined.recipes import layers
 from pymachined.validate import SpecSet, load_set
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "PYMACHINE_TEST_CACHE"
@@ -118,37 +118,42 @@ class Host:
         return {row["name"].removeprefix(self.prefix): row for row in rows}
 
     def wait_for(self, check: Callable[[dict[str, dict[str, Any]]], bool], what: str) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if check(self.machines()):
-                return
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}: {self.machines()}")
+        """Wait (60 s at most) until check holds of the machines' rows."""
+        wait_until(lambda: check(self.machines()), what, 60, detail=self.machines)
 
     def payload(self, name: str) -> int:
         """The host PID of a machine's payload, once its nspawn has made the
         machine's PID 1 and exec'd the command in it (a first start shifts the
         root to the machine's user namespace before that)."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def running() -> int | None:
             nspawn = self.machines()[name]["pid"]
             leader = leader_pid(nspawn) if nspawn else None
             if leader is not None and payload_running(nspawn, leader):
                 return leader
-            time.sleep(0.1)
-        pytest.fail(f"timed out waiting for the payload of {name}: {self.machines()}")
+            return None
+
+        return wait_until(running, f"the payload of {name}", 60, interval=0.1, detail=self.machines)
 
     def wait_for_output(self, name: str, text: str) -> str:
         """A machine's console log, once it holds text (a first start shifts the
         root to the machine's user namespace before the command runs)."""
         log = self.root / f"var/lib/pymachine/machines/{self.prefix}{name}/console.log"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            output = log.read_text() if log.exists() else ""
-            if text in output:
-                return output
-            time.sleep(0.1)
-        pytest.fail(f"timed out waiting for {text!r} from {name}: {output!r}")
+
+        def output() -> str:
+            return log.read_text() if log.exists() else ""
+
+        def holding() -> str | None:
+            read = output()
+            return read if text in read else None
+
+        return wait_until(
+            holding,
+            f"{text!r} from {name}",
+            60,
+            interval=0.1,
+            detail=output,
+        )
 
     def mounts(self) -> list[str]:
         text = Path("/proc/self/mountinfo").read_text()
@@ -178,10 +183,12 @@ def made_host(base: Path, cache_layout: Layout, prefix: str) -> Iterator[Host]:
         daemon = test_host.daemon_pid()
         with contextlib.suppress(ProcessLookupError):
             os.kill(daemon, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{daemon}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{daemon}").exists(), "pymachined ignored SIGTERM"
+        wait_until(
+            lambda: not Path(f"/proc/{daemon}").exists(),
+            "pymachined to end on SIGTERM",
+            10,
+            interval=0.05,
+        )
     assert test_host.mounts() == []
 
 

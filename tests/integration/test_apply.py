@@ -23,6 +23,7 @@ import pytest
 
 from pymachined.faults import STEPS
 from pymachined.parsers import parse_log_line
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -254,10 +255,13 @@ def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
     log = host.root / f"var/lib/pymachine/machines/{host.prefix}g/console.log"
 
     def count(text: str, at_least: int) -> None:
-        deadline = time.monotonic() + 60
-        while log.read_text().count(text) < at_least:
-            assert time.monotonic() < deadline, f"{text!r} x{at_least}: {log.read_text()}"
-            time.sleep(0.1)
+        wait_until(
+            lambda: log.read_text().count(text) >= at_least,
+            f"{text!r} x{at_least}",
+            60,
+            interval=0.1,
+            detail=log.read_text,
+        )
 
     count("up", 1)
     host.wait_for_output("stubborn", "up")
@@ -302,12 +306,17 @@ def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
         stderr=subprocess.PIPE,
     )
     seen: list[str] = []
-    deadline = time.monotonic() + 120
-    while applying.poll() is None:
-        assert time.monotonic() < deadline, seen
+
+    def applied() -> bool:
+        if applying.poll() is not None:
+            return True
         state = host.machines().get("s", {}).get("state")
         if state and (not seen or seen[-1] != state):
             seen.append(state)
+        return False
+
+    # No pause between looks: "starting" may last only a moment.
+    wait_until(applied, "the apply to end", 120, interval=0, detail=lambda: seen)
     assert applying.returncode == 0, applying.stderr.read() if applying.stderr else ""
     assert "starting" in seen, seen
     assert host.machines()["s"]["state"] == "running"
@@ -333,10 +342,12 @@ def test_machines_outlive_pymachined_and_are_adopted(host: Host) -> None:
     os.kill(after["a"]["pid"], signal.SIGKILL)  # the new pymachined restarts it
     host.wait_for(lambda m: m["a"]["restarts"] == 1 and m["a"]["pid"], "a restarted")
     # What the killed nspawn left running in the machine's cgroups is gone too.
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{payload}").exists():
-        assert time.monotonic() < deadline, f"the old payload {payload} outlived its nspawn"
-        time.sleep(0.1)
+    wait_until(
+        lambda: not Path(f"/proc/{payload}").exists(),
+        f"the old payload {payload} to end with its nspawn",
+        10,
+        interval=0.1,
+    )
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -410,15 +421,16 @@ def test_the_quick_start_examples_run(host: Host) -> None:
     host.apply()
     rows = {r["name"]: r for r in json.loads(host.pymachine("ls", "-o", "json").stdout)}
     assert set(rows) == {"base", "hello"}
-    deadline = time.monotonic() + 60
-    page = ""
-    while time.monotonic() < deadline:
+
+    def fetched() -> str | None:
         try:
             with urllib.request.urlopen("http://127.0.0.1:8080/", timeout=2) as response:
-                page = response.read().decode()
-                break
+                page: str = response.read().decode()
+                return page
         except OSError:
-            time.sleep(0.5)
+            return None
+
+    page = wait_until(fetched, "the quick start's page", 60, interval=0.5)
     assert "hello from a pymachine machine" in page
     rows = {r["name"]: r for r in json.loads(host.pymachine("ls", "-o", "json").stdout)}
     assert [rows[n]["state"] for n in ("base", "hello")] == ["running", "running"]
@@ -730,10 +742,13 @@ def test_pause_freezes_and_stats_read_the_machines_cgroups(host: Host) -> None:
         return int(path.read_text())
 
     host.wait_for_output("p", "-- pymachined: starting")
-    deadline = time.monotonic() + 60
-    while host.pymachine("exec", name, "--", "test", "-s", "/srv/n", check=False).returncode:
-        assert time.monotonic() < deadline, "the counter never started"
-        time.sleep(0.2)
+    wait_until(
+        lambda: (
+            host.pymachine("exec", name, "--", "test", "-s", "/srv/n", check=False).returncode == 0
+        ),
+        "the counter to start",
+        60,
+    )
     host.pymachine("pause", name)
     assert host.machines()["p"]["state"] == "paused"
     first = count()
@@ -770,10 +785,7 @@ log: {max_size: 1M}
     host.apply()
     base = host.root / f"var/lib/pymachine/machines/{host.prefix}y"
     log, old = base / "console.log", base / "console.log.1"
-    deadline = time.monotonic() + 60
-    while not old.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert old.exists(), "never rotated"
+    wait_until(old.exists, "the log to be rotated", 60)
     rotations = 0
     inode = old.stat().st_ino
     for _ in range(25):  # `yes` writes without pause: the log stays at its cap
@@ -823,8 +835,10 @@ def test_an_unreadable_supervisor_record_leaves_only_its_machine(host: Host) -> 
     assert "Traceback" not in planned.stderr
     # destroy ends what ran under the lost record.
     host.pymachine("destroy", "--yes", f"{host.prefix}a")
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid_a}").exists():
-        assert time.monotonic() < deadline, "machine a outlived its destroy"
-        time.sleep(0.1)
+    wait_until(
+        lambda: not Path(f"/proc/{pid_a}").exists(),
+        "machine a to end with its destroy",
+        10,
+        interval=0.1,
+    )
     assert set(host.machines()) == {"b"}

@@ -4,10 +4,11 @@ journal through ``logs --journal``, an orderly shutdown on ``stop``."""
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -27,17 +28,21 @@ def test_a_booted_machine_runs_systemd_shows_its_journal_and_powers_off(host: Ho
     host.declare(BOOTED)
     host.apply()
     assert host.machines()["sys"]["state"] == "running"  # apply waited for its PID 1
+
     # systemd inside reaches its default target (degraded is fine: a
     # container lacks what some units want).
-    deadline = time.monotonic() + 120
-    while True:
-        state = host.pymachine(
+    def state() -> str:
+        return host.pymachine(
             "exec", f"{host.prefix}sys", "--", "systemctl", "is-system-running", check=False
         ).stdout.strip()
-        if state in ("running", "degraded"):
-            break
-        assert time.monotonic() < deadline, f"the machine's systemd is {state!r} after 120 s"
-        time.sleep(0.5)
+
+    wait_until(
+        lambda: state() in ("running", "degraded"),
+        "the machine's systemd to be up",
+        120,
+        interval=0.5,
+        detail=state,
+    )
     journal = host.pymachine("logs", "--journal", f"{host.prefix}sys").stdout
     assert "Startup finished" in journal or "Reached target" in journal, journal
     # Its own journal, not the host's: systemd inside logged as PID 1.

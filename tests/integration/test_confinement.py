@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pymachined.files import host_layout
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -203,17 +204,26 @@ def declare(host: Host, *machines: dict[str, Any]) -> None:
     host.declare(yaml.safe_dump_all(machines, sort_keys=False))
 
 
-def probe(host: Host, name: str) -> dict[str, Any]:
-    """The probe's report from a machine's console log."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        logs = host.pymachine("logs", host.prefix + name, check=False).stdout
-        for line in logs.splitlines():
-            if line.startswith("PROBE "):
-                report: dict[str, Any] = json.loads(line.removeprefix("PROBE "))
-                return report
-        time.sleep(0.2)
-    pytest.fail(f"no probe report from {name}: {logs}")
+def reports(host: Host, name: str) -> list[dict[str, Any]]:
+    """Every probe report in a machine's console log, oldest first (the log
+    is appended to across restarts)."""
+    logs = host.pymachine("logs", host.prefix + name, check=False).stdout
+    return [
+        json.loads(line.removeprefix("PROBE "))
+        for line in logs.splitlines()
+        if line.startswith("PROBE ")
+    ]
+
+
+def probe(host: Host, name: str, after: int = 0) -> dict[str, Any]:
+    """The probe's report from a machine's console log: the first one written
+    after the first `after` reports (the one of the after-th restart)."""
+    return wait_until(
+        lambda: reports(host, name)[after:][:1] or None,
+        f"probe report {after + 1} from {name}",
+        60,
+        detail=lambda: host.pymachine("logs", host.prefix + name, check=False).stdout,
+    )[0]
 
 
 def capabilities(mask: str) -> set[str]:
@@ -296,9 +306,9 @@ def test_default_and_declared_confinement_from_inside(host: Host, tmp_path: Path
     assert document["user_namespace"]["uid_base"] == int(outside)
     optout_document = json.loads(host.pymachine("inspect", host.prefix + "optout").stdout)
     assert optout_document["user_namespace"] is None
+    assert len(reports(host, "default")) == 1
     host.pymachine("restart", host.prefix + "default")
-    time.sleep(0.5)
-    assert probe(host, "default")["uid_map"][1] == outside
+    assert probe(host, "default", after=1)["uid_map"][1] == outside
 
 
 def test_a_bind_through_a_symlink_is_refused_and_nothing_changes(
@@ -354,13 +364,11 @@ def test_pids_and_memory_limits_hold_and_change_live(host: Host) -> None:
     assert machines["hog"]["state"] == "running"  # its PID 1 lived on
     assert machines["bystander"]["state"] == "running"
 
-    deadline = time.monotonic() + 10
-    while True:
+    def oom_events() -> list[dict[str, Any]] | None:
         lines = host.pymachine("events", "-o", "json").stdout.splitlines()
-        ooms = [e for e in map(json.loads, lines) if e["event"] == "oom"]
-        if ooms or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+        return [e for e in map(json.loads, lines) if e["event"] == "oom"] or None
+
+    ooms = wait_until(oom_events, "an oom event", 10, interval=0.3)
     assert [e["machine"] for e in ooms] == [host.prefix + "hog"]
     stats = json.loads(host.pymachine("stats", "--no-stream", "-o", "json").stdout)
     by_name = {row["name"]: row for row in stats}

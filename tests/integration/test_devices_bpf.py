@@ -33,6 +33,7 @@ from pymachined.cgroups import (
 )
 from pymachined.errors import PymachineError
 from pymachined.files import host_layout
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -242,15 +243,17 @@ os.system("sleep infinity")
 
 
 def probe(host: Host, name: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        logs = host.pymachine("logs", host.prefix + name, check=False).stdout
-        for line in logs.splitlines():
+    def logs() -> str:
+        return host.pymachine("logs", host.prefix + name, check=False).stdout
+
+    def report() -> dict[str, Any] | None:
+        for line in logs().splitlines():
             if line.startswith("PROBE "):
-                report: dict[str, Any] = json.loads(line.removeprefix("PROBE "))
-                return report
-        time.sleep(0.2)
-    pytest.fail(f"no probe report from {name}: {logs}")
+                found: dict[str, Any] = json.loads(line.removeprefix("PROBE "))
+                return found
+        return None
+
+    return wait_until(report, f"the probe report from {name}", 60, detail=logs)
 
 
 def test_a_machine_without_a_user_namespace_cannot_remove_its_program(host: Host) -> None:

@@ -15,12 +15,13 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -325,10 +326,7 @@ def test_a_bind_source_swapped_for_a_symlink_is_never_followed(host: Host, tmp_p
     # with the symlink's target bound.
     daemon_log = host.root / "run/pymachine/pymachined.log"
     refused = f"{host.prefix}s: cannot restart: machine {host.prefix}s: bind source {source} is a"
-    deadline = time.monotonic() + 60
-    while refused not in daemon_log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert refused in daemon_log.read_text()
+    wait_until(lambda: refused in daemon_log.read_text(), "the refused restart in the log", 60)
     assert host.machines()["s"]["state"] == "dead"
     log = host.root / f"var/lib/pymachine/machines/{host.prefix}s/console.log"
     assert "secret" not in log.read_text()

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -19,6 +18,7 @@ from pymachined.layout import Layout
 from pymachined.recipes import layers, machine_layers
 from pymachined.spec import RootfsMode
 from pymachined.validate import SpecSet, load_set
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -174,23 +174,22 @@ def test_sigkill_mid_debootstrap_then_build_again(tmp_path: Path, catalog: SpecS
         stderr=subprocess.DEVNULL,
     )
     logs = root / "var/lib/pymachine/images/.logs"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def going() -> bool:
         text = "".join(p.read_text() for p in logs.glob("*.log")) if logs.is_dir() else ""
         # Both tools are at work on the target by the time they download.
         if any(word in text for word in ("I: Retrieving", "I: downloading", "I: Extracting")):
-            break
+            return True
         assert build.poll() is None, "the build ended before it could be killed"
-        time.sleep(0.2)
-    else:
-        pytest.fail("debootstrap never got going")
+        return False
+
+    wait_until(going, "debootstrap to get going", 300)
     build.send_signal(signal.SIGKILL)  # pymachine alone: its children must follow
     build.wait()
     images = root / "var/lib/pymachine/images"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _debootstrap_running(images):
-        time.sleep(0.2)
-    assert not _debootstrap_running(images), "the bootstrap tool outlived pymachine"
+    wait_until(
+        lambda: not _debootstrap_running(images), "the bootstrap tool to end with pymachine", 30
+    )
     assert mounted_under(root) == []
     store = ImageStore(Layout(PurePosixPath(root)), REPO / "templates", Progress())
     assert store.records() == []

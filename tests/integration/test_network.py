@@ -23,6 +23,7 @@ import pytest
 from pymachined import netplan
 from pymachined.images import ImageRecord
 from pymachined.layout import Layout
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from tests.integration.conftest import Host
@@ -178,16 +179,16 @@ def http_get(url: str) -> str:
 
 
 def wait_http(url: str) -> str:
-    import time
+    errors: list[OSError] = []
 
-    deadline = time.monotonic() + 60
-    while True:
+    def answer() -> str | None:
         try:
             return http_get(url)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+        except OSError as exc:
+            errors[:] = [exc]
+            return None
+
+    return wait_until(answer, f"an answer from {url}", 60, detail=lambda: errors)
 
 
 def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
@@ -683,15 +684,16 @@ def test_a_forwarder_flooded_with_few_descriptors_keeps_serving() -> None:
         for sock in flood:
             sock.close()
         flood.clear()
-        deadline = time.monotonic() + 30
-        while True:  # the held clients' slots come back as their relays end
-            try:
-                assert _ask(19400) == b"echo hi"
-                break
-            except (OSError, AssertionError):
-                assert forwarder.poll() is None, "the forwarder died"
-                assert time.monotonic() < deadline, "the forwarder stopped serving"
-                time.sleep(0.2)
+
+        def serving() -> bool:
+            with contextlib.suppress(OSError):
+                if _ask(19400) == b"echo hi":
+                    return True
+            assert forwarder.poll() is None, "the forwarder died"
+            return False
+
+        # The held clients' slots come back as their relays end.
+        wait_until(serving, "the forwarder to serve again", 30)
         assert forwarder.poll() is None
     finally:
         for sock in flood:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,4 +23,10 @@ def test_ready_reaches_the_notify_socket(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_without_a_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    notify("READY=1")  # must neither fail nor import systemd needlessly
+    # A None entry makes any import of systemd raise: without a socket,
+    # notify must return before it needs the library.
+    monkeypatch.setitem(sys.modules, "systemd", None)
+    monkeypatch.setitem(sys.modules, "systemd.daemon", None)
+    notify("READY=1")
+    with pytest.raises(ImportError):  # the trap is armed
+        from systemd import daemon  # noqa: F401

@@ -404,7 +404,11 @@ def test_the_apply_says_ready_once_and_no_child_inherits_the_socket(
 
 
 def test_outside_a_notify_unit_ready_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymachined.supervise import systemd
     from pymachined.supervise.systemd import SystemdSupervisor
 
+    sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(systemd, "notify", lambda address, state: sent.append((address, state)))
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     SystemdSupervisor(Layout()).ready()
+    assert sent == []
