@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -115,14 +115,9 @@ def main_options(
 
 
 def _spec_set(paths: list[Path]) -> SpecSet:
-    from pymachined.resources import data_dir
-    from pymachined.validate import load_set
+    from pymachined.verbs.build import spec_set
 
-    layout = options.layout
-    state_dirs = [PurePosixPath("/var/lib/pymachine"), PurePosixPath("/run/pymachine")]
-    if layout.root != PurePosixPath("/"):
-        state_dirs += [layout.state_dir, layout.run_dir]
-    return load_set(paths, data_dir("machines"), state_dirs)
+    return spec_set(options.layout, paths)
 
 
 PathsArg = Annotated[
@@ -769,26 +764,9 @@ def image_build(
     ] = None,
 ) -> None:
     """Build an image (and its parents), or every image a spec path needs."""
-    from pymachined.recipes import layers, machine_layers
+    from pymachined.verbs.build import build
 
-    store = _store()
-    salts = store.salts()
-    path = Path(target)
-    if path.exists():
-        spec_set = _spec_set([path, *(specs or [])])
-        declared = sorted(name for kind, name in spec_set.sources if kind == "image")
-        plans = [layers(spec_set, name, salts) for name in declared]
-        plans += [machine_layers(spec_set, m, salts) for m in spec_set.machines.values()]
-        if not plans:
-            raise PymachineError(f"{target} declares no images or machines")
-    else:
-        spec_set = _spec_set(list(specs or []))
-        if target not in spec_set.images:
-            known = ", ".join(sorted(spec_set.images))
-            raise PymachineError(f"unknown image {target!r}", hint=f"images: {known}")
-        plans = [layers(spec_set, target, salts)]
-    for plan in plans:
-        top = store.ensure(plan)[0]
+    for top in build(options.layout, _store(), target, specs or []):
         typer.echo(f"{top.name} {top.key}")
 
 
