@@ -5,7 +5,7 @@ and events print."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -180,3 +180,21 @@ def test_event_lines() -> None:
     event = {"time": "T", "machine": "web", "event": "die", "exit_code": 3, "restarts": 1}
     assert output.event_line(event) == "T  web  die  exit_code=3 restarts=1"
     assert output.event_line({"time": "T", "machine": "web", "event": "start"}) == "T  web  start"
+
+
+def test_each_supervisor_names_a_machines_group_and_its_output(tmp_path: Path) -> None:
+    from pymachined.layout import Layout
+    from pymachined.supervise.builtin import BuiltinSupervisor
+    from pymachined.supervise.systemd import SystemdSupervisor
+
+    layout = Layout(PurePosixPath(tmp_path))
+    supervisor = BuiltinSupervisor(layout)
+    assert supervisor.cgroup("web") == layout.cgroup_name("web") == f"pymachine/{layout.scope}-web"
+    assert SystemdSupervisor(Layout()).cgroup("web") == "machine.slice/pymachine-web.service"
+    assert supervisor.events(None) == []
+    assert supervisor.output("web", None, None, follow=False) is None
+    log = tmp_path / "var/lib/pymachine/machines/web/console.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026-11-28T11:00:00Z hello\n")
+    found = supervisor.output("web", None, None, follow=False)
+    assert found is not None and list(found) == [LogLine("2026-11-28T11:00:00Z", "hello\n")]
