@@ -1,5 +1,7 @@
-"""The operator's command line (Typer): parses options, calls the library, and
-formats output and errors for people.
+"""The operator's command line (Typer): parses options, calls one library
+function per command (mostly in ``pymachined.verbs``), and prints what it
+returns through ``pymachined.output``, and errors for people. It reads and
+changes nothing on the host itself.
 
 Heavy modules (jinja2, the spec models, pyroute2, systemd) are imported inside
 the commands that need them, so ``pymachine --help`` stays fast.
@@ -12,8 +14,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -21,17 +22,16 @@ import typer
 from pymachined import __version__
 from pymachined.errors import HOST_ERRNOS, PymachineError, UsageError, host_error
 from pymachined.layout import Layout
+from pymachined.output import Format
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractContextManager
-    from datetime import datetime
 
     from pymachined.actions import Action
     from pymachined.desired import Desired
     from pymachined.images import ImageStore
     from pymachined.reconcile import Reconciler
-    from pymachined.records import MachineRecord
     from pymachined.validate import SpecSet
     from pymachined.verbs import Verbs
 
@@ -115,14 +115,9 @@ def main_options(
 
 
 def _spec_set(paths: list[Path]) -> SpecSet:
-    from pymachined.resources import data_dir
-    from pymachined.validate import load_set
+    from pymachined.verbs.build import spec_set
 
-    layout = options.layout
-    state_dirs = [PurePosixPath("/var/lib/pymachine"), PurePosixPath("/run/pymachine")]
-    if layout.root != PurePosixPath("/"):
-        state_dirs += [layout.state_dir, layout.run_dir]
-    return load_set(paths, data_dir("machines"), state_dirs)
+    return spec_set(options.layout, paths)
 
 
 PathsArg = Annotated[
@@ -133,19 +128,17 @@ PathsArg = Annotated[
 @app.command()
 def validate(paths: PathsArg) -> None:
     """Check spec files and report every problem with its file, line and field."""
+    from pymachined.output import plural
+
     spec_set = _spec_set(paths)
     files = len({located.document.file for located in spec_set.sources.values()})
     images = len(spec_set.sources) - len(spec_set.machines) - len(spec_set.networks)
     counts = [
-        _plural(len(spec_set.machines), "machine"),
-        _plural(len(spec_set.networks), "network"),
-        _plural(images, "image"),
+        plural(len(spec_set.machines), "machine"),
+        plural(len(spec_set.networks), "network"),
+        plural(images, "image"),
     ]
-    typer.echo(f"ok: {', '.join(counts)} in {_plural(files, 'file')}")
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+    typer.echo(f"ok: {', '.join(counts)} in {plural(files, 'file')}")
 
 
 @app.command()
@@ -192,56 +185,13 @@ def render(
 # Output
 
 
-class Format(StrEnum):
-    """How read commands print."""
-
-    TABLE = "table"
-    JSON = "json"
-    YAML = "yaml"
-
-
 OutputOption = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml.")]
+DocumentOption = Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")]
 
 
-def _print_data(data: object, fmt: Format) -> None:
-    """data as JSON, or as YAML."""
-    if fmt is Format.YAML:
-        import yaml
-
-        typer.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
-    else:
-        import json
-
-        typer.echo(json.dumps(data, indent=2, default=str))
-
-
-def _print_rows(rows: list[dict[str, Any]], columns: list[str], fmt: Format) -> None:
-    """rows as JSON or YAML, or as an aligned table of columns."""
-    if fmt is not Format.TABLE:
-        _print_data(rows, fmt)
-        return
-    texts = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(t[i]) for t in texts)]) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for text in texts:
-        typer.echo("  ".join(t.ljust(w) for t, w in zip(text, widths, strict=True)).rstrip())
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "-"
-    return str(value)
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover
+def _document_format(fmt: Format) -> Format:
+    """A document prints as JSON unless YAML is asked for (a table is JSON)."""
+    return Format.JSON if fmt is Format.TABLE else fmt
 
 
 # ---------------------------------------------------------------------------
@@ -300,12 +250,13 @@ def _show_undeclared(names: list[str]) -> None:
 
 
 def _show_plan(desired: dict[str, Desired], actions: list[Action], fmt: Format) -> None:
+    from pymachined import output
     from pymachined.plan import warnings
 
     for warning in warnings(desired, actions):
         typer.echo(f"warning: {warning}", err=True)
     if fmt is not Format.TABLE:
-        _print_data([a.as_json() for a in actions], fmt)
+        output.data([a.as_json() for a in actions], fmt)
     elif not actions:
         typer.echo("nothing to do: the host matches the specs")
     else:
@@ -368,7 +319,9 @@ def apply(
             reconciler.supervisor.settled()
         if not actions:
             raise typer.Exit(1 if problems else 0)
-    typer.echo(f"applied {_plural(len(actions), 'change')}")
+    from pymachined.output import plural
+
+    typer.echo(f"applied {plural(len(actions), 'change')}")
     if problems:
         raise PymachineError(
             f"{len(problems)} left as they are, each with a record that cannot be "
@@ -377,74 +330,21 @@ def apply(
         )
 
 
-def _uptime(started: float | None) -> str | None:
-    if started is None:
-        return None
-    import time
-
-    seconds = int(time.time() - started)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 @app.command("ls")
 def list_machines(
     output: OutputOption = Format.TABLE, supervisor: SupervisorOption = "auto"
 ) -> None:
     """List machines: name, state, image, address, uptime, restarts."""
-    from pymachined.state import StateStore
+    from pymachined import output as show
+    from pymachined.verbs import inspect
 
     reconciler = _reconciler(supervisor)
-    statuses = reconciler.supervisor.status()
-    names = {r.key: r.name for r in reconciler.images.records()}
-    rows: list[dict[str, Any]] = []
-    records, unreadable = StateStore(options.layout).scan()
-    for name, problem in unreadable.items():
-        typer.echo(f"error: {name}: {problem}", err=True)
-        rows.append(
-            {
-                "name": name,
-                "state": "unreadable",
-                "image": None,
-                "address": None,
-                "uptime": None,
-                "restarts": 0,
-                "exit_code": None,
-                "pid": None,
-            }
-        )
-    for name, record in records.items():
-        status = statuses.get(name)
-        state = status.state.value if status else ("created" if record.run is None else "exited")
-        running = status is not None and status.pid is not None
-        rows.append(
-            {
-                "name": name,
-                "state": state,
-                "image": (record.spec or {}).get("image")
-                or (names.get(record.layers[0], record.layers[0]) if record.layers else None),
-                "address": record.address,
-                "uptime": _uptime(status.started) if running and status else None,
-                "restarts": status.restarts if status else 0,
-                "exit_code": status.exit_code if status else None,
-                "pid": status.pid if status else None,
-            }
-        )
-    rows.sort(key=lambda row: str(row["name"]))
-    _print_rows(rows, ["name", "state", "image", "address", "uptime", "restarts"], output)
-    if unreadable:
+    listing = inspect.machines(options.layout, reconciler.images, reconciler.supervisor)
+    for name, problem in listing.unreadable.items():
+        show.error(f"{name}: {problem}")
+    show.rows(listing.rows, ["name", "state", "image", "address", "uptime", "restarts"], output)
+    if listing.unreadable:
         raise typer.Exit(1)
-
-
-def _known(name: str) -> MachineRecord:
-    from pymachined.state import StateStore
-
-    record = StateStore(options.layout).get(name)
-    if record is None:
-        raise PymachineError(f"no machine named {name!r}", hint="see pymachine ls")
-    return record
 
 
 NameArg = Annotated[str, typer.Argument(help="The machine.", callback=_name_check("machine"))]
@@ -512,8 +412,9 @@ def forward_ports(name: NameArg) -> None:
     """Start a machine's IPv6 port forwarders (its unit runs this once the
     machine is up, so they live and die with the unit)."""
     from pymachined.execute import start_recorded_forwarders
+    from pymachined.verbs import known
 
-    start_recorded_forwarders(options.layout, _known(name))
+    start_recorded_forwarders(options.layout, known(options.layout, name))
 
 
 @app.command()
@@ -552,38 +453,17 @@ def destroy(name: NameArg, yes: YesOption = False, supervisor: SupervisorOption 
 @app.command()
 def inspect(
     name: NameArg,
-    output: Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")] = Format.JSON,
+    output: DocumentOption = Format.JSON,
     supervisor: SupervisorOption = "auto",
 ) -> None:
     """One document: the spec as applied, the command line it runs with,
     its state and exit code, root layers, address, supervisor process, resource
     limits and user namespace."""
-    from pymachined import rootfs
+    from pymachined import output as show
+    from pymachined.verbs import inspect
 
-    record = _known(name)
-    chosen = _reconciler(supervisor).supervisor
-    status = chosen.status().get(name)
-    root = rootfs.read(options.layout, name)
-    document = {
-        "name": name,
-        "spec": record.spec,
-        "state": status.as_json() if status else None,
-        "run": chosen.run_view(name, record.run, record.spec) if record.run else None,
-        "root": {
-            "mode": root.mode.value if root else None,
-            "path": str(options.layout.rootfs(name)),
-            "layers": list(root.layers) if root else [],
-        },
-        "network": record.network or (record.spec or {}).get("network"),
-        "address": record.address,
-        "files": sorted(record.files),
-        "created": record.created,
-        "history": list(record.history),
-        "resources": (record.spec or {}).get("resources"),
-        "limits": (record.run or {}).get("limits"),
-        "user_namespace": rootfs.user_namespace(options.layout, name),
-    }
-    _print_data(document, Format.JSON if output is Format.TABLE else output)
+    document = inspect.machine(options.layout, _reconciler(supervisor).supervisor, name)
+    show.data(document, _document_format(output))
 
 
 SinceOption = Annotated[
@@ -592,60 +472,6 @@ SinceOption = Annotated[
         help="Only from this long ago on (10m, 1h30m), or from a UTC time (2026-11-28T10:00:00)."
     ),
 ]
-
-
-def _since(value: str | None) -> datetime | None:
-    """The start of a --since window, as an aware UTC time."""
-    from datetime import UTC, datetime, timedelta
-
-    from pymachined.sizes import parse_duration
-
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.removesuffix("Z"))
-    except ValueError:
-        try:
-            return datetime.now(UTC) - timedelta(seconds=parse_duration(value))
-        except ValueError as exc:
-            raise UsageError(f"--since: {exc}, nor a time such as 2026-11-28T10:00:00") from exc
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _journal_logs(
-    unit: str, follow: bool, lines: int | None, since: datetime | None, timestamps: bool
-) -> None:
-    """A unit's output from the journal (systemd.journal.Reader), in the same
-    form as pymachined's logs."""
-    from collections import deque
-    from datetime import UTC
-
-    from systemd import journal
-
-    from pymachined.commands import LOG_TIME_FORMAT
-
-    reader = journal.Reader()
-    reader.add_match(_SYSTEMD_UNIT=unit)
-    if since is not None:
-        reader.seek_realtime(since)
-
-    def show(entry: dict[str, Any]) -> None:
-        message = entry.get("MESSAGE", "")
-        text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
-        when = entry.get("__REALTIME_TIMESTAMP")
-        if timestamps and when is not None:
-            text = f"{when.astimezone(UTC).strftime(LOG_TIME_FORMAT)} {text}"
-        typer.echo(text)
-
-    entries: list[dict[str, Any]] | deque[dict[str, Any]] = (
-        list(reader) if lines is None else deque(reader, maxlen=lines)
-    )
-    for entry in entries:
-        show(entry)
-    while follow:
-        reader.wait(1.0)
-        for entry in reader:
-            show(entry)
 
 
 @app.command()
@@ -673,105 +499,19 @@ def logs(
     pymachined captured it, each line stamped with the time it came. With
     --journal, a booted machine's own journal, read inside it by its own
     journalctl, confined as exec's commands are (under both supervisors)."""
-    import itertools
-    import time
-    from collections import deque
-    from collections.abc import Iterator
+    from pymachined import output as show
+    from pymachined.verbs import logs as machine_logs
 
-    from pymachined import commands
-    from pymachined.commands import LOG_TIME_FORMAT, rotated_log
-    from pymachined.desired import console_log
-    from pymachined.parsers import parse_log_line
-
-    record = _known(name)
-    from pymachined.supervise.systemd import SystemdSupervisor
-
-    start = _since(since)
+    chosen = _reconciler(supervisor).supervisor
     if journal:
-        if not (record.spec or {}).get("boot"):
-            raise PymachineError(
-                f"{name} is not booted: its output is all there is",
-                hint=f"pymachine logs {name}",
-            )
-        moment = start.strftime("%Y-%m-%d %H:%M:%S") if start is not None else None
-        argv = commands.journal_argv(follow, lines, moment, timestamps)
-        raise typer.Exit(_enter(name, supervisor, argv, "root", None, None))
-    if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
-        _journal_logs(options.layout.unit_name(name), follow, lines, start, timestamps)
+        code = machine_logs.journal(options.layout, chosen, name, lines, since, follow, timestamps)
+        raise typer.Exit(code)
+    found = machine_logs.output(options.layout, chosen, name, lines, since, follow)
+    if found is None:
+        show.note(f"{name} has no output yet")
         return
-    path = console_log(options.layout, name)
-    rotated = Path(rotated_log(PurePosixPath(path)))
-    if not path.exists() and not rotated.exists():
-        typer.echo(f"{name} has no output yet", err=True)
-        return
-    # Stamps and the boundary share one fixed format, so they compare as text.
-    boundary = start.strftime(LOG_TIME_FORMAT) if start is not None else None
-
-    def show(line: str) -> None:
-        stamp, text = parse_log_line(line)
-        if boundary is not None and (stamp is None or stamp < boundary):
-            return
-        typer.echo(f"{stamp} {text}" if timestamps and stamp else text, nl=False)
-
-    def read(source: Path) -> Iterator[str]:
-        try:
-            with source.open(errors="replace") as handle:
-                yield from handle
-        except FileNotFoundError:
-            return
-
-    # The rotated part first: the two are the machine's output in order.
-    both = itertools.chain(read(rotated), read(path))
-    for line in both if lines is None else deque(both, maxlen=lines):
-        show(line)
-    if not follow:
-        return
-    handle = path.open(errors="replace")
-    handle.seek(0, os.SEEK_END)
-    try:
-        while True:
-            line = handle.readline()
-            if line:
-                show(line)
-                continue
-            try:
-                renamed = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                renamed = False  # between the rename and the next line
-            if renamed:  # rotated: the rest of the old file, then on to the new one
-                for rest in handle:
-                    show(rest)
-                handle.close()
-                handle = path.open(errors="replace")
-            else:
-                time.sleep(0.2)
-    finally:
-        handle.close()
-
-
-def _leader(name: str, supervisor: str) -> int:
-    """The host pid of a running machine's PID 1, once it runs the payload
-    (waiting at most 30 s for a machine that is starting)."""
-    import time
-
-    from pymachined.procs import leader_pid, payload_running
-    from pymachined.supervise.base import RunState
-
-    _known(name)
-    reconciler = _reconciler(supervisor)
-    deadline = time.monotonic() + 30
-    while True:
-        status = reconciler.supervisor.status().get(name)
-        if status is not None and status.state == RunState.PAUSED:
-            raise PymachineError(f"machine {name} is paused", hint=f"pymachine unpause {name}")
-        if status is None or status.pid is None:
-            raise PymachineError(f"machine {name} is not running", hint=f"pymachine start {name}")
-        pid = leader_pid(status.pid)
-        if pid is not None and payload_running(status.pid, pid):
-            return pid
-        if time.monotonic() > deadline:
-            raise PymachineError(f"machine {name} is still starting after 30 s")
-        time.sleep(0.1)  # nspawn is still preparing the machine
+    for line in found:
+        show.log_line(line, timestamps)
 
 
 UserOption = Annotated[
@@ -799,28 +539,10 @@ def _enter(
     env: list[str] | None,
 ) -> int:
     """Run command in a running machine, confined as its PID 1 is; the exit code."""
-    import sys
+    from pymachined.verbs import enter
 
-    from pymachined import commands, run
-
-    for pair in env or []:
-        if "=" not in pair or pair.startswith("="):
-            raise UsageError(f"--env {pair!r}: not KEY=VALUE")
-    record = _known(name)
-    spec = record.spec or {}
-    pid = _leader(name, supervisor)
-    environment = [f"TERM={os.environ.get('TERM', 'dumb')}"]
-    environment += [f"{k}={v}" for k, v in sorted(spec.get("environment", {}).items())]
-    environment += env or []
-    argv = commands.enter_argv(
-        sys.executable,
-        pid,
-        command,
-        environment,
-        user if user is not None else spec.get("user"),
-        workdir if workdir is not None else spec.get("workdir"),
-    )
-    return run.interactive(argv)
+    chosen = _reconciler(supervisor).supervisor
+    return enter.enter(options.layout, chosen, name, command, user, workdir, env)
 
 
 @app.command(
@@ -872,6 +594,19 @@ def unpause(name: NameArg, supervisor: SupervisorOption = "auto") -> None:
     typer.echo(f"unpaused {name}")
 
 
+STATS_COLUMNS = [
+    "name",
+    "cpu_percent",
+    "memory",
+    "memory_limit",
+    "pids",
+    "net_rx",
+    "net_tx",
+    "block_io",
+]
+STATS_BYTES = ["memory", "memory_limit", "net_rx", "net_tx", "block_io"]
+
+
 @app.command()
 def stats(
     names: Annotated[
@@ -886,61 +621,18 @@ def stats(
 ) -> None:
     """CPU %, memory use and limit, processes, network and block I/O of running
     machines; refreshed every 2 s on a terminal, one sample otherwise."""
-    import time
+    from pymachined import output as show
+    from pymachined.verbs.stats import samples
 
-    from pymachined.cgroups import MachineCgroup
-    from pymachined.network import machine_traffic
-
-    for name in names or []:
-        _known(name)
-    from pymachined.supervise.systemd import SystemdSupervisor
-
-    chosen = _reconciler(supervisor).supervisor
-    statuses = chosen.status()
-    wanted = names or sorted(n for n, s in statuses.items() if s.pid is not None)
-    systemd = chosen if isinstance(chosen, SystemdSupervisor) else None
-    layout = options.layout
-    groups = {
-        n: MachineCgroup(n, systemd.cgroup(n) if systemd else layout.cgroup_name(n)) for n in wanted
-    }
     stream = sys.stdout.isatty() and not no_stream and output is Format.TABLE
-    before = {n: g.stats() for n, g in groups.items()}
-    started = time.monotonic()
-    while True:
-        time.sleep(0.5 if not stream else 2.0)
-        elapsed = time.monotonic() - started
-        now = {n: g.stats() for n, g in groups.items()}
-        rows: list[dict[str, Any]] = []
-        for name in wanted:
-            old, new = before[name], now[name]
-            cpu = None
-            if old.cpu_ns is not None and new.cpu_ns is not None:
-                cpu = round(100 * (new.cpu_ns - old.cpu_ns) / (elapsed * 1e9), 1)
-            traffic = machine_traffic(options.layout, name)
-            rows.append(
-                {
-                    "name": name,
-                    "cpu_percent": cpu,
-                    "memory": new.memory,
-                    "memory_limit": new.memory_limit,
-                    "pids": new.pids,
-                    "net_rx": traffic[0] if traffic else None,
-                    "net_tx": traffic[1] if traffic else None,
-                    "block_io": new.io_bytes,
-                    "oom_kills": new.oom_kills,
-                }
-            )
-        if output is Format.TABLE:
-            for row in rows:
-                for key in ("memory", "memory_limit", "net_rx", "net_tx", "block_io"):
-                    row[key] = _human(row[key]) if row[key] is not None else None
+    chosen = _reconciler(supervisor).supervisor
+    for sample in samples(options.layout, chosen, names or [], 2.0 if stream else 0.5):
+        rows = show.humanized([u.as_json() for u in sample], STATS_BYTES, output)
         if stream:
-            typer.echo("\x1b[H\x1b[2J", nl=False)
-        columns = ["name", "cpu_percent", "memory", "memory_limit", "pids", "net_rx", "net_tx"]
-        _print_rows(rows, [*columns, "block_io"], output)
+            show.clear_screen()
+        show.rows(rows, STATS_COLUMNS, output)
         if not stream:
             return
-        before, started = now, time.monotonic()
 
 
 @app.command("events")
@@ -952,31 +644,14 @@ def show_events(
     """Lifecycle events: create, start, die (with exit code), restart, dead, oom,
     pause, unpause, stop, remove. Under systemd, what it ran is read from the
     journal."""
-    import json
+    from pymachined import output as show
+    from pymachined.verbs import events
 
-    from pymachined import events
-    from pymachined.supervise.systemd import SystemdSupervisor, journal_events
-
-    start = _since(since)
     skipped: list[str] = []
-    found = list(events.read(options.layout, start, skipped))
+    found = events.events(options.layout, _reconciler(supervisor).supervisor, since, skipped)
     for problem in skipped:
-        typer.echo(f"warning: {problem}", err=True)
-    if isinstance(_reconciler(supervisor).supervisor, SystemdSupervisor):
-        found = sorted(found + journal_events(start), key=lambda e: str(e["time"]))
-    if output is Format.YAML:
-        _print_data(list(found), output)
-        return
-    for event in found:
-        if output is Format.JSON:
-            typer.echo(json.dumps(event, sort_keys=True))
-        else:
-            extra = " ".join(
-                f"{k}={v}"
-                for k, v in sorted(event.items())
-                if k not in ("time", "machine", "event")
-            )
-            typer.echo(f"{event['time']}  {event['machine']}  {event['event']}  {extra}".rstrip())
+        show.warning(problem)
+    show.events(found, output)
 
 
 # ---------------------------------------------------------------------------
@@ -984,13 +659,6 @@ def show_events(
 
 
 DEFAULT_SPEC_DIR = Path("/etc/pymachine/specs")
-
-
-def _systemd_host() -> None:
-    """Refuse unless systemd is PID 1 and the root is /."""
-    from pymachined.reconcile import choose_supervisor
-
-    choose_supervisor(options.layout, "systemd")
 
 
 @app.command()
@@ -1004,57 +672,25 @@ def install(
 ) -> None:
     """Install and enable pymachine-apply.service: it applies SPEC_DIR at boot,
     before machines.target, from cached images (no network needed)."""
-    from pymachined import commands, files, run
-    from pymachined.reconcile import program
-    from pymachined.render import APPLY_PATH_UNIT, APPLY_UNIT, apply_unit_files
-    from pymachined.resources import data_dir
+    from pymachined.output import plural
+    from pymachined.verbs import boot
 
-    _systemd_host()
+    boot.systemd_host(options.layout)
     spec_dir = spec_dir.resolve()
     spec_set = _spec_set([spec_dir])
-    rendered = apply_unit_files(
-        PurePosixPath(spec_dir), options.layout, data_dir("templates"), program(), watch=watch
-    )
-    for file in rendered:
-        files.atomic_write(Path(file.path), file.content, file.mode)
-    stale = Path(options.layout.unit_dir) / APPLY_PATH_UNIT
-    units = [APPLY_UNIT, APPLY_PATH_UNIT] if watch else [APPLY_UNIT]
-    if not watch and stale.exists():
-        run.run(commands.systemctl_argv("disable", [APPLY_PATH_UNIT], "--no-reload", "--now"))
-        _remove_owned(stale)
-    run.run(commands.systemctl_argv("enable", units, "--no-reload"))
-    run.run(commands.daemon_reload_argv())
-    if watch:
-        run.run(commands.systemctl_argv("start", [APPLY_PATH_UNIT]))
-    machines = _plural(len(spec_set.machines), "machine")
+    units = boot.install(options.layout, spec_dir, watch)
+    machines = plural(len(spec_set.machines), "machine")
     typer.echo(f"installed {', '.join(units)}: applies {spec_dir} ({machines}) at boot")
-
-
-def _remove_owned(path: Path) -> None:
-    from pymachined.execute import remove_owned_file
-
-    remove_owned_file(path)
 
 
 @app.command()
 def uninstall() -> None:
     """Disable and remove pymachine-apply.service (and its .path unit); the
     machines' own units stay."""
-    from pymachined import commands, run
-    from pymachined.render import APPLY_PATH_UNIT, APPLY_UNIT
+    from pymachined.verbs import boot
 
-    _systemd_host()
-    present = [
-        u for u in (APPLY_PATH_UNIT, APPLY_UNIT) if (Path(options.layout.unit_dir) / u).exists()
-    ]
-    if not present:
-        typer.echo("nothing to uninstall")
-        return
-    run.run(commands.systemctl_argv("disable", present, "--no-reload", "--now"))
-    for unit in present:
-        _remove_owned(Path(options.layout.unit_dir) / unit)
-    run.run(commands.daemon_reload_argv())
-    typer.echo(f"uninstalled {', '.join(present)}")
+    present = boot.uninstall(options.layout)
+    typer.echo(f"uninstalled {', '.join(present)}" if present else "nothing to uninstall")
 
 
 # Networks
@@ -1063,72 +699,28 @@ network_app = typer.Typer(help="List and inspect networks.", no_args_is_help=Tru
 app.add_typer(network_app, name="network")
 
 
-def _network_documents() -> list[dict[str, Any]]:
-    """Every recorded network with its machines, as plain data."""
-    from pymachined import netplan, network
-    from pymachined.state import StateStore
-
-    store = StateStore(options.layout)
-    machines = store.all()
-    out = []
-    for name, record in store.networks().items():
-        spec = record.spec
-        members = [
-            {
-                "name": m.name,
-                "address": m.address,
-                "interface": netplan.veth_name(options.layout, m.name),
-                "attached": network.netns_exists(options.layout, m.name),
-            }
-            for m in machines.values()
-            if m.network == name and m.address is not None
-        ]
-        out.append(
-            {
-                "name": name,
-                "bridge": record.bridge,
-                "bridge_up": network.link_exists(record.bridge),
-                "subnet": spec.get("subnet"),
-                "subnet6": spec.get("subnet6"),
-                "gateway": spec.get("gateway") or _first_host(str(spec.get("subnet"))),
-                "nat": spec.get("nat"),
-                "machines": sorted(members, key=lambda m: str(m["name"])),
-                "created": record.created,
-                "history": list(record.history),
-            }
-        )
-    return out
-
-
-def _first_host(subnet: str) -> str:
-    import ipaddress
-
-    return str(next(ipaddress.ip_network(subnet).hosts()))
-
-
 @network_app.command("ls")
 def network_ls(output: OutputOption = Format.TABLE) -> None:
     """List networks: name, bridge, subnet, gateway, machines."""
+    from pymachined import output as show
+    from pymachined.verbs import inspect
+
     rows = [
         {**doc, "machines": ", ".join(f"{m['name']}={m['address']}" for m in doc["machines"])}
         if output is Format.TABLE
         else doc
-        for doc in _network_documents()
+        for doc in inspect.networks(options.layout)
     ]
-    _print_rows(rows, ["name", "bridge", "subnet", "subnet6", "gateway", "machines"], output)
+    show.rows(rows, ["name", "bridge", "subnet", "subnet6", "gateway", "machines"], output)
 
 
 @network_app.command("inspect")
-def network_inspect(
-    name: NetworkArg,
-    output: Annotated[Format, typer.Option("--output", "-o", help="json or yaml.")] = Format.JSON,
-) -> None:
+def network_inspect(name: NetworkArg, output: DocumentOption = Format.JSON) -> None:
     """One document: the network's subnet, bridge, gateway and machines with addresses."""
-    for doc in _network_documents():
-        if doc["name"] == name:
-            _print_data(doc, Format.JSON if output is Format.TABLE else output)
-            return
-    raise PymachineError(f"no network named {name!r}", hint="see pymachine network ls")
+    from pymachined import output as show
+    from pymachined.verbs import inspect
+
+    show.data(inspect.network_document(options.layout, name), _document_format(output))
 
 
 @network_app.command("rm")
@@ -1157,6 +749,10 @@ def _store() -> ImageStore:
     return ImageStore(options.layout, data_dir("templates"))
 
 
+def _waiting(message: str) -> None:
+    typer.echo(message, err=True)
+
+
 @image_app.command("build")
 def image_build(
     target: Annotated[
@@ -1168,63 +764,20 @@ def image_build(
     ] = None,
 ) -> None:
     """Build an image (and its parents), or every image a spec path needs."""
-    from pymachined.recipes import layers, machine_layers
+    from pymachined.verbs.build import build
 
-    store = _store()
-    salts = store.salts()
-    path = Path(target)
-    if path.exists():
-        spec_set = _spec_set([path, *(specs or [])])
-        declared = sorted(name for kind, name in spec_set.sources if kind == "image")
-        plans = [layers(spec_set, name, salts) for name in declared]
-        plans += [machine_layers(spec_set, m, salts) for m in spec_set.machines.values()]
-        if not plans:
-            raise PymachineError(f"{target} declares no images or machines")
-    else:
-        spec_set = _spec_set(list(specs or []))
-        if target not in spec_set.images:
-            known = ", ".join(sorted(spec_set.images))
-            raise PymachineError(f"unknown image {target!r}", hint=f"images: {known}")
-        plans = [layers(spec_set, target, salts)]
-    for plan in plans:
-        top = store.ensure(plan)[0]
+    for top in build(options.layout, _store(), target, specs or []):
         typer.echo(f"{top.name} {top.key}")
 
 
 @image_app.command("ls")
 def image_ls(output: OutputOption = Format.TABLE) -> None:
     """List built images: name, key, size, when built, which machines use them."""
-    from pymachined import rootfs
-    from pymachined.files import tree_usage
+    from pymachined import output as show
+    from pymachined.verbs import disk
 
-    store = _store()
-    users = rootfs.users(options.layout)
-    rows: list[dict[str, Any]] = [
-        {
-            "name": record.name,
-            "key": record.key,
-            "parent": record.parent,
-            "size": tree_usage(record.tree),
-            "built": record.built,
-            "used_by": users.get(record.key, []),
-        }
-        for record in store.records()
-    ]
-    if output is Format.TABLE:
-        for row in rows:
-            row["size"] = _human(row["size"])
-    _print_rows(rows, ["name", "key", "size", "built", "used_by"], output)
-
-
-def _resolve_images(store: ImageStore, names: list[str]) -> list[str]:
-    records = store.records()
-    keys: list[str] = []
-    for name in names:
-        found = [r.key for r in records if name in (r.key, r.name)]
-        if not found:
-            raise PymachineError(f"no image {name!r} in the cache", hint="see pymachine image ls")
-        keys += found
-    return keys
+    rows = show.humanized(disk.images(options.layout, _store()), ["size"], output)
+    show.rows(rows, ["name", "key", "size", "built", "used_by"], output)
 
 
 @image_app.command("rm")
@@ -1234,27 +787,10 @@ def image_rm(
     ],
 ) -> None:
     """Remove images no machine uses."""
-    from pymachined import rootfs
+    from pymachined import output as show
+    from pymachined.verbs import disk
 
-    store = _store()
-    with _host_lock(None):  # an apply may be about to make a root from one of them
-        users = rootfs.users(options.layout)
-        keys = _resolve_images(store, names)
-        children = {r.parent: r.key for r in store.records() if r.parent}
-        for key in keys:
-            if users.get(key):
-                raise PymachineError(
-                    f"image {key} is used by {', '.join(users[key])}",
-                    hint="remove those machines first",
-                )
-            if key in children and children[key] not in keys:
-                raise PymachineError(
-                    f"image {key} is the parent of image {children[key]}",
-                    hint=f"remove {children[key]} too",
-                )
-        for key in sorted(keys, key=lambda k: len(store.chain(k)), reverse=True):
-            store.remove(key)
-            typer.echo(f"removed {key}")
+    disk.remove_images(options.layout, _store(), names, show.line, _waiting)
 
 
 @image_app.command("prune")
@@ -1268,40 +804,26 @@ def image_prune(
 def _prune(machines: list[str], yes: bool, supervisor: str) -> None:
     """Remove machines and then every image no remaining machine uses, after
     listing them and asking (or --yes)."""
-    from pymachined import rootfs
-    from pymachined.execute import remove_machine
-    from pymachined.state import StateStore
+    from pymachined import output as show
+    from pymachined.verbs import disk
 
     store = _store()
-    users = rootfs.users(options.layout)
-    for name in machines:
-        users = {k: [m for m in v if m != name] for k, v in users.items()}
-    unused = [r for r in store.records() if not users.get(r.key)]
-    if not machines and not unused:
-        typer.echo("no unused images")
+    plan = disk.prune_plan(options.layout, store, machines)
+    if plan.empty:
+        show.line("no unused images")
         return
-    for name in machines:
-        typer.echo(f"stopped, undeclared machine: {name}")
-    for record in unused:
-        typer.echo(f"unused: {record.name} {record.key}")
+    for name in plan.machines:
+        show.line(f"stopped, undeclared machine: {name}")
+    for record in plan.images:
+        show.line(f"unused: {record.name} {record.key}")
     if not yes:
         if not sys.stdin.isatty():
             raise PymachineError("not removing without confirmation", hint="add --yes")
-        typer.confirm(f"remove {len(machines)} machines and {len(unused)} images?", abort=True)
-    with _host_lock(None):  # an apply may be about to make a root from an image
-        if machines:
-            running = _reconciler(supervisor).supervisor
-            for name in machines:
-                remove_machine(options.layout, StateStore(options.layout), running, name)
-                typer.echo(f"removed machine {name}")
-            running.commit({}, reload=True)
-        users = rootfs.users(options.layout)  # again: an apply may have run meanwhile
-        for record in sorted(unused, key=lambda r: len(store.chain(r.key)), reverse=True):
-            if users.get(record.key):
-                typer.echo(f"kept {record.key}: now used by {', '.join(users[record.key])}")
-                continue
-            store.remove(record.key)
-            typer.echo(f"removed {record.key}")
+        typer.confirm(
+            f"remove {len(plan.machines)} machines and {len(plan.images)} images?", abort=True
+        )
+    running = _reconciler(supervisor).supervisor if plan.machines else None
+    disk.prune(options.layout, store, running, plan, show.line, _waiting)
 
 
 @app.command()
@@ -1314,7 +836,7 @@ def prune(
     supervisor: SupervisorOption = "auto",
 ) -> None:
     """Remove stopped machines no spec declares (given PATH) and images no machine uses."""
-    from pymachined.state import StateStore
+    from pymachined.verbs import disk
 
     doomed: list[str] = []
     if paths:
@@ -1324,67 +846,29 @@ def prune(
                 f"{', '.join(map(str, paths))} declares no machines; refusing to prune them all",
                 hint="check the path; to remove one machine, use pymachine destroy",
             )
-        from pymachined.supervise.base import LIVE
-
         statuses = _reconciler(supervisor).supervisor.status()
-        for name in StateStore(options.layout).names():
-            status = statuses.get(name)
-            # A machine between two runs (restarting) is not a stopped one.
-            running = status is not None and (status.pid is not None or status.state in LIVE)
-            if name not in declared and not running:
-                doomed.append(name)
+        doomed = disk.stopped_undeclared(options.layout, statuses, declared)
     _prune(doomed, yes, supervisor)
 
 
 @app.command()
 def df(output: OutputOption = Format.TABLE) -> None:
     """Disk used by images and by machines' own layers, shared and unique."""
-    from pymachined import rootfs
-    from pymachined.files import tree_usage
+    from pymachined import output as show
+    from pymachined.verbs import disk
 
-    layout = options.layout
-    store = _store()
-    users = rootfs.users(layout)
-    rows: list[dict[str, Any]] = []
-    for record in store.records():
-        size = tree_usage(record.tree)
-        rows.append(
-            {
-                "type": "image",
-                "name": record.name,
-                "key": record.key,
-                "size": size,
-                "users": len(users.get(record.key, [])),
-            }
-        )
-    machines = Path(layout.machines_dir)
-    for entry in sorted(machines.iterdir()) if machines.is_dir() else []:
-        root = rootfs.read(layout, entry.name)
-        if root is None:
-            continue
-        own = entry / ("rootfs" if root.mode.value == "copy" else "upper")
-        rows.append(
-            {
-                "type": "machine",
-                "name": entry.name,
-                "key": root.layers[0],
-                "size": tree_usage(own),
-                "users": 1,
-            }
-        )
+    rows = disk.usage(options.layout, _store())
     if output is Format.TABLE:
-        images = sum(r["size"] for r in rows if r["type"] == "image")
-        shared = sum(r["size"] for r in rows if r["type"] == "image" and r["users"])
-        own = sum(r["size"] for r in rows if r["type"] == "machine")
-        typer.echo(
-            f"images: {_human(images)} ({_human(shared)} in use, "
-            f"{_human(images - shared)} reclaimable by image prune)"
+        totals = disk.totals(rows)
+        show.line(
+            f"images: {show.human(totals.images)} ({show.human(totals.shared)} in use, "
+            f"{show.human(totals.reclaimable)} reclaimable by image prune)"
         )
-        typer.echo(f"machines' own layers: {_human(own)}")
-        typer.echo()
-        for row in rows:
-            row["size"] = _human(row["size"])
-    _print_rows(rows, ["type", "name", "key", "size", "users"], output)
+        show.line(f"machines' own layers: {show.human(totals.own)}")
+        show.line()
+    show.rows(
+        show.humanized(rows, ["size"], output), ["type", "name", "key", "size", "users"], output
+    )
 
 
 def _report(error: PymachineError) -> int:

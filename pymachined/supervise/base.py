@@ -7,7 +7,7 @@ semantics.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -148,6 +148,15 @@ class Status:
         )
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a machine's output: its UTC time stamp (``LOG_TIME_FORMAT``;
+    None where the line has none) and its text, with the line's newline."""
+
+    stamp: str | None
+    text: str
+
+
 class Supervisor(Protocol):
     """Runs machines, restarts them by policy, and says how they are."""
 
@@ -164,6 +173,25 @@ class Supervisor(Protocol):
     ) -> dict[str, Any]:
         """How a machine runs under this supervisor, for ``inspect``: its
         recorded run spec with the command line and log source actually used."""
+        ...
+
+    def cgroup(self, name: str) -> str:
+        """A machine's control group, relative to each hierarchy's root."""
+        ...
+
+    def output(
+        self, name: str, lines: int | None, since: float | None, follow: bool
+    ) -> Iterator[LogLine] | None:
+        """A machine's output, oldest first (the last ``lines`` of it; from
+        ``since``, in seconds since the epoch, on), then, with ``follow``, what
+        it prints next, until interrupted; None if it has printed nothing yet
+        (pymachined: its console log; systemd: its unit's journal)."""
+        ...
+
+    def events(self, since: float | None) -> list[dict[str, Any]]:
+        """Lifecycle events this supervisor logs itself, beyond pymachine's own
+        event log, oldest first (systemd: its journal's word of each machine
+        unit; pymachined: none, it writes them to pymachine's log)."""
         ...
 
     def settled(self) -> None:

@@ -3,21 +3,28 @@ and starting it when it is not running."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pymachined import run
+from pymachined.commands import LOG_TIME_FORMAT, rotated_log
+from pymachined.desired import console_log
 from pymachined.errors import PymachineError
 from pymachined.layout import Layout
 from pymachined.limits import Limits
-from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
+from pymachined.parsers import parse_log_line
+from pymachined.supervise.base import SOCKET, LogLine, RunSpec, RunState, Status, read_line
 
 START_TIMEOUT = 10.0  # for pymachined itself to listen
 # How long a start waits for the machine's payload: systemd's
@@ -115,6 +122,21 @@ class BuiltinSupervisor:
         """pymachined runs the recorded command line, into the console log."""
         return run
 
+    def cgroup(self, name: str) -> str:
+        """pymachined makes a machine's group under its own, by the root's scope."""
+        return self.layout.cgroup_name(name)
+
+    def output(
+        self, name: str, lines: int | None, since: float | None, follow: bool
+    ) -> Iterator[LogLine] | None:
+        """The machine's console log as pymachined captured it (the rotated
+        part first), each line stamped with the time it came."""
+        return console_output(console_log(self.layout, name), lines, since, follow)
+
+    def events(self, since: float | None) -> list[dict[str, Any]]:
+        """None beyond pymachine's event log: pymachined writes its own there."""
+        return []
+
     def settled(self) -> None:
         """Nothing: pymachined has no unit of the boot apply."""
 
@@ -179,3 +201,64 @@ class BuiltinSupervisor:
         restarts; what this host cannot limit, as messages."""
         reply = self.request({"op": "limits", "name": name, "limits": limits.as_json()})
         return [str(m) for m in reply.get("skipped", [])]
+
+
+def console_output(
+    path: Path, lines: int | None, since: float | None, follow: bool
+) -> Iterator[LogLine] | None:
+    """A console log's lines (its rotated part first), and with follow the
+    lines written next, across rotations; None if neither part exists."""
+    rotated = Path(rotated_log(PurePosixPath(path)))
+    if not path.exists() and not rotated.exists():
+        return None
+    # Stamps and the boundary share one fixed format, so they compare as text.
+    boundary = (
+        datetime.fromtimestamp(since, UTC).strftime(LOG_TIME_FORMAT) if since is not None else None
+    )
+
+    def kept(line: str) -> Iterator[LogLine]:
+        stamp, text = parse_log_line(line)
+        if boundary is None or (stamp is not None and stamp >= boundary):
+            yield LogLine(stamp, text)
+
+    def read(source: Path) -> Iterator[str]:
+        try:
+            with source.open(errors="replace") as handle:
+                yield from handle
+        except FileNotFoundError:
+            return
+
+    def generate() -> Iterator[LogLine]:
+        # The rotated part first: the two are the machine's output in order.
+        both = itertools.chain(read(rotated), read(path))
+        for line in both if lines is None else deque(both, maxlen=lines):
+            yield from kept(line)
+        if follow:
+            yield from _follow(path, kept)
+
+    return generate()
+
+
+def _follow(path: Path, kept: Callable[[str], Iterator[LogLine]]) -> Iterator[LogLine]:
+    """The lines written to a console log from now on, across its rotations."""
+    handle = path.open(errors="replace")
+    handle.seek(0, os.SEEK_END)
+    try:
+        while True:
+            line = handle.readline()
+            if line:
+                yield from kept(line)
+                continue
+            try:
+                renamed = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                renamed = False  # between the rename and the next line
+            if renamed:  # rotated: the rest of the old file, then on to the new one
+                for rest in handle:
+                    yield from kept(rest)
+                handle.close()
+                handle = path.open(errors="replace")
+            else:
+                time.sleep(0.2)
+    finally:
+        handle.close()

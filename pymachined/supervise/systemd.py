@@ -20,7 +20,8 @@ import dataclasses
 import os
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from pymachined.errors import CommandError, PymachineError
 from pymachined.layout import Layout
 from pymachined.limits import Limits, unit_properties
 from pymachined.parsers import parse_payload_signal, parse_systemctl_show, parse_unix_timestamp
-from pymachined.supervise.base import RunSpec, RunState, Status
+from pymachined.supervise.base import LogLine, RunSpec, RunState, Status
 
 PREFIX = "pymachine-"
 SUFFIX = ".service"
@@ -173,6 +174,36 @@ def journal_events(since: datetime | None) -> list[dict[str, Any]]:
     return found
 
 
+def journal_output(
+    unit: str, lines: int | None, since: float | None, follow: bool
+) -> Iterator[LogLine]:
+    """A unit's output from the journal (systemd.journal.Reader), in the form
+    of pymachined's console log."""
+    from systemd import journal
+
+    reader = journal.Reader()
+    reader.add_match(_SYSTEMD_UNIT=unit)
+    if since is not None:
+        reader.seek_realtime(datetime.fromtimestamp(since, UTC))
+
+    def line(entry: Mapping[str, Any]) -> LogLine:
+        message = entry.get("MESSAGE", "")
+        text = message.decode(errors="replace") if isinstance(message, bytes) else str(message)
+        when = entry.get("__REALTIME_TIMESTAMP")
+        stamp = when.astimezone(UTC).strftime(commands.LOG_TIME_FORMAT) if when else None
+        return LogLine(stamp, text + "\n")
+
+    entries: list[dict[str, Any]] | deque[dict[str, Any]] = (
+        list(reader) if lines is None else deque(reader, maxlen=lines)
+    )
+    for entry in entries:
+        yield line(entry)
+    while follow:
+        reader.wait(1.0)
+        for entry in reader:
+            yield line(entry)
+
+
 def payload_signal(unit: str, since: float | None) -> int | None:
     """The signal that killed the payload of a unit's last run, from what its
     nspawn logged ("Container NAME terminated by signal KILL."), or None:
@@ -272,6 +303,16 @@ class SystemdSupervisor:
         if spec:
             view["argv"] = nspawn_exec_argv(Machine.model_validate(spec), self.layout)
         return view
+
+    def output(
+        self, name: str, lines: int | None, since: float | None, follow: bool
+    ) -> Iterator[LogLine] | None:
+        """The machine unit's output, from the journal."""
+        return journal_output(self.unit(name), lines, since, follow)
+
+    def events(self, since: float | None) -> list[dict[str, Any]]:
+        """What systemd ran of the machine units, from the journal."""
+        return journal_events(datetime.fromtimestamp(since, UTC) if since is not None else None)
 
     def settled(self) -> None:
         """Clear a failure of the boot apply's unit that this apply made good:

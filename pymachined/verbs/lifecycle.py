@@ -55,6 +55,14 @@ def needed_by(records: dict[str, MachineRecord], name: str) -> list[str]:
     return sorted(found)
 
 
+def known(layout: Layout, name: str) -> MachineRecord:
+    """A machine's record, or an error saying there is no such machine."""
+    record = StateStore(layout).get(name)
+    if record is None:
+        raise PymachineError(f"no machine named {name!r}", hint="see pymachine ls")
+    return record
+
+
 @dataclass
 class Verbs:
     """The verbs against one host."""
@@ -77,10 +85,7 @@ class Verbs:
 
     def record(self, name: str) -> MachineRecord:
         """A machine's record, or an error naming what exists."""
-        record = self.state.get(name)
-        if record is None:
-            raise PymachineError(f"no machine named {name!r}", hint="see pymachine ls")
-        return record
+        return known(self.layout, name)
 
     def running_dependents(self, name: str) -> list[str]:
         """Running machines that need name."""
@@ -150,9 +155,7 @@ def prepare(layout: Layout, images: ImageStore, name: str) -> None:
     from pymachined.supervise.systemd import clear_registration
 
     state = StateStore(layout)
-    record = state.get(name)
-    if record is None:
-        raise PymachineError(f"no machine named {name!r}", hint="see pymachine ls")
+    record = known(layout, name)
     ready_root(layout, images, name, recorded_spec(record))
     # Forwarders started here would not outlive this step: forward-ports.
     attach_recorded(layout, state, record, forwarders=False)
