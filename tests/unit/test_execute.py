@@ -8,17 +8,31 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from pymachined.actions import (
+    Action,
+    AdoptRoot,
+    BuildImage,
+    CreateMachine,
     CreateNetwork,
+    EnableMachine,
+    Phase,
     RemoveMachine,
     RemoveNetwork,
+    ReplaceNetwork,
+    ReplaceRoot,
+    RestartMachine,
+    StartForwarders,
     StartMachine,
     Step,
     StopMachine,
+    UpdateLimits,
+    WriteFiles,
+    phase,
+    steps,
 )
 from pymachined.desired import Desired, desire, file_hash
 from pymachined.errors import ApplyError, PymachineError
@@ -218,6 +232,38 @@ class FakeNetwork:
         return []
 
 
+PHASES = {
+    CreateNetwork: Phase.NETWORK_FIRST,
+    ReplaceNetwork: Phase.NETWORK_FIRST,
+    BuildImage: Phase.MAKING,
+    CreateMachine: Phase.MAKING,
+    AdoptRoot: Phase.MAKING,
+    ReplaceRoot: Phase.MAKING,
+    WriteFiles: Phase.MAKING,
+    EnableMachine: Phase.ENABLE,
+    StartMachine: Phase.RUNNING,
+    RestartMachine: Phase.RUNNING,
+    UpdateLimits: Phase.RUNNING,
+    StartForwarders: Phase.RUNNING,
+    StopMachine: Phase.BACKWARD,
+    RemoveMachine: Phase.BACKWARD,
+    RemoveNetwork: Phase.NETWORK_LAST,
+}
+
+
+def test_every_step_has_its_phase() -> None:
+    assert set(get_args(Step)) == set(PHASES)
+    for kind, expected in PHASES.items():
+        assert phase(kind("m", "why")) is expected, kind.__name__
+
+
+def test_only_steps_reach_the_executor() -> None:
+    plan_steps = [StartMachine("a", "why"), RemoveNetwork("n", "why")]
+    assert steps(plan_steps) == plan_steps
+    with pytest.raises(TypeError, match="not a plan step"):
+        steps([*plan_steps, Action("a", "why")])
+
+
 class Host:
     """A host under tmp_path, the desired state of SPECS, and an executor with fakes."""
 
@@ -304,6 +350,7 @@ def test_a_failed_build_fails_its_machine_and_dependents_and_the_rest_converge(
     assert [sorted(a) for a, _ in host.supervisor.commits] == [["db", "solo"]]
     assert host.state.get("web") is None and host.state.get("cache") is None
     assert any(line.startswith("failed: web: ") for line in host.said)
+    assert host.named("build").count(web_image) == 1
 
 
 def test_a_bug_is_not_a_failure_it_stops_the_apply(repo: Path, tmp_path: Path) -> None:
