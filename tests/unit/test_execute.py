@@ -47,6 +47,7 @@ from pymachined.rootfs import Root
 from pymachined.spec import Machine, Network, RootfsMode
 from pymachined.state import StateStore
 from pymachined.supervise.base import RunSpec, RunState, Status
+from pymachined.validate import load_set
 
 SALTS = Salts(bootstrap="debootstrap 1.0 http://mirror", derive="layer")
 
@@ -269,9 +270,7 @@ class Host:
 
     def __init__(
         self, repo: Path, tmp_path: Path, failing: frozenset[str] = frozenset(), broken: str = ""
-    ):
-        from pymachined.validate import load_set
-
+    ) -> None:
         self.layout = Layout(PurePosixPath(tmp_path / "host"))
         tmp_path.mkdir(parents=True, exist_ok=True)
         spec = tmp_path / "specs.yaml"
