@@ -2,13 +2,17 @@
 
 Each action names its machine (or, for network actions, its network) and why
 it is needed; ``describe()`` is the line
-``plan`` prints and ``as_json()`` the object ``plan -o json`` prints.
+``plan`` prints and ``as_json()`` the object ``plan -o json`` prints. A plan
+holds ``Step``s, the closed union of the concrete actions; ``phase()`` says
+when apply carries each out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from enum import StrEnum
+from typing import Any, ClassVar, assert_never
 
 from pymachined.spec import Network, RootfsMode
 
@@ -185,3 +189,65 @@ class RemoveNetwork(NetworkAction):
     """Remove a network no spec declares: its bridge, rules and record."""
 
     verb: ClassVar[str] = "remove"
+
+
+Step = (
+    BuildImage
+    | CreateMachine
+    | AdoptRoot
+    | ReplaceRoot
+    | WriteFiles
+    | StartMachine
+    | RestartMachine
+    | UpdateLimits
+    | StartForwarders
+    | EnableMachine
+    | StopMachine
+    | RemoveMachine
+    | CreateNetwork
+    | ReplaceNetwork
+    | RemoveNetwork
+)
+"""Every concrete action: what a plan holds. A match over it that leaves one
+out fails mypy (``assert_never``), so a new action cannot lack a handler."""
+
+
+class Phase(StrEnum):
+    """When apply carries out an action, in this order."""
+
+    NETWORK_FIRST = "network first"  # bridges, before any machine is touched
+    MAKING = "making"  # builds, roots and files, machines in parallel
+    ENABLE = "enable"  # taken in with the written files, in one commit
+    RUNNING = "running"  # starts and in-place changes, in dependency order
+    BACKWARD = "backward"  # stops and removals, one by one, in plan order
+    NETWORK_LAST = "network last"  # bridges go after every machine is gone
+
+
+def phase(step: Step) -> Phase:
+    """The phase an action belongs to. Pure."""
+    match step:
+        case CreateNetwork() | ReplaceNetwork():
+            return Phase.NETWORK_FIRST
+        case BuildImage() | CreateMachine() | AdoptRoot() | ReplaceRoot() | WriteFiles():
+            return Phase.MAKING
+        case EnableMachine():
+            return Phase.ENABLE
+        case StartMachine() | RestartMachine() | UpdateLimits() | StartForwarders():
+            return Phase.RUNNING
+        case StopMachine() | RemoveMachine():
+            return Phase.BACKWARD
+        case RemoveNetwork():
+            return Phase.NETWORK_LAST
+        case _:
+            assert_never(step)
+
+
+def steps(actions: Iterable[Action]) -> list[Step]:
+    """Actions as plan steps; anything else (a bare Action, a subclass no plan
+    makes) is a bug, and raises TypeError."""
+    out: list[Step] = []
+    for action in actions:
+        if not isinstance(action, Step):
+            raise TypeError(f"not a plan step: {action!r}")
+        out.append(action)
+    return out

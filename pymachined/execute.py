@@ -9,6 +9,12 @@ Networks come first and go last: bridges are made before any machine starts
 and removed after every machine is gone. A machine on a declared network gets
 its namespace, veth pair and address just before it starts, and loses them
 just after it stops; the nft table is rewritten after each such change.
+
+Each action's phase comes from ``actions.phase``, and ``Executor._one``
+matches it to its handler; both matches are exhaustive over ``actions.Step``,
+so mypy fails on an action type without a handler. What touches the network
+and the roots goes through ``NetworkEdge`` and ``RootfsEdge`` (the
+``network`` and ``rootfs`` modules, unless a test gives others).
 """
 
 from __future__ import annotations
@@ -21,16 +27,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol, assert_never
 
 from pymachined import events, files, netplan, network, rootfs
 from pymachined.actions import (
-    Action,
     AdoptRoot,
     BuildImage,
     CreateMachine,
     CreateNetwork,
     EnableMachine,
-    NetworkAction,
+    Phase,
     RemoveMachine,
     RemoveNetwork,
     ReplaceNetwork,
@@ -38,9 +44,11 @@ from pymachined.actions import (
     RestartMachine,
     StartForwarders,
     StartMachine,
+    Step,
     StopMachine,
     UpdateLimits,
     WriteFiles,
+    phase,
 )
 from pymachined.desired import Desired, file_hash
 from pymachined.errors import ApplyError, Failure, PymachineError, host_error
@@ -50,13 +58,84 @@ from pymachined.layout import Layout
 from pymachined.plan import starts_at_boot
 from pymachined.records import MachineRecord, NetworkRecord
 from pymachined.render import MARKER
-from pymachined.spec import Machine, Network
+from pymachined.spec import Machine, Network, RootfsMode
 from pymachined.state import StateStore
 from pymachined.supervise.base import BindSource, RunSpec, Supervisor
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class NetworkEdge(Protocol):
+    """What the executor does to the host's networks (the ``network`` module)."""
+
+    def create_bridge(self, layout: Layout, network: Network, /) -> str:
+        """Make a network's bridge; its name."""
+        ...
+
+    def reconnect(self, layout: Layout, bridge: str, machines: list[str], /) -> None:
+        """Put machines' veths on a bridge made again."""
+        ...
+
+    def remove_bridge(self, layout: Layout, record: NetworkRecord, /) -> None:
+        """Remove a network's bridge."""
+        ...
+
+    def attach(
+        self, layout: Layout, machine: str, network: Network, address: ipaddress.IPv4Address, /
+    ) -> None:
+        """Give a machine its namespace, veth pair and address."""
+        ...
+
+    def detach(self, layout: Layout, machine: str, /) -> None:
+        """Take away a machine's namespace and veth pair."""
+        ...
+
+    def sync_rules(self, layout: Layout, state: StateStore, /) -> str:
+        """Rewrite the nft table from the records."""
+        ...
+
+    def start_forwarders(
+        self, layout: Layout, machine: Machine, address: ipaddress.IPv4Address, /
+    ) -> list[int]:
+        """Start a machine's IPv6 port forwarders."""
+        ...
+
+
+class RootfsEdge(Protocol):
+    """What the executor does to machines' roots (the ``rootfs`` module)."""
+
+    def read(self, layout: Layout, name: str, /) -> rootfs.Root | None:
+        """A machine's root record, or None."""
+        ...
+
+    def create(
+        self,
+        layout: Layout,
+        name: str,
+        mode: RootfsMode,
+        chain: list[ImageRecord],
+        /,
+        *,
+        durable: bool = True,
+    ) -> rootfs.Root:
+        """Make a machine's root from an image chain."""
+        ...
+
+    def adopt(
+        self, layout: Layout, name: str, mode: RootfsMode, layers: tuple[str, ...], /
+    ) -> rootfs.Root:
+        """Write a root record for the writes a machine kept."""
+        ...
+
+    def mount(self, layout: Layout, store: ImageStore, root: rootfs.Root, /) -> Path:
+        """Assemble a machine's root; its path."""
+        ...
+
+    def remove(self, layout: Layout, name: str, /) -> None:
+        """Remove a machine's root."""
+        ...
 
 
 @dataclass
@@ -69,6 +148,8 @@ class Executor:
     supervisor: Supervisor
     desired: Mapping[str, Desired]
     say: Callable[[str], None] = lambda text: None
+    net: NetworkEdge = network
+    roots: RootfsEdge = rootfs
 
     parallel: int = 8
     _addresses: threading.Lock = field(default_factory=threading.Lock)
@@ -76,7 +157,7 @@ class Executor:
     _failures: dict[str, Failure] = field(default_factory=dict)
     _builds: dict[str, PymachineError] = field(default_factory=dict)
 
-    def run(self, actions: Sequence[Action]) -> None:
+    def run(self, actions: Sequence[Step]) -> None:
         """Every action, in three phases. First each machine's builds, creation
         and files, machines in parallel (a bounded pool) once their dependencies
         are done; then the supervisor takes in the written files at once (under
@@ -90,24 +171,17 @@ class Executor:
         if any(isinstance(a, StartMachine | RestartMachine) for a in actions):
             self.supervisor.prepare()
         self._failures = {}
-        making: dict[str, list[Action]] = {}
-        running: dict[str, list[Action]] = {}
-        backward: list[Action] = []
-        networks_first: list[Action] = [a for a in actions if isinstance(a, CreateNetwork)]
-        networks_last: list[Action] = [a for a in actions if isinstance(a, RemoveNetwork)]
+        phases: dict[Phase, list[Step]] = {p: [] for p in Phase}
         for action in actions:
-            if isinstance(action, NetworkAction):
-                continue
-            if isinstance(action, StopMachine | RemoveMachine):
-                backward.append(action)
-            elif isinstance(action, EnableMachine):
-                continue  # taken in with the written files, below
-            elif isinstance(action, StartMachine | RestartMachine | UpdateLimits | StartForwarders):
-                running.setdefault(action.machine, []).append(action)
-            else:
-                making.setdefault(action.machine, []).append(action)
+            phases[phase(action)].append(action)
+        making: dict[str, list[Step]] = {}
+        for action in phases[Phase.MAKING]:
+            making.setdefault(action.machine, []).append(action)
+        running: dict[str, list[Step]] = {}
+        for action in phases[Phase.RUNNING]:
+            running.setdefault(action.machine, []).append(action)
         try:
-            for step in networks_first:
+            for step in phases[Phase.NETWORK_FIRST]:
                 self._guarded(step.machine, step)
             self._run_forward(making)
             written = {
@@ -116,7 +190,7 @@ class Executor:
                 if isinstance(a, WriteFiles) and a.machine not in self._failures
             }
             autostart = {n: starts_at_boot(self.desired[n]) for n in written}
-            for action in actions:
+            for action in phases[Phase.ENABLE]:
                 if isinstance(action, EnableMachine):
                     self.say(action.describe())
                     autostart[action.machine] = action.enabled
@@ -126,11 +200,11 @@ class Executor:
             # back until now (under systemd), and a start would wait for them.
             self.supervisor.ready()
             self._run_forward(running)
-            for action in backward:
+            for action in phases[Phase.BACKWARD]:
                 self._guarded(action.machine, action)
-            if any(isinstance(a, RemoveMachine) for a in backward):
+            if any(isinstance(a, RemoveMachine) for a in phases[Phase.BACKWARD]):
                 self.supervisor.commit({}, reload=True)
-            for step in networks_last:
+            for step in phases[Phase.NETWORK_LAST]:
                 self._guarded(step.machine, step)
         finally:
             self._sync()
@@ -149,17 +223,54 @@ class Executor:
             if Path(directory).is_dir():
                 files.sync_filesystem(Path(directory))
 
-    def _one(self, action: Action) -> None:
+    def _one(self, action: Step) -> None:
         self.say(action.describe())
-        handler = getattr(self, f"_{action.kind}")
-        handler(action)
+        match action:
+            case BuildImage():
+                self._ensure(self.desired[action.machine])
+            case CreateMachine():
+                self._create_machine(action)
+            case AdoptRoot():
+                self._adopt_root(action)
+            case ReplaceRoot():
+                self._replace_root(action)
+            case WriteFiles():
+                self._write_files(action)
+            case StartMachine():
+                self._start(self.desired[action.machine], "started")
+            case RestartMachine():
+                want = self.desired[action.machine]
+                self._start(want, f"restarted ({action.reason})", restart=True)
+            case UpdateLimits():
+                self._update_limits(action)
+            case StartForwarders():
+                self._start_forwarders(action)
+            case EnableMachine():
+                raise AssertionError(f"{action.describe()}: the commit takes it in")
+            case StopMachine():
+                self._stop_machine(action)
+            case RemoveMachine():
+                remove_machine(
+                    self.layout,
+                    self.state,
+                    self.supervisor,
+                    action.machine,
+                    net=self.net,
+                    roots=self.roots,
+                )
+            case CreateNetwork() | ReplaceNetwork():
+                self._create_network(action)
+            case RemoveNetwork():
+                self._remove_network(action)
+            case _:
+                assert_never(action)
 
     def _fail(self, name: str, step: str, error: PymachineError) -> None:
         with self._lock:
             self._failures.setdefault(name, Failure(name, step, error))
         self.say(f"failed: {name}: {error.message}")
 
-    def _guarded(self, name: str, action: Action) -> bool:
+    def _guarded(self, name: str, action: Step) -> bool:
         """Carry out one action of machine (or network) name; a failure is
         recorded against it, and False returned. A bug (any other exception)
         still stops the whole apply."""
@@ -184,12 +295,12 @@ class Executor:
         failed = [d for d in want.machine.depends_on if d in self._failures]
         return f"machine {failed[0]}" if failed else None
 
-    def _run_forward(self, work: dict[str, list[Action]]) -> None:
+    def _run_forward(self, work: dict[str, list[Step]]) -> None:
         if not work:
             return
         futures: dict[str, Future[None]] = {}
 
-        def machine_task(name: str, steps: list[Action], needs: list[Future[None]]) -> None:
+        def machine_task(name: str, steps: list[Step], needs: list[Future[None]]) -> None:
             for dependency in needs:
                 dependency.result()
             if name in self._failures:
@@ -264,17 +375,14 @@ class Executor:
     def _make_root(self, want: Desired) -> None:
         # ensure, not chain: another machine's thread may still be building it.
         chain = self._ensure(want)
-        rootfs.create(self.layout, want.name, want.machine.rootfs, chain, durable=False)
-        rootfs.mount(
+        self.roots.create(self.layout, want.name, want.machine.rootfs, chain, durable=False)
+        self.roots.mount(
             self.layout, self.images, rootfs.Root(want.name, want.machine.rootfs, want.layer_keys)
         )
 
     # -- actions -------------------------------------------------------------
 
-    def _BuildImage(self, action: BuildImage) -> None:
-        self._ensure(self.desired[action.machine])
-
-    def _CreateMachine(self, action: CreateMachine) -> None:
+    def _create_machine(self, action: CreateMachine) -> None:
         want = self.desired[action.machine]
         self._claim_directory(want.name)
         self._make_root(want)
@@ -285,26 +393,26 @@ class Executor:
         self._event(replace(record, layers=want.layer_keys), "created")
         events.record(self.layout, want.name, "create")
 
-    def _AdoptRoot(self, action: AdoptRoot) -> None:
+    def _adopt_root(self, action: AdoptRoot) -> None:
         want = self.desired[action.machine]
         self._claim_directory(want.name)
         self.images.ensure(want.layers)
-        root = rootfs.adopt(self.layout, want.name, action.mode, want.layer_keys)
-        rootfs.mount(self.layout, self.images, root)
+        root = self.roots.adopt(self.layout, want.name, action.mode, want.layer_keys)
+        self.roots.mount(self.layout, self.images, root)
         record = self.state.get(want.name) or MachineRecord(
             name=want.name, config_hash="", layers=want.layer_keys, created=_now()
         )
         self._event(replace(record, layers=want.layer_keys), "root record made again, writes kept")
 
-    def _ReplaceRoot(self, action: ReplaceRoot) -> None:
+    def _replace_root(self, action: ReplaceRoot) -> None:
         want = self.desired[action.machine]
         self.supervisor.stop(want.name)
-        rootfs.remove(self.layout, want.name)
+        self.roots.remove(self.layout, want.name)
         crash_point("replace")
         self._make_root(want)
         self._event(replace(self._record(want.name), layers=want.layer_keys), "root replaced")
 
-    def _WriteFiles(self, action: WriteFiles) -> None:
+    def _write_files(self, action: WriteFiles) -> None:
         want = self.desired[action.machine]
         record = self._record(want.name)
         hashes = dict(record.files)
@@ -324,9 +432,9 @@ class Executor:
         if joined is None:
             record = self._record(want.name)
             if record.network is not None:  # it left its network
-                network.detach(self.layout, want.name)
+                self.net.detach(self.layout, want.name)
                 self.state.put(replace(record, address=None, network=None))
-                network.sync_rules(self.layout, self.state)
+                self.net.sync_rules(self.layout, self.state)
             return
         with self._addresses:
             record = self._record(want.name)
@@ -341,17 +449,17 @@ class Executor:
             # The spec goes in now too: the rules read the machine's ports from it.
             spec = want.machine.model_dump(mode="json", by_alias=True)
             self.state.put(replace(record, address=str(address), network=joined.name, spec=spec))
-        network.attach(self.layout, want.name, joined, address)
-        network.start_forwarders(self.layout, want.machine, address)
-        network.sync_rules(self.layout, self.state)
+        self.net.attach(self.layout, want.name, joined, address)
+        self.net.start_forwarders(self.layout, want.machine, address)
+        self.net.sync_rules(self.layout, self.state)
 
     def _detach(self, name: str) -> None:
-        network.detach(self.layout, name)
+        self.net.detach(self.layout, name)
         if self.state.networks():
-            network.sync_rules(self.layout, self.state)
+            self.net.sync_rules(self.layout, self.state)
 
     def _start(self, want: Desired, event: str, *, restart: bool = False) -> None:
-        ready_root(self.layout, self.images, want.name, want.machine)
+        ready_root(self.layout, self.images, want.name, want.machine, roots=self.roots)
         try:
             self._attach(want)
             if restart:
@@ -371,14 +479,7 @@ class Executor:
         )
         self._event(record, event)
 
-    def _StartMachine(self, action: StartMachine) -> None:
-        self._start(self.desired[action.machine], "started")
-
-    def _RestartMachine(self, action: RestartMachine) -> None:
-        want = self.desired[action.machine]
-        self._start(want, f"restarted ({action.reason})", restart=True)
-
-    def _UpdateLimits(self, action: UpdateLimits) -> None:
+    def _update_limits(self, action: UpdateLimits) -> None:
         want = self.desired[action.machine]
         for problem in self.supervisor.set_limits(want.name, want.run.limits):
             self.say(f"warning: {want.name}: a limit is not applied: {problem}")
@@ -389,30 +490,27 @@ class Executor:
         )
         self._event(record, f"limits changed ({action.reason})")
 
-    def _StartForwarders(self, action: StartForwarders) -> None:
+    def _start_forwarders(self, action: StartForwarders) -> None:
         record = self._record(action.machine)
         if record.address is None:
             raise PymachineError(f"machine {action.machine} has no address on record")
         want = self.desired[action.machine]
-        network.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
+        self.net.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
         self._event(record, f"port forwarders started again ({action.reason})")
 
-    def _StopMachine(self, action: StopMachine) -> None:
+    def _stop_machine(self, action: StopMachine) -> None:
         self.supervisor.stop(action.machine)
         self._detach(action.machine)
         self._event(self._record(action.machine), "stopped")
 
-    def _RemoveMachine(self, action: RemoveMachine) -> None:
-        remove_machine(self.layout, self.state, self.supervisor, action.machine)
-
-    def _CreateNetwork(self, action: CreateNetwork) -> None:
+    def _create_network(self, action: CreateNetwork) -> None:
         assert action.spec is not None
         record = self.state.network(action.network)
         if record is not None and isinstance(action, ReplaceNetwork):
-            network.remove_bridge(self.layout, record)
-        bridge = network.create_bridge(self.layout, action.spec)
+            self.net.remove_bridge(self.layout, record)
+        bridge = self.net.create_bridge(self.layout, action.spec)
         members = [n for n, r in self.state.all().items() if r.network == action.network]
-        network.reconnect(self.layout, bridge, members)
+        self.net.reconnect(self.layout, bridge, members)
         if record is None:
             record = NetworkRecord(action.network, bridge, "", {}, created=_now())
         record = replace(
@@ -422,11 +520,9 @@ class Executor:
             config_hash=action.config_hash,
         ).with_event(f"{_now()} {action.verb}d ({action.reason})")
         self.state.put_network(record)
-        network.sync_rules(self.layout, self.state)
+        self.net.sync_rules(self.layout, self.state)
 
-    _ReplaceNetwork = _CreateNetwork
-
-    def _RemoveNetwork(self, action: RemoveNetwork) -> None:
+    def _remove_network(self, action: RemoveNetwork) -> None:
         # A stopped machine declared on another network now still names this
         # one in its record (a start would move it): it is no longer on it.
         for name, record in self.state.all().items():
@@ -435,23 +531,31 @@ class Executor:
                 continue
             if want.network is None or want.network.name != action.network:
                 self.state.put(replace(record, network=None, address=None))
-        remove_network(self.layout, self.state, action.network)
+        remove_network(self.layout, self.state, action.network, net=self.net)
 
 
-def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, name: str) -> None:
+def remove_machine(
+    layout: Layout,
+    state: StateStore,
+    supervisor: Supervisor,
+    name: str,
+    *,
+    net: NetworkEdge = network,
+    roots: RootfsEdge = rootfs,
+) -> None:
     """Stop a machine and remove its files, root and record, the record last, so
     an interrupted removal is finished by the next one."""
     record = state.get(name)
     if record is None:
         raise PymachineError(f"no machine {name!r} in pymachine's inventory")
     supervisor.forget(name)
-    network.detach(layout, name)
+    net.detach(layout, name)
     if state.networks():
-        network.sync_rules(layout, state)
+        net.sync_rules(layout, state)
     for path in record.files:
         remove_owned_file(Path(path))
     crash_point("remove")
-    rootfs.remove(layout, name)
+    roots.remove(layout, name)
     base = Path(layout.machine_dir(name))
     last = {state.path(name).name, rootfs.OWNER}
     for entry in sorted(base.iterdir()) if base.is_dir() else []:
@@ -464,17 +568,24 @@ def remove_machine(layout: Layout, state: StateStore, supervisor: Supervisor, na
     events.record(layout, name, "remove")
 
 
-def ready_root(layout: Layout, images: ImageStore, name: str, machine: Machine | None) -> Path:
+def ready_root(
+    layout: Layout,
+    images: ImageStore,
+    name: str,
+    machine: Machine | None,
+    *,
+    roots: RootfsEdge = rootfs,
+) -> Path:
     """Mount a machine's root and put in it what a start of ``machine`` (its
     spec; None: only mount) needs: its ``files:`` (written at every start, so
     that a changed file, which restarts the machine, reaches the root, and an
     ephemeral root has them after a boot), its bind sources mounted at their
     staging paths (``files.stage_binds``), and the mount points of its binds
     and tmpfs."""
-    root = rootfs.read(layout, name)
+    root = roots.read(layout, name)
     if root is None:
         raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
-    mounted = rootfs.mount(layout, images, root)
+    mounted = roots.mount(layout, images, root)
     if machine is None:
         return mounted
     for file in machine.files:
@@ -529,7 +640,9 @@ def detach_recorded(layout: Layout, state: StateStore, record: MachineRecord) ->
         network.sync_rules(layout, state)
 
 
-def remove_network(layout: Layout, state: StateStore, name: str) -> None:
+def remove_network(
+    layout: Layout, state: StateStore, name: str, *, net: NetworkEdge = network
+) -> None:
     """Remove a network's bridge and rules, then its record. Machines still
     recorded on it are refused: remove them first."""
     record = state.network(name)
@@ -541,9 +654,9 @@ def remove_network(layout: Layout, state: StateStore, name: str) -> None:
             f"network {name} still has machines: {', '.join(users)}",
             hint="remove them first (apply --prune removes undeclared machines)",
         )
-    network.remove_bridge(layout, record)
+    net.remove_bridge(layout, record)
     state.delete_network(name)
-    network.sync_rules(layout, state)
+    net.sync_rules(layout, state)
 
 
 def _taken(

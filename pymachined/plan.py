@@ -26,6 +26,7 @@ from pymachined.actions import (
     RestartMachine,
     StartForwarders,
     StartMachine,
+    Step,
     StopMachine,
     UpdateLimits,
     WriteFiles,
@@ -81,9 +82,9 @@ class ObservedNetwork:
 
 def plan_networks(
     networks: Mapping[str, DesiredNetwork], observed: Mapping[str, ObservedNetwork]
-) -> list[Action]:
+) -> list[Step]:
     """The actions that make each declared network's bridge as declared."""
-    actions: list[Action] = []
+    actions: list[Step] = []
     for name in sorted(networks):
         want = networks[name]
         seen = observed.get(name, ObservedNetwork(name))
@@ -169,7 +170,7 @@ def start_order(desired: Mapping[str, Desired]) -> list[str]:
     return done
 
 
-def _file_actions(want: Desired, seen: Observed) -> list[Action]:
+def _file_actions(want: Desired, seen: Observed) -> list[Step]:
     stale = []
     for rendered in want.files:
         path = str(rendered.path)
@@ -204,15 +205,15 @@ def plan(
     prune: bool = False,
     networks: Mapping[str, DesiredNetwork] | None = None,
     observed_networks: Mapping[str, ObservedNetwork] | None = None,
-) -> list[Action]:
+) -> list[Step]:
     """The actions that make observed into desired. ``built`` are the image keys
     already in the cache; ``prune`` removes recorded machines and networks no
     spec declares."""
     built = set(built)
     networks = networks or {}
     observed_networks = observed_networks or {}
-    actions: list[Action] = plan_networks(networks, observed_networks)
-    stopping: list[Action] = []
+    actions: list[Step] = plan_networks(networks, observed_networks)
+    stopping: list[Step] = []
     queued_builds: set[str] = set()
     # Machines stopped on the way (a root made again): their running dependents
     # stop with them under systemd (Requires=), so they are restarted after.

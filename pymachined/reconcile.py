@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pymachined.actions import Action
+from pymachined.actions import Action, steps
 from pymachined.desired import Desired, desire, desire_networks
 from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
@@ -141,13 +141,16 @@ class Reconciler:
         built = {record.key for record in self.images.records()}
         observed = self.observed(desired)
         observed_networks = observe_networks(self.state, networks)
-        actions = plan(
-            desired,
-            observed,
-            built,
-            prune=prune,
-            networks=networks,
-            observed_networks=observed_networks,
+        # The CLI holds a plan as list[Action]; execute() checks it back into steps.
+        actions: list[Action] = list(
+            plan(
+                desired,
+                observed,
+                built,
+                prune=prune,
+                networks=networks,
+                observed_networks=observed_networks,
+            )
         )
         return desired, actions, problems(desired, observed, observed_networks)
 
@@ -162,4 +165,5 @@ class Reconciler:
         say: Callable[[str], None],
     ) -> None:
         """Carry out actions."""
-        Executor(self.layout, self.images, self.state, self.supervisor, desired, say).run(actions)
+        executor = Executor(self.layout, self.images, self.state, self.supervisor, desired, say)
+        executor.run(steps(actions))

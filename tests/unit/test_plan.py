@@ -3,6 +3,7 @@ checks that planning again, with what the actions produce, plans nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
@@ -70,7 +71,7 @@ def converged(desired: dict[str, Desired]) -> tuple[dict[str, Observed], set[str
     return observed, built
 
 
-def kinds(actions: list[Action]) -> list[tuple[str, str]]:
+def kinds(actions: Sequence[Action]) -> list[tuple[str, str]]:
     return [(a.kind, a.machine) for a in actions]
 
 
