@@ -6,7 +6,7 @@ and events are real, under tmp_path."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, get_args
 
@@ -46,7 +46,7 @@ from pymachined.records import NetworkRecord
 from pymachined.rootfs import Root
 from pymachined.spec import Machine, Network, RootfsMode
 from pymachined.state import StateStore
-from pymachined.supervise.base import RunSpec, RunState, Status
+from pymachined.supervise.base import LogLine, RunSpec, RunState, Status
 from pymachined.validate import load_set
 
 SALTS = Salts(bootstrap="debootstrap 1.0 http://mirror", derive="layer")
@@ -127,6 +127,17 @@ class FakeSupervisor:
 
     def set_limits(self, name: str, limits: Limits) -> list[str]:
         self.calls.append(("set_limits", name))
+        return []
+
+    def cgroup(self, name: str) -> str:
+        return f"fake/{name}"
+
+    def output(
+        self, name: str, lines: int | None, since: float | None, follow: bool
+    ) -> Iterator[LogLine] | None:
+        return None
+
+    def events(self, since: float | None) -> list[dict[str, Any]]:
         return []
 
 
