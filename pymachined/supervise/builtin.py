@@ -77,7 +77,13 @@ class BuiltinSupervisor:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "pymachined.daemon", "--root", str(self.layout.root)]
+        argv = [
+            sys.executable,
+            "-m",
+            "pymachined.supervise.daemon",
+            "--root",
+            str(self.layout.root),
+        ]
         with (self.run_dir / "pymachined.log").open("ab") as output:
             return run.spawn(argv, output)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pymachined.daemon import notify
+from pymachined.supervise.daemon.server import notify
 
 
 def test_ready_reaches_the_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
