@@ -24,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from pymachined.desired import desire
+from pymachined.core.desired import desire
+from pymachined.core.layout import Layout
+from pymachined.core.plan import plan
+from pymachined.core.recipes import layers
+from pymachined.core.validate import load_set
 from pymachined.images import ImageStore, Progress
-from pymachined.layout import Layout
-from pymachined.plan import plan
-from pymachined.recipes import layers
-from pymachined.validate import load_set
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = """\

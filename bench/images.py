@@ -16,11 +16,11 @@ import uuid
 from pathlib import Path, PurePosixPath
 
 from pymachined import rootfs
+from pymachined.core.layout import Layout
+from pymachined.core.recipes import layers
+from pymachined.core.spec import RootfsMode
+from pymachined.core.validate import load_set
 from pymachined.images import ImageStore, Progress
-from pymachined.layout import Layout
-from pymachined.recipes import layers
-from pymachined.spec import RootfsMode
-from pymachined.validate import load_set
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "debian-bookworm-slim"

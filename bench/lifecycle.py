@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+from pymachined.core.layout import Layout
+from pymachined.core.recipes import layers
+from pymachined.core.validate import load_set
 from pymachined.images import ImageStore, Progress
-from pymachined.layout import Layout
-from pymachined.recipes import layers
-from pymachined.validate import load_set
 
 REPO = Path(__file__).resolve().parent.parent
 PAYLOAD = "trap 'echo got-TERM; exit 0' TERM; echo up; while :; do sleep 0.1; done"

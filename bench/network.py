@@ -27,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from pymachined import netplan, network
-from pymachined.layout import Layout
-from pymachined.records import MachineRecord, NetworkRecord
-from pymachined.spec import Network
+from pymachined import network
+from pymachined.core import netplan
+from pymachined.core.layout import Layout
+from pymachined.core.records import MachineRecord, NetworkRecord
+from pymachined.core.spec import Network
 from pymachined.state import StateStore
 
 TARGET_SETUP_MS = 50.0

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymachined.devprog import device_program
+from pymachined.core.devprog import device_program
+from pymachined.core.limits import Limits, device_writes, v1_writes, v2_writes
 from pymachined.errors import PymachineError
-from pymachined.limits import Limits, device_writes, v1_writes, v2_writes
 
 ROOT = Path("/sys/fs/cgroup")
 # The v1 controllers, plus the hybrid host's name=systemd and unified trees:

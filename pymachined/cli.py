@@ -20,19 +20,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pymachined import __version__
+from pymachined.core.layout import Layout
 from pymachined.errors import HOST_ERRNOS, PymachineError, UsageError, host_error
-from pymachined.layout import Layout
 from pymachined.output import Format
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractContextManager
 
-    from pymachined.actions import Action
-    from pymachined.desired import Desired
+    from pymachined.core.actions import Action
+    from pymachined.core.desired import Desired
+    from pymachined.core.validate import SpecSet
     from pymachined.images import ImageStore
     from pymachined.reconcile import Reconciler
-    from pymachined.validate import SpecSet
     from pymachined.verbs import Verbs
 
 app = typer.Typer(
@@ -61,7 +61,7 @@ def _name_check(kind: str) -> Callable[[Any], Any]:
     follow, before a command builds a path or a host-wide name from them."""
 
     def check(value: Any) -> Any:
-        from pymachined.spec import check_name
+        from pymachined.core.spec import check_name
 
         for name in value if isinstance(value, list) else [value]:
             if name is None:
@@ -146,7 +146,7 @@ def schema() -> None:
     """Print the JSON Schema of spec documents, for editors and CI."""
     import json
 
-    from pymachined.schema import json_schema
+    from pymachined.core.schema import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
 
@@ -160,8 +160,8 @@ def render(
     ],
 ) -> None:
     """Print the files a machine would get on this host."""
+    from pymachined.core.render import machine_files
     from pymachined.reconcile import host_resolv_conf, program
-    from pymachined.render import machine_files
     from pymachined.resources import data_dir
 
     spec_set = _spec_set([path])
@@ -251,7 +251,7 @@ def _show_undeclared(names: list[str]) -> None:
 
 def _show_plan(desired: dict[str, Desired], actions: list[Action], fmt: Format) -> None:
     from pymachined import output
-    from pymachined.plan import warnings
+    from pymachined.core.plan import warnings
 
     for warning in warnings(desired, actions):
         typer.echo(f"warning: {warning}", err=True)

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from pymachined.parsers import (
+from pymachined.core.parsers import (
     Confinement,
     Credentials,
     cgroup_directory,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pymachined import files
-from pymachined.layout import Layout
+from pymachined.core.layout import Layout
 
 MAX_BYTES = 1024 * 1024
 

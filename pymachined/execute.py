@@ -29,8 +29,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, assert_never
 
-from pymachined import events, files, netplan, network, rootfs
-from pymachined.actions import (
+from pymachined import events, files, network, rootfs
+from pymachined.core import netplan
+from pymachined.core.actions import (
     AdoptRoot,
     BuildImage,
     CreateMachine,
@@ -50,15 +51,15 @@ from pymachined.actions import (
     WriteFiles,
     phase,
 )
-from pymachined.desired import Desired, file_hash
+from pymachined.core.desired import Desired, file_hash
+from pymachined.core.layout import Layout
+from pymachined.core.plan import starts_at_boot
+from pymachined.core.records import MachineRecord, NetworkRecord
+from pymachined.core.render import MARKER
+from pymachined.core.spec import Machine, Network, RootfsMode
 from pymachined.errors import ApplyError, Failure, PymachineError, host_error
 from pymachined.faults import crash_point
 from pymachined.images import ImageRecord, ImageStore
-from pymachined.layout import Layout
-from pymachined.plan import starts_at_boot
-from pymachined.records import MachineRecord, NetworkRecord
-from pymachined.render import MARKER
-from pymachined.spec import Machine, Network, RootfsMode
 from pymachined.state import StateStore
 from pymachined.supervise.base import BindSource, RunSpec, Supervisor
 

@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pymachined import run
+from pymachined.core.layout import Layout
+from pymachined.core.parsers import mounts_under, parse_mountinfo
 from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.parsers import mounts_under, parse_mountinfo
 from pymachined.supervise.base import BindSource
 
 

@@ -24,18 +24,19 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
-from pymachined import commands, files, run
-from pymachined.errors import CommandError, PymachineError
-from pymachined.faults import crash_point
-from pymachined.layout import Layout
-from pymachined.parsers import (
+from pymachined import files, run
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.parsers import (
     debian_mirror,
     parse_build_phase,
     parse_deb822_sources,
     parse_sources_list,
 )
-from pymachined.recipes import Layer, Salts, canonical
-from pymachined.render import MARKER, Escaped, render_template
+from pymachined.core.recipes import Layer, Salts, canonical
+from pymachined.core.render import MARKER, Escaped, render_template
+from pymachined.errors import CommandError, PymachineError
+from pymachined.faults import crash_point
 
 RECORD = "image.json"
 BUILD_DIR = PurePosixPath("/run/pymachine-build")

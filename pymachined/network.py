@@ -22,12 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pymachined import files, netplan, run
+from pymachined import files, run
+from pymachined.core import netplan
+from pymachined.core.layout import Layout
+from pymachined.core.netplan import MACHINE_IFNAME
+from pymachined.core.records import NetworkRecord
+from pymachined.core.spec import Machine, Network, Protocol
 from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.netplan import MACHINE_IFNAME
-from pymachined.records import NetworkRecord
-from pymachined.spec import Machine, Network, Protocol
 from pymachined.state import StateStore
 
 NETNS_DIR = Path("/run/netns")

@@ -7,12 +7,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pymachined import network, rootfs
-from pymachined.desired import Desired, DesiredNetwork, file_hash
+from pymachined.core.desired import Desired, DesiredNetwork, file_hash
+from pymachined.core.layout import Layout
+from pymachined.core.plan import Observed, ObservedNetwork
+from pymachined.core.records import MachineRecord, NetworkRecord
+from pymachined.core.spec import Network
 from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.plan import Observed, ObservedNetwork
-from pymachined.records import MachineRecord, NetworkRecord
-from pymachined.spec import Network
 from pymachined.state import StateStore
 from pymachined.supervise.base import RunState, Status
 

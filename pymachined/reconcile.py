@@ -12,18 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pymachined.actions import Action, steps
-from pymachined.desired import Desired, desire, desire_networks
+from pymachined.core.actions import Action, steps
+from pymachined.core.desired import Desired, desire, desire_networks
+from pymachined.core.layout import Layout
+from pymachined.core.parsers import machine_resolv_conf
+from pymachined.core.plan import Observed, plan, problems
+from pymachined.core.validate import SpecSet, check_recorded_addresses, check_recorded_networks
 from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
 from pymachined.images import ImageStore
-from pymachined.layout import Layout
 from pymachined.observe import observe, observe_networks
-from pymachined.parsers import machine_resolv_conf
-from pymachined.plan import Observed, plan, problems
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
-from pymachined.validate import SpecSet, check_recorded_addresses, check_recorded_networks
 
 # systemd-resolved's list of the servers it asks (what nspawn's copy-uplink copies).
 UPLINK_RESOLV_CONF = "/run/systemd/resolve/resolv.conf"

@@ -20,13 +20,14 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pymachined import commands, files, run
+from pymachined import files, run
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.parsers import parse_mountinfo
+from pymachined.core.plan import Kept
+from pymachined.core.spec import RootfsMode
 from pymachined.errors import PymachineError
 from pymachined.images import ImageRecord, ImageStore
-from pymachined.layout import Layout
-from pymachined.parsers import parse_mountinfo
-from pymachined.plan import Kept
-from pymachined.spec import RootfsMode
 
 RECORD = "rootfs.json"
 OWNER = ".pymachine-owner"

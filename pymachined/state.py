@@ -8,14 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pymachined import files
-from pymachined.errors import StateError
-from pymachined.layout import Layout
-from pymachined.records import (
+from pymachined.core.layout import Layout
+from pymachined.core.records import (
     MachineRecord,
     NetworkRecord,
     parse_network_record,
     parse_record,
 )
+from pymachined.errors import StateError
 
 RECORD = "state.json"
 

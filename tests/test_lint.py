@@ -82,3 +82,17 @@ def test_the_contracts_catch_an_impure_core(tmp_path: Path, module: str, line: s
 
 def _caches(directory: str, names: list[str]) -> set[str]:
     return {n for n in names if n == "__pycache__"}
+
+
+def test_every_module_is_in_exactly_one_layer() -> None:
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in contracts["contracts"] if c["name"].startswith("Layers:"))
+    entries = [name.strip() for layer in layers["layers"] for name in layer.split("|")]
+    for path in sorted((REPO / "pymachined").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue  # a package is its modules
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        covering = [e for e in entries if module == e or module.startswith(f"{e}.")]
+        assert len(covering) == 1, f"{module} is in the layers {covering}, not in exactly one"

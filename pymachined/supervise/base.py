@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from pymachined.limits import DEFAULT_LOG_MAX, Limits
+from pymachined.core.limits import DEFAULT_LOG_MAX, Limits
 
 SOCKET = "pymachined.sock"
 """pymachined's socket, in the run directory."""

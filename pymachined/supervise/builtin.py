@@ -18,12 +18,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pymachined import run
-from pymachined.commands import LOG_TIME_FORMAT, rotated_log
-from pymachined.desired import console_log
+from pymachined.core.commands import LOG_TIME_FORMAT, rotated_log
+from pymachined.core.desired import console_log
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits
+from pymachined.core.parsers import parse_log_line
 from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.limits import Limits
-from pymachined.parsers import parse_log_line
 from pymachined.supervise.base import SOCKET, LogLine, RunSpec, RunState, Status, read_line
 
 START_TIMEOUT = 10.0  # for pymachined itself to listen

@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pymachined import commands, run
+from pymachined import run
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits, unit_properties
+from pymachined.core.parsers import parse_payload_signal, parse_systemctl_show, parse_unix_timestamp
 from pymachined.errors import CommandError, PymachineError
-from pymachined.layout import Layout
-from pymachined.limits import Limits, unit_properties
-from pymachined.parsers import parse_payload_signal, parse_systemctl_show, parse_unix_timestamp
 from pymachined.supervise.base import LogLine, RunSpec, RunState, Status
 
 PREFIX = "pymachine-"
@@ -295,8 +296,8 @@ class SystemdSupervisor:
         self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
     ) -> dict[str, Any]:
         """The unit runs nspawn with the .nspawn file's settings, into its journal."""
-        from pymachined.render import nspawn_exec_argv
-        from pymachined.spec import Machine
+        from pymachined.core.render import nspawn_exec_argv
+        from pymachined.core.spec import Machine
 
         unit = self.unit(name)
         view = {**run, "unit": unit, "log": f"journalctl -u {unit}"}
@@ -317,7 +318,7 @@ class SystemdSupervisor:
     def settled(self) -> None:
         """Clear a failure of the boot apply's unit that this apply made good:
         systemd would otherwise keep it failed, and the host degraded."""
-        from pymachined.render import APPLY_UNIT
+        from pymachined.core.render import APPLY_UNIT
 
         properties = parse_systemctl_show(
             run.run(commands.systemctl_show_argv([APPLY_UNIT], ["ActiveState"]), check=False).stdout

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from pymachined import commands, files, run
+from pymachined import files, run
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.render import APPLY_PATH_UNIT, APPLY_UNIT, apply_unit_files
 from pymachined.execute import remove_owned_file
-from pymachined.layout import Layout
 from pymachined.reconcile import choose_supervisor, program
-from pymachined.render import APPLY_PATH_UNIT, APPLY_UNIT, apply_unit_files
 from pymachined.resources import data_dir
 
 

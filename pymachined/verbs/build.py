@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
+from pymachined.core.layout import Layout
+from pymachined.core.recipes import layers, machine_layers
+from pymachined.core.validate import SpecSet, load_set
 from pymachined.errors import PymachineError
 from pymachined.images import ImageRecord, ImageStore
-from pymachined.layout import Layout
-from pymachined.recipes import layers, machine_layers
 from pymachined.resources import data_dir
-from pymachined.validate import SpecSet, load_set
 
 
 def spec_set(layout: Layout, paths: Sequence[Path]) -> SpecSet:

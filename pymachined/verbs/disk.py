@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from pymachined import rootfs
+from pymachined.core.layout import Layout
 from pymachined.errors import PymachineError
 from pymachined.execute import remove_machine
 from pymachined.files import tree_usage
 from pymachined.images import ImageRecord, ImageStore
-from pymachined.layout import Layout
 from pymachined.state import StateStore
 from pymachined.supervise.base import LIVE, Status, Supervisor
 from pymachined.verbs.lifecycle import host_lock

@@ -7,9 +7,10 @@ import os
 import sys
 import time
 
-from pymachined import commands, run
+from pymachined import run
+from pymachined.core import commands
+from pymachined.core.layout import Layout
 from pymachined.errors import PymachineError, UsageError
-from pymachined.layout import Layout
 from pymachined.procs import leader_pid, payload_running
 from pymachined.supervise.base import RunState, Supervisor
 from pymachined.verbs.lifecycle import known

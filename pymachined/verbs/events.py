@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pymachined import events as event_log
-from pymachined.layout import Layout
+from pymachined.core.layout import Layout
 from pymachined.supervise.base import Supervisor
 from pymachined.verbs.logs import since
 

@@ -9,10 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymachined import netplan, network, rootfs
+from pymachined import network, rootfs
+from pymachined.core import netplan
+from pymachined.core.layout import Layout
 from pymachined.errors import PymachineError, StateError
 from pymachined.images import ImageStore
-from pymachined.layout import Layout
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
 from pymachined.verbs.lifecycle import known

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pymachined import files
+from pymachined.core.layout import Layout
+from pymachined.core.records import MachineRecord
+from pymachined.core.spec import Machine
 from pymachined.errors import PymachineError
 from pymachined.execute import (
     attach_recorded,
@@ -23,9 +26,6 @@ from pymachined.execute import (
     resume_run_spec,
 )
 from pymachined.images import ImageStore
-from pymachined.layout import Layout
-from pymachined.records import MachineRecord
-from pymachined.spec import Machine
 from pymachined.state import StateStore
 from pymachined.supervise.base import Status, Supervisor
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from pymachined import commands
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.sizes import parse_duration
 from pymachined.errors import PymachineError, UsageError
-from pymachined.layout import Layout
-from pymachined.sizes import parse_duration
 from pymachined.supervise.base import LogLine, Supervisor
 from pymachined.verbs.enter import enter
 from pymachined.verbs.lifecycle import known

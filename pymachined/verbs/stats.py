@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymachined.cgroups import MachineCgroup, Stats
-from pymachined.layout import Layout
+from pymachined.core.layout import Layout
 from pymachined.network import machine_traffic
 from pymachined.supervise.base import Supervisor
 from pymachined.verbs.lifecycle import known

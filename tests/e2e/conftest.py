@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from pymachined.core.recipes import machine_layers
+from pymachined.core.validate import load_set
 from pymachined.images import ImageStore, Progress
-from pymachined.recipes import machine_layers
-from pymachined.validate import load_set
 from tests.e2e.harness import (
     PREFIX,
     REPO,
@@ -61,7 +61,7 @@ def image_cache_dir() -> Path:
 def images_for(spec_dir: Path) -> tuple[ImageStore, list[Path]]:
     """The image layers the machines of spec_dir need, built (or reused) in the
     integration tests' shared cache on the outer host, where there is network."""
-    from pymachined.layout import Layout
+    from pymachined.core.layout import Layout
     from pymachined.resources import data_dir
 
     store = ImageStore(

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pymachined.parsers import cgroup_directory, parse_mountinfo, parse_proc_cgroup
+from pymachined.core.parsers import cgroup_directory, parse_mountinfo, parse_proc_cgroup
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

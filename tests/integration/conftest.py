@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
+from pymachined.core.layout import Layout
+from pymachined.core.recipes import layers
+from pymachined.core.validate import SpecSet, load_set
 from pymachined.images import ImageRecord, ImageStore, Progress
-from pymachined.layout import Layout
 from pymachined.procs import leader_pid, payload_running
-from pymachined.recipes import layers
-from pymachined.validate import SpecSet, load_set
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

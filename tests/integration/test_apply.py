@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from pymachined.core.parsers import parse_log_line
 from pymachined.faults import STEPS
-from pymachined.parsers import parse_log_line
 from tests.waiting import wait_until
 
 if TYPE_CHECKING:

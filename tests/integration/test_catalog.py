@@ -10,11 +10,11 @@ from collections.abc import Iterator
 import pytest
 
 from pymachined import rootfs
+from pymachined.core.layout import Layout
+from pymachined.core.recipes import layers
+from pymachined.core.spec import RootfsMode
+from pymachined.core.validate import SpecSet
 from pymachined.images import ImageRecord, ImageStore
-from pymachined.layout import Layout
-from pymachined.recipes import layers
-from pymachined.spec import RootfsMode
-from pymachined.validate import SpecSet
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from pymachined import devprog
 from pymachined.cgroups import (
     MachineCgroup,
     attach_device_program,
@@ -31,6 +30,7 @@ from pymachined.cgroups import (
     load_device_program,
     unified,
 )
+from pymachined.core import devprog
 from pymachined.errors import PymachineError
 from pymachined.files import host_layout
 from tests.waiting import wait_until

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pymachined.parsers import parse_proc_status
+from pymachined.core.parsers import parse_proc_status
 from tests.integration.test_confinement import declare, machine, probe, syscalls
 
 if TYPE_CHECKING:

@@ -13,11 +13,11 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from pymachined import files, rootfs
+from pymachined.core.layout import Layout
+from pymachined.core.recipes import layers, machine_layers
+from pymachined.core.spec import RootfsMode
+from pymachined.core.validate import SpecSet, load_set
 from pymachined.images import ImageRecord, ImageStore, Progress
-from pymachined.layout import Layout
-from pymachined.recipes import layers, machine_layers
-from pymachined.spec import RootfsMode
-from pymachined.validate import SpecSet, load_set
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pymachined import netplan
+from pymachined.core import netplan
+from pymachined.core.layout import Layout
 from pymachined.images import ImageRecord
-from pymachined.layout import Layout
 from tests.waiting import wait_until
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from pymachined import render, units
+from pymachined.core import render, units
 
 NSPAWN = shutil.which("systemd-nspawn")
 

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from pymachined import cli
-from pymachined.load import MAX_FILE_BYTES, collect
+from pymachined.core.load import MAX_FILE_BYTES, collect
 
 CASES = Path(__file__).resolve().parent.parent / "cases"
 BAD = CASES / "bad"

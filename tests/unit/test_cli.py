@@ -124,8 +124,8 @@ def test_schema_accepts_the_examples_and_rejects_typos(
 def test_logs_since_and_timestamps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pymachined.layout import Layout
-    from pymachined.records import MachineRecord
+    from pymachined.core.layout import Layout
+    from pymachined.core.records import MachineRecord
     from pymachined.state import StateStore
 
     layout = Layout(PurePosixPath(tmp_path))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from pymachined import commands
-from pymachined.spec import Bootstrap
+from pymachined.core import commands
+from pymachined.core.spec import Bootstrap
 
 
 def test_cgroup_enter_keeps_the_command_intact() -> None:

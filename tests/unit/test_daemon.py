@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from pymachined import events
-from pymachined.layout import Layout
-from pymachined.limits import Limits
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits
 from pymachined.supervise.base import RunSpec, RunState
 from pymachined.supervise.daemon.launcher import Process
 from pymachined.supervise.daemon.server import Daemon

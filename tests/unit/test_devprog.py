@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from pymachined import devprog
-from pymachined.limits import DEVICE_ALLOW, Device
+from pymachined.core import devprog
+from pymachined.core.limits import DEVICE_ALLOW, Device
 
 B, C = devprog.DEVCG_DEV_BLOCK, devprog.DEVCG_DEV_CHAR
 

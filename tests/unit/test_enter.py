@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from pymachined import commands
+from pymachined.core import commands
+from pymachined.core.parsers import Credentials
 from pymachined.enter import environment, parse_args
-from pymachined.parsers import Credentials
 
 
 def test_the_argv_commands_builds_is_the_one_enter_reads() -> None:

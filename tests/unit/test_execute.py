@@ -12,7 +12,7 @@ from typing import Any, get_args
 
 import pytest
 
-from pymachined.actions import (
+from pymachined.core.actions import (
     Action,
     AdoptRoot,
     BuildImage,
@@ -34,20 +34,20 @@ from pymachined.actions import (
     phase,
     steps,
 )
-from pymachined.desired import Desired, desire, file_hash
+from pymachined.core.desired import Desired, desire, file_hash
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits
+from pymachined.core.plan import plan
+from pymachined.core.recipes import Layer, Salts
+from pymachined.core.records import NetworkRecord
+from pymachined.core.spec import Machine, Network, RootfsMode
+from pymachined.core.validate import load_set
 from pymachined.errors import ApplyError, PymachineError
 from pymachined.execute import Executor
 from pymachined.images import ImageRecord, ImageStore
-from pymachined.layout import Layout
-from pymachined.limits import Limits
-from pymachined.plan import plan
-from pymachined.recipes import Layer, Salts
-from pymachined.records import NetworkRecord
 from pymachined.rootfs import Root
-from pymachined.spec import Machine, Network, RootfsMode
 from pymachined.state import StateStore
 from pymachined.supervise.base import LogLine, RunSpec, RunState, Status
-from pymachined.validate import load_set
 
 SALTS = Salts(bootstrap="debootstrap 1.0 http://mirror", derive="layer")
 

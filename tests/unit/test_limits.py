@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pymachined.limits import Limits, Write, blkio_weight, cpu_shares, v1_writes, v2_writes
+from pymachined.core.limits import Limits, Write, blkio_weight, cpu_shares, v1_writes, v2_writes
 
 
 def files(writes: list[Write]) -> dict[str, str]:
@@ -90,7 +90,7 @@ def test_json_round_trip_and_truth() -> None:
 
 
 def test_a_machine_may_make_any_node_and_open_only_its_list() -> None:
-    from pymachined.limits import device_writes
+    from pymachined.core.limits import device_writes
 
     rules = [w.value for w in device_writes()]
     assert rules[0] == "a"  # devices.deny: everything, first

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from pymachined.core.load import collect, discover
+from pymachined.core.spec import Image, Machine, Network
 from pymachined.errors import SpecError
-from pymachined.load import collect, discover
-from pymachined.spec import Image, Machine, Network
 
 
 def write(path: Path, text: str) -> Path:
@@ -171,7 +171,7 @@ def test_hostile_files_give_positioned_errors(
 
 
 def test_stop_signals_are_named_one_way_and_default_by_kind() -> None:
-    from pymachined.spec import Machine
+    from pymachined.core.spec import Machine
 
     def machine(**fields: object) -> Machine:
         return Machine.model_validate({"name": "m", "command": ["true"], **fields})

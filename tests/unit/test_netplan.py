@@ -9,22 +9,22 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from pymachined import netplan
-from pymachined.actions import CreateNetwork, RemoveNetwork, ReplaceNetwork
-from pymachined.desired import DesiredNetwork, desire, desire_networks
-from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.plan import Observed, ObservedNetwork, plan
-from pymachined.recipes import Salts
-from pymachined.records import MachineRecord, NetworkRecord, parse_network_record
-from pymachined.render import NSPAWN_BINARY, nspawn_run_argv
-from pymachined.spec import Machine, Network, Protocol
-from pymachined.validate import (
+from pymachined.core import netplan
+from pymachined.core.actions import CreateNetwork, RemoveNetwork, ReplaceNetwork
+from pymachined.core.desired import DesiredNetwork, desire, desire_networks
+from pymachined.core.layout import Layout
+from pymachined.core.plan import Observed, ObservedNetwork, plan
+from pymachined.core.recipes import Salts
+from pymachined.core.records import MachineRecord, NetworkRecord, parse_network_record
+from pymachined.core.render import NSPAWN_BINARY, nspawn_run_argv
+from pymachined.core.spec import Machine, Network, Protocol
+from pymachined.core.validate import (
     SpecSet,
     check_recorded_addresses,
     check_recorded_networks,
     load_set,
 )
+from pymachined.errors import PymachineError
 
 HOST = Layout()
 TRIAL = Layout(PurePosixPath("/tmp/trial-root"))

@@ -6,7 +6,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from pymachined.parsers import (
+from pymachined.core.parsers import (
     CgroupMembership,
     Confinement,
     Credentials,
@@ -191,7 +191,7 @@ def test_unknown_users_and_groups_are_refused(user: str, message: str) -> None:
 
 
 def test_the_signal_that_killed_a_payload_is_read_from_nspawns_last_words() -> None:
-    from pymachined.parsers import STARTING_MARK, parse_payload_signal
+    from pymachined.core.parsers import STARTING_MARK, parse_payload_signal
 
     earlier = f"2026-12-01T10:00:00Z {STARTING_MARK}db\nContainer db terminated by signal KILL.\n"
     now = f"2026-12-01T10:01:00Z {STARTING_MARK}db\nup\n"

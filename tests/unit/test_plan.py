@@ -9,15 +9,15 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from pymachined.actions import Action
-from pymachined.desired import Desired, desire, file_hash
-from pymachined.layout import Layout
-from pymachined.plan import Kept, Observed, plan, problems, start_order, warnings
-from pymachined.recipes import Salts
-from pymachined.records import MachineRecord
-from pymachined.spec import RootfsMode
+from pymachined.core.actions import Action
+from pymachined.core.desired import Desired, desire, file_hash
+from pymachined.core.layout import Layout
+from pymachined.core.plan import Kept, Observed, plan, problems, start_order, warnings
+from pymachined.core.recipes import Salts
+from pymachined.core.records import MachineRecord
+from pymachined.core.spec import RootfsMode
+from pymachined.core.validate import load_set
 from pymachined.supervise.base import RunState, Status
-from pymachined.validate import load_set
 
 SALTS = Salts(bootstrap="debootstrap 1.0 http://mirror", derive="layer")
 LAYOUT = Layout(PurePosixPath("/srv/host"))

@@ -9,9 +9,9 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from pymachined import events
+from pymachined.core.layout import Layout
+from pymachined.core.records import MachineRecord
 from pymachined.errors import StateError
-from pymachined.layout import Layout
-from pymachined.records import MachineRecord
 from pymachined.state import StateStore
 
 

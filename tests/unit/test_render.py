@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pymachined import units
-from pymachined.layout import Layout
-from pymachined.render import RenderedFile, environment, machine_files
-from pymachined.validate import SpecSet, load_set
+from pymachined.core import units
+from pymachined.core.layout import Layout
+from pymachined.core.render import RenderedFile, environment, machine_files
+from pymachined.core.validate import SpecSet, load_set
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "spec.yaml").is_file())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pymachined.sizes import (
+from pymachined.core.sizes import (
     MAX_DURATION,
     MAX_SIZE,
     format_size,

@@ -9,14 +9,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from pymachined import commands
-from pymachined.layout import Layout
-from pymachined.limits import Limits, unit_properties
-from pymachined.parsers import parse_systemctl_show, parse_unix_timestamp
-from pymachined.render import APPLY_UNIT, apply_unit_files
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits, unit_properties
+from pymachined.core.parsers import parse_systemctl_show, parse_unix_timestamp
+from pymachined.core.render import APPLY_UNIT, apply_unit_files
+from pymachined.core.units import parse_unit, split_words
 from pymachined.supervise.base import RunState, Status
 from pymachined.supervise.systemd import PROPERTIES, journal_event, machine_of, unit_status
-from pymachined.units import parse_unit, split_words
 
 # Recorded from systemd 252 (systemctl show --timestamp=unix -p ... A B C).
 RECORDED = """\
@@ -364,8 +364,8 @@ def test_inspect_under_systemd_shows_the_units_command_line_and_journal() -> Non
 
 
 def test_machine_units_start_after_the_boot_apply(repo: Path) -> None:
-    from pymachined.render import machine_files
-    from pymachined.spec import Machine
+    from pymachined.core.render import machine_files
+    from pymachined.core.spec import Machine
 
     machine = Machine.model_validate(
         {"name": "web", "image": "debian-bookworm-slim", "command": ["sleep", "1"]}

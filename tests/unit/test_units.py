@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pymachined import units
+from pymachined.core import units
 
 # Printable text without control characters: what validation lets through.
 safe_text = st.text(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pymachined.records import MachineRecord
+from pymachined.core.records import MachineRecord
 from pymachined.verbs import needed_by
 
 

@@ -183,7 +183,7 @@ def test_event_lines() -> None:
 
 
 def test_each_supervisor_names_a_machines_group_and_its_output(tmp_path: Path) -> None:
-    from pymachined.layout import Layout
+    from pymachined.core.layout import Layout
     from pymachined.supervise.builtin import BuiltinSupervisor
     from pymachined.supervise.systemd import SystemdSupervisor
 

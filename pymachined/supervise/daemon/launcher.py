@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from pymachined import commands, files, parsers, procs, run
+from pymachined import files, procs, run
 from pymachined.cgroups import MachineCgroup
-from pymachined.layout import Layout
-from pymachined.limits import Limits
+from pymachined.core import commands, parsers
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits
 from pymachined.supervise.base import RunSpec
 from pymachined.supervise.daemon import policy
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pymachined import events, files
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits
 from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.limits import Limits
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 from pymachined.supervise.daemon import policy
 from pymachined.supervise.daemon.launcher import Launcher, NspawnLauncher, Process

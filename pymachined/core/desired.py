@@ -20,19 +20,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymachined.layout import Layout
-from pymachined.limits import Limits
-from pymachined.netplan import bridge_name
-from pymachined.recipes import Layer, Salts, machine_layers
-from pymachined.render import (
+from pymachined.core.layout import Layout
+from pymachined.core.limits import Limits
+from pymachined.core.netplan import bridge_name
+from pymachined.core.recipes import Layer, Salts, machine_layers
+from pymachined.core.render import (
     PROGRAM,
     RenderedFile,
     machine_files,
     nspawn_run_argv,
 )
-from pymachined.spec import Machine, Network
+from pymachined.core.spec import Machine, Network
+from pymachined.core.validate import SpecSet
 from pymachined.supervise.base import BindSource, RunSpec
-from pymachined.validate import SpecSet
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from pydantic import (
     field_validator,
 )
 
-from pymachined.limits import DEFAULT_LOG_MAX
-from pymachined.sizes import parse_duration, parse_size
+from pymachined.core.limits import DEFAULT_LOG_MAX
+from pymachined.core.sizes import parse_duration, parse_size
 
 # ---------------------------------------------------------------------------
 # Scalar types

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from pymachined.core.load import Located, Path_, collect
+from pymachined.core.records import MachineRecord, NetworkRecord
+from pymachined.core.spec import Image, Machine, MachineState, Network
 from pymachined.errors import Diagnostic, SpecError
-from pymachined.load import Located, Path_, collect
-from pymachined.records import MachineRecord, NetworkRecord
-from pymachined.spec import Image, Machine, MachineState, Network
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pymachined.limits import DEVICE_ALLOW, Device
+from pymachined.core.limits import DEVICE_ALLOW, Device
 
 # From <linux/bpf.h>.
 DEVCG_DEV_BLOCK = 1

@@ -17,10 +17,10 @@ from typing import Any
 
 import jinja2
 
-from pymachined import units
-from pymachined.layout import Layout
-from pymachined.limits import DEVICE_ALLOW
-from pymachined.spec import Machine, MachineState
+from pymachined.core import units
+from pymachined.core.layout import Layout
+from pymachined.core.limits import DEVICE_ALLOW
+from pymachined.core.spec import Machine, MachineState
 
 NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
 PROGRAM = ("pymachine",)

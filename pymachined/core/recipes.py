@@ -13,9 +13,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pymachined.core.spec import Image, Machine
+from pymachined.core.validate import SpecSet
 from pymachined.errors import PymachineError
-from pymachined.spec import Image, Machine
-from pymachined.validate import SpecSet
 
 KEY_LENGTH = 16
 

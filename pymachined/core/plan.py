@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pymachined.actions import (
+from pymachined.core.actions import (
     Action,
     AdoptRoot,
     BuildImage,
@@ -31,11 +31,11 @@ from pymachined.actions import (
     UpdateLimits,
     WriteFiles,
 )
-from pymachined.desired import Desired, DesiredNetwork, file_hash
-from pymachined.limits import Limits, describe_change
-from pymachined.records import MachineRecord, NetworkRecord
-from pymachined.sizes import human_size
-from pymachined.spec import MachineState, RootfsMode
+from pymachined.core.desired import Desired, DesiredNetwork, file_hash
+from pymachined.core.limits import Limits, describe_change
+from pymachined.core.records import MachineRecord, NetworkRecord
+from pymachined.core.sizes import human_size
+from pymachined.core.spec import MachineState, RootfsMode
 from pymachined.supervise.base import LIVE, Status
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pymachined.sizes import format_size
+from pymachined.core.sizes import format_size
 
 CPU_PERIOD_US = 100_000
 V1_UNLIMITED = "-1"

@@ -19,8 +19,8 @@ from typing import Any, NamedTuple, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pymachined.core.spec import KINDS, Declaration
 from pymachined.errors import Diagnostic, SpecError
-from pymachined.spec import KINDS, Declaration
 
 SUFFIXES = (".yaml", ".yml", ".toml")
 MAX_FILE_BYTES = 4 * 1024 * 1024

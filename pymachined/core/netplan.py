@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 
+from pymachined.core.layout import Layout
+from pymachined.core.spec import Network, Port, Protocol
 from pymachined.errors import PymachineError
-from pymachined.layout import Layout
-from pymachined.spec import Network, Port, Protocol
 
 IFNAMSIZ = 15
 MACHINE_IFNAME = "eth0"

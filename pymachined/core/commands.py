@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
 
-from pymachined.spec import Bootstrap
+from pymachined.core.spec import Bootstrap
 
 DEBOOTSTRAP = "debootstrap"
 MMDEBSTRAP = "mmdebstrap"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, assert_never
 
-from pymachined.spec import Network, RootfsMode
+from pymachined.core.spec import Network, RootfsMode
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from pymachined.spec import Image, Machine, Network
+from pymachined.core.spec import Image, Machine, Network
 
 
 def json_schema() -> dict[str, Any]:
