@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractContextManager
 
-    from pymachined.core.actions import Action
+    from pymachined.core.actions import Step
     from pymachined.core.desired import Desired
     from pymachined.core.validate import SpecSet
     from pymachined.images import ImageStore
@@ -229,7 +229,7 @@ def _host_lock(timeout: float | None) -> AbstractContextManager[None]:
 
 def _planned(
     reconciler: Reconciler, paths: list[Path], prune: bool
-) -> tuple[dict[str, Desired], list[Action], list[str]]:
+) -> tuple[dict[str, Desired], list[Step], list[str]]:
     spec_set = _spec_set(paths)
     if prune and not spec_set.machines:
         raise PymachineError(
@@ -249,7 +249,7 @@ def _show_undeclared(names: list[str]) -> None:
         )
 
 
-def _show_plan(desired: dict[str, Desired], actions: list[Action], fmt: Format) -> None:
+def _show_plan(desired: dict[str, Desired], actions: list[Step], fmt: Format) -> None:
     from pymachined import output
     from pymachined.core.plan import warnings
 

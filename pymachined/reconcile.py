@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pymachined.core.actions import Action, steps
+from pymachined.core.actions import Step
 from pymachined.core.desired import Desired, desire, desire_networks
 from pymachined.core.layout import Layout
 from pymachined.core.parsers import machine_resolv_conf
@@ -128,7 +128,7 @@ class Reconciler:
 
     def plan(
         self, spec_set: SpecSet, *, prune: bool
-    ) -> tuple[dict[str, Desired], list[Action], list[str]]:
+    ) -> tuple[dict[str, Desired], list[Step], list[str]]:
         """The desired state, the actions that reach it, and what keeps some
         machines out of the plan (records that cannot be read), one line each."""
         check_host(spec_set)
@@ -141,16 +141,13 @@ class Reconciler:
         built = {record.key for record in self.images.records()}
         observed = self.observed(desired)
         observed_networks = observe_networks(self.state, networks)
-        # The CLI holds a plan as list[Action]; execute() checks it back into steps.
-        actions: list[Action] = list(
-            plan(
-                desired,
-                observed,
-                built,
-                prune=prune,
-                networks=networks,
-                observed_networks=observed_networks,
-            )
+        actions = plan(
+            desired,
+            observed,
+            built,
+            prune=prune,
+            networks=networks,
+            observed_networks=observed_networks,
         )
         return desired, actions, problems(desired, observed, observed_networks)
 
@@ -161,9 +158,9 @@ class Reconciler:
     def execute(
         self,
         desired: dict[str, Desired],
-        actions: Sequence[Action],
+        actions: Sequence[Step],
         say: Callable[[str], None],
     ) -> None:
         """Carry out actions."""
         executor = Executor(self.layout, self.images, self.state, self.supervisor, desired, say)
-        executor.run(steps(actions))
+        executor.run(actions)

@@ -9,7 +9,6 @@ when apply carries each out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, assert_never
@@ -240,14 +239,3 @@ def phase(step: Step) -> Phase:
             return Phase.NETWORK_LAST
         case _:
             assert_never(step)
-
-
-def steps(actions: Iterable[Action]) -> list[Step]:
-    """Actions as plan steps; anything else (a bare Action, a subclass no plan
-    makes) is a bug, and raises TypeError."""
-    out: list[Step] = []
-    for action in actions:
-        if not isinstance(action, Step):
-            raise TypeError(f"not a plan step: {action!r}")
-        out.append(action)
-    return out

@@ -13,7 +13,6 @@ from typing import Any, get_args
 import pytest
 
 from pymachined.core.actions import (
-    Action,
     AdoptRoot,
     BuildImage,
     CreateMachine,
@@ -32,7 +31,6 @@ from pymachined.core.actions import (
     UpdateLimits,
     WriteFiles,
     phase,
-    steps,
 )
 from pymachined.core.desired import Desired, desire, file_hash
 from pymachined.core.layout import Layout
@@ -267,13 +265,6 @@ def test_every_step_has_its_phase() -> None:
     assert set(get_args(Step)) == set(PHASES)
     for kind, expected in PHASES.items():
         assert phase(kind("m", "why")) is expected, kind.__name__
-
-
-def test_only_steps_reach_the_executor() -> None:
-    plan_steps = [StartMachine("a", "why"), RemoveNetwork("n", "why")]
-    assert steps(plan_steps) == plan_steps
-    with pytest.raises(TypeError, match="not a plan step"):
-        steps([*plan_steps, Action("a", "why")])
 
 
 class Host:
