@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -40,6 +40,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT))
+
+
+# How each e2e test of this run ended, by (module, test name): "passed",
+# "failed" or "skipped". A stage marked needs_stages(...) skips unless the
+# stages it names passed, so one failure does not fail every stage after it
+# for the same reason.
+_outcomes: dict[tuple[Path, str], str] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Record each test's outcome (a failed setup, call or teardown is a failure)."""
+    report = yield
+    key = (Path(item.path), item.name)
+    if report.failed:
+        _outcomes[key] = "failed"
+    elif report.skipped:
+        _outcomes.setdefault(key, "skipped")
+    elif report.when == "call":
+        _outcomes.setdefault(key, "passed")
+    return report
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a stage whose needed earlier stages (needs_stages marker) did not pass."""
+    for marker in item.iter_markers("needs_stages"):
+        for name in marker.args:
+            outcome = _outcomes.get((Path(item.path), name), "did not run")
+            if outcome != "passed":
+                pytest.skip(f"needs stage {name}, which {outcome}")
 
 
 MakeHost = Callable[[Path], BootedHost]

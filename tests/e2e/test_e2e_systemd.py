@@ -1,9 +1,12 @@
 """pymachine on a real systemd host: systemd supervises the example machines.
 
 One booted host (tests/e2e/harness.py) goes through a machine's whole life
-under systemd, in order: apply, restart by policy, a config change that
-restarts one machine, a resource change applied live, prune, and a power
-cycle after which the machines are back with no command run.
+under systemd, one test a stage, in file order: apply, restart by policy, a
+config change that restarts one machine, a resource change applied live,
+prune, install --watch, a failing apply, a power cycle after which the
+machines are back with no command run, uninstall and destroy. A stage applies
+what it needs first, so it runs even when one before it failed; the few that
+need what an earlier stage made (marked needs_stages) skip, naming it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 
 import pytest
 
-from tests.e2e.harness import BootedHost
+from tests.e2e.harness import REPO, BootedHost
 
 pytestmark = pytest.mark.e2e
 
@@ -70,10 +73,14 @@ def _verify(host: BootedHost) -> None:
     host.run(["systemd-analyze", "verify", "--man=no", *units])
 
 
-def test_machines_under_systemd(booted_host: BootedHost) -> None:
-    host = booted_host
-    started = time.monotonic()
+def _converge(host: BootedHost) -> None:
+    """Apply specs/ as it stands, so a stage starts from the machines it needs
+    even when an earlier stage failed half-way (nothing to do when it passed)."""
+    _apply(host)
 
+
+def test_install_and_apply(booted_host: BootedHost) -> None:
+    host = booted_host
     # -- install the boot unit, then apply the examples, offline ---------------
     out = host.run(["pymachine", "install", SPECS]).stdout
     assert "pymachine-apply.service" in out
@@ -136,6 +143,10 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     assert "--register=yes" in hello_cat
     assert "WantedBy=machines.target" in hello_cat
 
+
+def test_restart_by_policy(booted_host: BootedHost) -> None:
+    host = booted_host
+    _converge(host)
     # -- kill a machine's main process: systemd restarts it by policy -----------
     nspawn = _main_pid(host, HELLO)
     payload = int(host.run(["cat", f"/proc/{nspawn}/task/{nspawn}/children"]).stdout.split()[0])
@@ -162,8 +173,14 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     died = next(e for e in hello_events if e["event"] == "die")
     assert isinstance(died["exit_code"], int) and died["exit_code"] != 0, died
 
+
+def test_config_change_restarts_only_that_machine(booted_host: BootedHost) -> None:
+    host = booted_host
+    # The checkout's hello.yaml (what the host was given), applied as it is.
+    hello_spec = (REPO / "specs" / "hello.yaml").read_text()
+    host.write(f"{SPECS}/hello.yaml", hello_spec)
+    _converge(host)
     # -- change one spec: only that machine restarts ----------------------------
-    hello_spec = (host.merged / "root/specs/hello.yaml").read_text()
     base_before = host.show(BASE, "MainPID", "ExecMainStartTimestamp")
     hello_pid = _main_pid(host, HELLO)
     host.write(
@@ -176,6 +193,10 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     assert _running(host, HELLO) and _main_pid(host, HELLO) != hello_pid
     assert host.show(BASE, "MainPID", "ExecMainStartTimestamp") == base_before
 
+
+def test_memory_change_applied_live(booted_host: BootedHost) -> None:
+    host = booted_host
+    _converge(host)
     # -- change only resources.memory: applied live, no restart -----------------
     hello_pid = _main_pid(host, HELLO)
     hello_started = host.show(HELLO, "ExecMainStartTimestamp")
@@ -192,6 +213,10 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     assert f"MemoryMax={96 * 1024 * 1024}" in host.run(["cat", f"{UNITS}/{HELLO}"]).stdout
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
 
+
+def test_prune_removes_a_machine(booted_host: BootedHost) -> None:
+    host = booted_host
+    _converge(host)
     # -- remove a spec, apply with --prune: unit, .nspawn and root are gone -----
     host.run(["rm", f"{SPECS}/hello.yaml"])
     out = _apply(host, "--prune")
@@ -205,6 +230,9 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     assert _running(host, BASE)
     _verify(host)
 
+
+def test_install_watch_applies_a_new_spec(booted_host: BootedHost) -> None:
+    host = booted_host
     # -- install --watch: a new spec file is applied by the .path unit ---------
     host.run(["pymachine", "install", "--watch", SPECS])
     assert host.run(["systemctl", "is-active", "pymachine-apply.path"]).stdout.strip() == "active"
@@ -219,18 +247,27 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     )
     _verify(host)
 
-    # -- a failing apply leaves its error in the journal and systemctl status --
-    def apply_done() -> dict[str, str]:
-        props = host.show(APPLY, "ActiveState", "Result")
-        return props if props["ActiveState"] in ("inactive", "failed") else {}
 
-    host.wait_for("the triggered apply to finish", lambda: apply_done().get("Result") == "success")
+def _apply_result(host: BootedHost) -> dict[str, str]:
+    """The apply unit's ActiveState and Result once it has finished; {} while it runs."""
+    props = host.show(APPLY, "ActiveState", "Result")
+    return props if props["ActiveState"] in ("inactive", "failed") else {}
+
+
+def test_failing_apply_reports_its_error(booted_host: BootedHost) -> None:
+    host = booted_host
+    # The .path unit of the stage before (installing again changes nothing).
+    host.run(["pymachine", "install", "--watch", SPECS])
+    # -- a failing apply leaves its error in the journal and systemctl status --
+    host.wait_for(
+        "the triggered apply to finish", lambda: _apply_result(host).get("Result") == "success"
+    )
     host.write(
         f"{SPECS}/broken.yaml", "name: broken\nimage: no-such-image\ncommand: [sleep, '1']\n"
     )
     host.wait_for(
         "the apply of a broken spec to fail",
-        lambda: apply_done().get("Result") == "exit-code",
+        lambda: _apply_result(host).get("Result") == "exit-code",
         timeout=120,
     )
     shown = host.run(["systemctl", "status", APPLY, "--no-pager", "-n", "20"], check=False)
@@ -239,9 +276,18 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     )
     host.run(["rm", f"{SPECS}/broken.yaml"])
     host.wait_for(
-        "the apply to succeed again", lambda: apply_done().get("Result") == "success", timeout=120
+        "the apply to succeed again",
+        lambda: _apply_result(host).get("Result") == "success",
+        timeout=120,
     )
 
+
+# The machine watched.yaml made, and no broken spec left behind.
+@pytest.mark.needs_stages(
+    "test_install_watch_applies_a_new_spec", "test_failing_apply_reports_its_error"
+)
+def test_power_cycle_brings_the_machines_back(booted_host: BootedHost) -> None:
+    host = booted_host
     # -- power off and boot: autostart machines come back by themselves --------
     host.poweroff()
     host.boot()
@@ -263,15 +309,23 @@ def test_machines_under_systemd(booted_host: BootedHost) -> None:
     assert "base" in machines and "watched" in machines, machines
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
 
+
+def test_uninstall_removes_the_boot_unit(booted_host: BootedHost) -> None:
+    host = booted_host
     # -- uninstall removes the boot unit --------------------------------------------
     host.run(["pymachine", "uninstall"])
     for unit in ("pymachine-apply.service", "pymachine-apply.path"):
         assert host.run(["test", "-e", f"{UNITS}/{unit}"], check=False).returncode == 1, unit
+
+
+# The machine watched.yaml made.
+@pytest.mark.needs_stages("test_install_watch_applies_a_new_spec")
+def test_destroy_leaves_no_unit(booted_host: BootedHost) -> None:
+    host = booted_host
     # -- destroy: the unit is gone from systemd too --------------------------------
     host.run(["pymachine", "destroy", "--yes", "watched"])
     watched = host.show("pymachine-watched.service", "LoadState", "ActiveState")
     assert watched == {"LoadState": "not-found", "ActiveState": "inactive"}, watched
-    print(f"e2e steps took {time.monotonic() - started:.0f} s")
 
 
 BUILD_SPECS = "/root/build-specs"
