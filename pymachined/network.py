@@ -18,12 +18,13 @@ import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pymachined import files, run
-from pymachined.core import netplan
+from pymachined.core import netplan, parsers, ports
 from pymachined.core.layout import Layout
 from pymachined.core.netplan import MACHINE_IFNAME
 from pymachined.core.records import NetworkRecord
@@ -34,6 +35,8 @@ from pymachined.state import StateStore
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02  # an IPv6 address usable at once, without duplicate detection
+BR_STATE_FORWARDING = 3  # a bridge port's state once it forwards (linux/if_bridge.h)
+ANNOUNCE_WAIT = 2.0  # seconds a new veth may take to become a forwarding bridge port
 
 
 def _marker(layout: Layout, name: str) -> str:
@@ -95,21 +98,29 @@ def _ipr(netns: str | None = None) -> Iterator[Any]:
         with IPRoute() as ipr:
             yield ipr
         return
+    with _entered(netns):
+        ipr = IPRoute()
+    with ipr:
+        yield ipr
+
+
+@contextlib.contextmanager
+def _entered(netns: str) -> Iterator[None]:
+    """This thread alone in a named network namespace for a moment: what it
+    opens there (a socket, a file under /proc/sys/net) stays of that namespace."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(NETNS_DIR / netns, os.O_RDONLY)
         try:
             _setns(target)
             try:
-                ipr = IPRoute()
+                yield
             finally:
                 _setns(own)
         finally:
             os.close(target)
     finally:
         os.close(own)
-    with ipr:
-        yield ipr
 
 
 def _setns(fd: int) -> None:
@@ -268,7 +279,11 @@ def _make_namespace(
 
     name = netplan.netns_name(layout, machine)
     host_side = netplan.veth_name(layout, machine)
+    mac = netplan.mac_address(layout, network.name, machine)
     netns.create(name)
+    with _entered(name):
+        for key, value in netplan.NAMESPACE_SYSCTLS:
+            _write_sysctl(key, value)
     with _ipr() as ipr:
         ipr.link(
             "add",
@@ -288,6 +303,7 @@ def _make_namespace(
     with _ipr(name) as ns:
         ns.link("set", index=_index(ns, "lo"), state="up")
         inside = _index(ns, MACHINE_IFNAME)
+        ns.link("set", index=inside, address=mac)
         ns.addr("add", index=inside, address=str(address), prefixlen=network.subnet.prefixlen)
         if address6 is not None and network.subnet6 is not None:
             ns.addr(
@@ -302,6 +318,52 @@ def _make_namespace(
         gateway6 = netplan.gateway6(network)
         if gateway6 is not None:
             ns.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
+    with _entered(name):
+        for key, value in netplan.interface_sysctls(MACHINE_IFNAME):
+            _write_sysctl(key, value)
+    _announce(name, host_side, mac, address, address6)
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """Set a sysctl (a path under /proc/sys) of this thread's network
+    namespace; one the kernel lacks (IPv6 turned off) is left out."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path("/proc/sys") / key).write_text(value)
+
+
+def _announce(
+    netns: str,
+    host_side: str,
+    mac: str,
+    address: ipaddress.IPv4Address,
+    address6: ipaddress.IPv6Address | None,
+) -> None:
+    """Tell the machine's peers where it is now: a gratuitous ARP (and an
+    unsolicited neighbour advertisement) from its eth0, once the bridge
+    forwards from its port, so that a peer whose neighbour entry names
+    another MAC address (the machine's before stable ones, or another
+    machine's that had the address) replaces it at once rather than after
+    its probes fail. Best effort: a peer without an entry asks anyway."""
+    state = Path("/sys/class/net", host_side, "brport", "state")
+    deadline = time.monotonic() + ANNOUNCE_WAIT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if int(state.read_text()) == BR_STATE_FORWARDING:
+                break
+        time.sleep(0.005)
+    with contextlib.suppress(OSError), _entered(netns):
+        index = socket.if_nametoindex(MACHINE_IFNAME)
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+            raw.bind((MACHINE_IFNAME, 0))
+            raw.send(netplan.gratuitous_arp(mac, address))
+        if address6 is not None:
+            with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as icmp:
+                icmp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                icmp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+                icmp.bind((str(address6), 0, 0, index))
+                icmp.sendto(
+                    netplan.neighbour_advertisement(mac, address6), ("ff02::1", 0, 0, index)
+                )
 
 
 def detach(layout: Layout, machine: str) -> None:
@@ -476,3 +538,71 @@ def stop_forwarders(layout: Layout, machine: str) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reaped if this process started it
     path.unlink(missing_ok=True)
+
+
+# -- host ports ---------------------------------------------------------------
+
+PROC_NET = (("tcp", "tcp"), ("tcp6", "tcp"), ("udp", "udp"), ("udp6", "udp"))
+
+
+def host_sockets() -> list[parsers.Socket]:
+    """The sockets that hold ports in the host's network namespace (this
+    process's: the one published ports are on)."""
+    found: list[parsers.Socket] = []
+    for name, protocol in PROC_NET:
+        with contextlib.suppress(OSError):  # no IPv6 on this host
+            found += parsers.parse_proc_net(Path("/proc/net", name).read_text(), protocol)
+    return found
+
+
+def socket_owners(inodes: set[int]) -> dict[int, list[ports.Process]]:
+    """The processes holding each of these socket inodes, found through their
+    descriptors (a process that ends meanwhile is left out)."""
+    owners: dict[int, list[ports.Process]] = {}
+    if not inodes:
+        return owners
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            held = {
+                wanted[t] for fd in (entry / "fd").iterdir() if (t := str(fd.readlink())) in wanted
+            }
+            if not held:
+                continue
+            name = (entry / "comm").read_text().strip()
+            argv = tuple(
+                a.decode(errors="replace")
+                for a in (entry / "cmdline").read_bytes().split(b"\0")
+                if a
+            )
+        except OSError:
+            continue
+        for inode in held:
+            owners.setdefault(inode, []).append(ports.Process(int(entry.name), name, argv))
+    return owners
+
+
+def port_clashes(machine: Machine) -> list[tuple[int, str]]:
+    """Each (index in machine's ports, message) of a port some other host
+    process already holds; the machine's own forwarders are no clash."""
+    if not machine.ports:
+        return []
+    found = ports.candidates(machine.ports, host_sockets())
+    owners = socket_owners({s.inode for _, s in found})
+    return ports.clashes(machine.name, found, owners)
+
+
+def check_ports(machine: Machine) -> None:
+    """Refuse to publish a machine's ports while another process holds one
+    (checked again as it starts: a listener may have come since the plan)."""
+    found = port_clashes(machine)
+    if found:
+        index, message = found[0]
+        port = machine.ports[index]
+        raise PymachineError(
+            f"cannot publish port {port.host}/{port.protocol.value} of machine {machine.name}: "
+            f"{message}",
+            hint="stop that process, or publish another host port (ports: in the spec)",
+        )

@@ -53,6 +53,59 @@ def netns_name(layout: Layout, machine: str) -> str:
     return layout.netns_name(machine)
 
 
+def mac_address(layout: Layout, network: str, machine: str) -> str:
+    """The MAC address of a machine's eth0 on a network: from a hash of its
+    name, the network's and the scope, as nspawn derives its veths' own, so
+    that it is the same at every start and peers' neighbour entries for the
+    machine stay right. Locally administered, unicast."""
+    digest = hashlib.sha256("\0".join(("mac", scope(layout), network, machine)).encode()).digest()
+    first = (digest[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in (first, *digest[1:6]))
+
+
+NAMESPACE_SYSCTLS = (
+    # Every port may be bound: the namespace belongs to the host's user
+    # namespace, where a machine's root holds no capability, so without this
+    # a server in a machine with a user namespace cannot bind port 80 (Docker
+    # sets the same in each container's namespace).
+    ("net/ipv4/ip_unprivileged_port_start", "0"),
+)
+
+
+def interface_sysctls(ifname: str) -> tuple[tuple[str, str], ...]:
+    """The sysctls (paths under /proc/sys) set on a machine's interface in its
+    namespace before it goes up: the kernel announces the machine (a
+    gratuitous ARP, an unsolicited neighbour advertisement) whenever the
+    link's address changes."""
+    return (
+        (f"net/ipv4/conf/{ifname}/arp_notify", "1"),
+        (f"net/ipv6/conf/{ifname}/ndisc_notify", "1"),
+    )
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def gratuitous_arp(mac: str, address: Address) -> bytes:
+    """An Ethernet frame that announces address at mac to the whole link: an
+    ARP request for the address itself, as the kernel's own announcements are."""
+    sender = _mac_bytes(mac)
+    ip = address.packed
+    ethernet = b"\xff" * 6 + sender + b"\x08\x06"
+    arp = b"\x00\x01\x08\x00\x06\x04\x00\x01" + sender + ip + b"\x00" * 6 + ip
+    return ethernet + arp
+
+
+def neighbour_advertisement(mac: str, address: ipaddress.IPv6Address) -> bytes:
+    """An unsolicited ICMPv6 neighbour advertisement of address at mac (the
+    override flag set, so peers replace what they had; the kernel fills in
+    the checksum of a raw ICMPv6 socket)."""
+    header = b"\x88\x00\x00\x00" + b"\x20\x00\x00\x00"  # type 136, code 0; flag O
+    option = b"\x02\x01" + _mac_bytes(mac)  # the target's link-layer address
+    return header + address.packed + option
+
+
 def table_name(layout: Layout) -> str:
     """The nft table pymachine owns (``inet`` family)."""
     tag = scope(layout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -421,3 +422,46 @@ def parse_payload_signal(tail: str) -> int | None:
         return int(signal.Signals[f"SIG{name}"])
     except KeyError:
         return None
+
+
+TCP_LISTEN = "0A"
+UDP_UNCONNECTED = "07"  # TCP_CLOSE: a bound UDP socket that is not connected
+
+
+@dataclass(frozen=True)
+class Socket:
+    """A socket bound on the host that holds a port for everyone who calls it:
+    a listening TCP socket, or an unconnected UDP one."""
+
+    protocol: str  # tcp or udp
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    inode: int
+
+
+def _proc_net_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # The kernel prints each 32-bit word of the address as an integer in the
+    # host's byte order.
+    words = [text[i : i + 8] for i in range(0, len(text), 8)]
+    raw = b"".join(int(word, 16).to_bytes(4, sys.byteorder) for word in words)
+    return ipaddress.ip_address(raw)
+
+
+def parse_proc_net(text: str, protocol: str) -> list[Socket]:
+    """The sockets that hold ports in /proc/net/tcp, tcp6, udp or udp6 (one
+    file's text; ``protocol`` is tcp or udp). Lines that cannot be read are
+    left out."""
+    wanted = TCP_LISTEN if protocol == "tcp" else UDP_UNCONNECTED
+    found = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != wanted:
+            continue
+        address, _, port = fields[1].partition(":")
+        try:
+            found.append(
+                Socket(protocol, _proc_net_address(address), int(port, 16), int(fields[9]))
+            )
+        except ValueError:
+            continue
+    return found

@@ -391,3 +391,42 @@ def test_an_undeclared_network_on_record_keeps_its_subnet_and_bridge_until_prune
     assert bridge.field == "bridge"
     assert check_recorded_networks(declared, [held("10.9.0.0/16", "br-lab")], prune=True) == []
     assert check_recorded_networks(declared, [held("10.8.0.0/24", "pmbr-x")], prune=False) == []
+
+
+def test_a_machines_mac_is_stable_distinct_local_and_unicast() -> None:
+    mac = netplan.mac_address(HOST, "backend", "web")
+    assert mac == netplan.mac_address(HOST, "backend", "web")
+    others = {
+        netplan.mac_address(HOST, "backend", "db"),
+        netplan.mac_address(HOST, "frontend", "web"),
+        netplan.mac_address(TRIAL, "backend", "web"),
+        netplan.mac_address(HOST, "backendweb", ""),
+    }
+    assert mac not in others and len(others) == 4
+    for each in (mac, *others):
+        first = int(each.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01, each  # locally administered, unicast
+        assert len(bytes.fromhex(each.replace(":", ""))) == 6
+
+
+def test_announcements_name_the_machines_address_and_mac() -> None:
+    mac = "02:11:22:33:44:55"
+    frame = netplan.gratuitous_arp(mac, A("10.232.0.7"))
+    assert frame.hex() == (
+        "ffffffffffff" "021122334455" "0806"  # broadcast, from the machine, ARP
+        "0001" "0800" "06" "04" "0001"  # Ethernet, IPv4, a request
+        "021122334455" "0ae80007"  # sender: the machine
+        "000000000000" "0ae80007"  # target: its own address
+    )  # fmt: skip
+    advert = netplan.neighbour_advertisement(mac, ipaddress.IPv6Address("fd42:232::7"))
+    assert advert[0] == 136 and advert[4] & 0x20  # a neighbour advertisement, override
+    assert advert[8:24] == ipaddress.IPv6Address("fd42:232::7").packed
+    assert advert[24:] == bytes.fromhex("0201021122334455")
+
+
+def test_namespaces_let_machines_bind_low_ports_and_announce_themselves() -> None:
+    assert ("net/ipv4/ip_unprivileged_port_start", "0") in netplan.NAMESPACE_SYSCTLS
+    assert dict(netplan.interface_sysctls("eth0")) == {
+        "net/ipv4/conf/eth0/arp_notify": "1",
+        "net/ipv6/conf/eth0/ndisc_notify": "1",
+    }

