@@ -48,6 +48,7 @@ from pymachined.core.actions import (
     Step,
     StopMachine,
     UpdateLimits,
+    UpdatePorts,
     WriteFiles,
     phase,
 )
@@ -101,6 +102,10 @@ class NetworkEdge(Protocol):
         self, layout: Layout, machine: Machine, address: ipaddress.IPv4Address, /
     ) -> list[int]:
         """Start a machine's IPv6 port forwarders."""
+        ...
+
+    def check_ports(self, machine: Machine, /) -> None:
+        """Refuse a machine's ports while another host process holds one."""
         ...
 
 
@@ -244,6 +249,8 @@ class Executor:
                 self._start(want, f"restarted ({action.reason})", restart=True)
             case UpdateLimits():
                 self._update_limits(action)
+            case UpdatePorts():
+                self._update_ports(action)
             case StartForwarders():
                 self._start_forwarders(action)
             case EnableMachine():
@@ -450,6 +457,8 @@ class Executor:
             # The spec goes in now too: the rules read the machine's ports from it.
             spec = want.machine.model_dump(mode="json", by_alias=True)
             self.state.put(replace(record, address=str(address), network=joined.name, spec=spec))
+        # Again as it starts: a host listener may have come since the plan.
+        self.net.check_ports(want.machine)
         self.net.attach(self.layout, want.name, joined, address)
         self.net.start_forwarders(self.layout, want.machine, address)
         self.net.sync_rules(self.layout, self.state)
@@ -490,6 +499,21 @@ class Executor:
             spec=want.machine.model_dump(mode="json", by_alias=True),
         )
         self._event(record, f"limits changed ({action.reason})")
+
+    def _update_ports(self, action: UpdatePorts) -> None:
+        """Publish a running machine's new ports: its forwarders started
+        again and the nft rules rewritten from its record, which takes the
+        new spec once they are up (a failure leaves the record as it was, so
+        the next plan tries again)."""
+        record = self._record(action.machine)
+        if record.address is None:
+            raise PymachineError(f"machine {action.machine} has no address on record")
+        want = self.desired[action.machine]
+        self.net.check_ports(want.machine)
+        self.net.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
+        spec = want.machine.model_dump(mode="json", by_alias=True)
+        self._event(replace(record, spec=spec), f"ports changed ({action.reason})")
+        self.net.sync_rules(self.layout, self.state)
 
     def _start_forwarders(self, action: StartForwarders) -> None:
         record = self._record(action.machine)
@@ -621,6 +645,8 @@ def attach_recorded(
         members = [n for n, r in state.all().items() if r.network == record.network]
         network.reconnect(layout, bridge, members)
     address = ipaddress.IPv4Address(record.address)
+    if record.spec:  # again as it starts: a host listener may have come since the apply
+        network.check_ports(Machine.model_validate(record.spec))
     network.attach(layout, record.name, spec, address)
     if forwarders:
         start_recorded_forwarders(layout, record)

@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pymachined import network
 from pymachined.core.actions import Step
 from pymachined.core.desired import Desired, desire, desire_networks
 from pymachined.core.layout import Layout
 from pymachined.core.parsers import machine_resolv_conf
 from pymachined.core.plan import Observed, plan, problems
+from pymachined.core.spec import MachineState
 from pymachined.core.validate import SpecSet, check_recorded_addresses, check_recorded_networks
 from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
@@ -97,6 +99,23 @@ def check_host(spec_set: SpecSet) -> None:
         raise SpecError(problems)
 
 
+def check_ports(spec_set: SpecSet) -> None:
+    """Check that no other process on this host holds a port the specs
+    publish (a running machine's own forwarders aside), before anything
+    changes: its DNAT would take that port's traffic away without a word."""
+    problems: list[Diagnostic] = []
+    for name, machine in spec_set.machines.items():
+        if machine.state is not MachineState.RUNNING:
+            continue
+        located = spec_set.sources.get(("machine", name))
+        for index, message in network.port_clashes(machine):
+            if located is not None:
+                hint = "stop that process, or publish another host port"
+                problems.append(located.document.diagnostic(("ports", index), message, hint))
+    if problems:
+        raise SpecError(problems)
+
+
 @dataclass
 class Reconciler:
     """One host's reconciliation."""
@@ -132,6 +151,7 @@ class Reconciler:
         """The desired state, the actions that reach it, and what keeps some
         machines out of the plan (records that cannot be read), one line each."""
         check_host(spec_set)
+        check_ports(spec_set)
         desired = self.desired(spec_set)
         clashes = check_recorded_addresses(spec_set, self.state.all().values())
         clashes += check_recorded_networks(spec_set, self.state.networks().values(), prune=prune)

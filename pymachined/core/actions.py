@@ -112,6 +112,14 @@ class UpdateLimits(Action):
 
 
 @dataclass(frozen=True)
+class UpdatePorts(Action):
+    """Publish a running machine's changed ports in place (its nft rules and
+    IPv6 forwarders), without a restart."""
+
+    verb: ClassVar[str] = "change the ports of"
+
+
+@dataclass(frozen=True)
 class StartForwarders(Action):
     """Start again the IPv6 port forwarders of a running machine that lost them."""
 
@@ -199,6 +207,7 @@ Step = (
     | StartMachine
     | RestartMachine
     | UpdateLimits
+    | UpdatePorts
     | StartForwarders
     | EnableMachine
     | StopMachine
@@ -231,7 +240,7 @@ def phase(step: Step) -> Phase:
             return Phase.MAKING
         case EnableMachine():
             return Phase.ENABLE
-        case StartMachine() | RestartMachine() | UpdateLimits() | StartForwarders():
+        case StartMachine() | RestartMachine() | UpdateLimits() | UpdatePorts() | StartForwarders():
             return Phase.RUNNING
         case StopMachine() | RemoveMachine():
             return Phase.BACKWARD

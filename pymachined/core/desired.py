@@ -3,8 +3,9 @@
 Everything that, when it changes, needs the machine restarted goes into its
 configuration hash: the command line it runs with, its restart policy and
 stop timeout, its image layers, the files written into its root, its binds,
-and its network (the network's own settings, its declared address and its
-ports).
+and its network (the network's own settings). A declared address that is not
+the one the machine has restarts it too (``plan``); its ports are changed in
+place.
 Labels, ``state``, ``autostart`` and ``depends_on`` do not, nor do resource
 limits, which are changed on the running machine.
 
@@ -133,11 +134,10 @@ def desire(
             "binds": [b.model_dump(mode="json") for b in machine.binds],
         }
         if joined is not None:
-            config["network"] = {
-                "network": joined.config_hash,
-                "address": str(machine.address) if machine.address else None,
-                "ports": [p.model_dump(mode="json") for p in machine.ports],
-            }
+            # Not its address nor its ports: plan restarts a machine whose
+            # address is declared anew (one it has already is no change), and
+            # changes its ports in place.
+            config["network"] = {"network": joined.config_hash}
         digest = _digest(config)
         out[name] = Desired(
             machine=machine,

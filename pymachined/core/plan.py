@@ -29,13 +29,14 @@ from pymachined.core.actions import (
     Step,
     StopMachine,
     UpdateLimits,
+    UpdatePorts,
     WriteFiles,
 )
 from pymachined.core.desired import Desired, DesiredNetwork, file_hash
 from pymachined.core.limits import Limits, describe_change
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.sizes import human_size
-from pymachined.core.spec import MachineState, RootfsMode
+from pymachined.core.spec import MachineState, Port, RootfsMode
 from pymachined.supervise.base import LIVE, Status
 
 
@@ -197,6 +198,45 @@ def _limits(run: Mapping[str, object] | None) -> Limits:
     return Limits.from_json(limits if isinstance(limits, dict) else None)
 
 
+def _address_change(want: Desired, record: MachineRecord) -> str | None:
+    """How a machine's declared address differs from the one it has on the
+    same network, or None: pinning the address it has already is no change."""
+    declared = want.machine.address
+    joined = want.network
+    if declared is None or joined is None or record.network != joined.name:
+        return None
+    if record.address is None or record.address == str(declared):
+        return None
+    return f"address: {record.address} -> {declared}"
+
+
+def _port_text(port: Port) -> str:
+    if port.host_ip is None:
+        where = ""
+    elif port.host_ip.version == 6:
+        where = f"[{port.host_ip}]:"
+    else:
+        where = f"{port.host_ip}:"
+    return f"{where}{port.host}:{port.machine}/{port.protocol.value}"
+
+
+def _ports_change(want: Desired, record: MachineRecord) -> str | None:
+    """How a machine's declared ports differ from those it was last started
+    (or updated) with, or None."""
+    if record.spec is None or record.address is None:
+        return None
+    try:
+        had = [Port.model_validate(p) for p in record.spec.get("ports") or []]
+    except (ValueError, TypeError, AttributeError):
+        return "its recorded ports cannot be read"
+    wanted = list(want.machine.ports)
+    if had == wanted:
+        return None
+    added = [f"+{_port_text(p)}" for p in wanted if p not in had]
+    removed = [f"-{_port_text(p)}" for p in had if p not in wanted]
+    return "ports: " + (", ".join(added + removed) or "reordered")
+
+
 def plan(
     desired: Mapping[str, Desired],
     observed: Mapping[str, Observed],
@@ -259,6 +299,8 @@ def plan(
             )
         elif wants_running and seen.record and seen.record.config_hash != want.config_hash:
             actions.append(RestartMachine(name, "its configuration changed"))
+        elif wants_running and seen.record and (moved := _address_change(want, seen.record)):
+            actions.append(RestartMachine(name, moved))
         elif wants_running and seen.link is not None:
             # A running machine keeps the namespace it started in: made again,
             # its network needs a restart to be joined.
@@ -268,11 +310,18 @@ def plan(
             actions.append(UpdateLimits(name, change))
         elif not wants_running and seen.running:
             stopping.append(StopMachine(name, "state: stopped"))
+        started = any(
+            isinstance(a, StartMachine | RestartMachine) and a.machine == name for a in actions
+        )
+        ported = _ports_change(want, seen.record) if seen.record is not None else None
+        if wants_running and seen.running and not started and ported is not None:
+            actions.append(UpdatePorts(name, ported))
         if (
             wants_running
             and seen.running
             and seen.forwarders_gone
-            and not any(isinstance(a, RestartMachine) and a.machine == name for a in actions)
+            and not started
+            and ported is None
         ):
             lost = f"{seen.forwarders_gone} of its IPv6 port forwarders are gone"
             actions.append(StartForwarders(name, lost))

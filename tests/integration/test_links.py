@@ -11,9 +11,12 @@ goes to loopback and to the test's own namespaces.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -50,6 +53,11 @@ packages: [python3]
 network: "@ln"
 address: 10.232.1.10
 ports: ["127.0.0.1:18241:80", "[::1]:18241:80"]
+# Even with it, the machine's root cannot change its link: the namespace is
+# the host user namespace's.
+security:
+  capabilities:
+    add: [NET_ADMIN]
 files:
   - path: /srv/listen.py
     content: {json.dumps(LISTENER)}
@@ -76,6 +84,13 @@ PEER_LOOP = (
     "    if ok and failed and back is None: back=t\n"
     "    print(t, 'ok' if ok else 'fail', flush=True)\n"
     "    time.sleep(0.02)\n"
+)
+
+
+# SIOCSIFHWADDR on eth0, as `ip link set eth0 address` does.
+SET_MAC = (
+    "import fcntl,socket,struct; s=socket.socket(); "
+    "fcntl.ioctl(s,0x8924,struct.pack('16sH6s8x',b'eth0',1,b'\\x02\\x00\\x00\\x00\\x00\\x01'))"
 )
 
 
@@ -108,6 +123,20 @@ def test_low_port_stable_mac_and_peer_back_within_a_second(net_host: Host) -> No
     assert http_get("http://[::1]:18241/") == "200"
     mac = mac_of(host, "db")
 
+    # A hostile root in the machine can neither lower its neighbours' view of
+    # it (a new MAC address) nor put the port floor back.
+    hostile = host.pymachine("exec", p + "db", "--", "python3", "-c", SET_MAC, check=False)
+    assert hostile.returncode != 0 and "Operation not permitted" in hostile.stderr, hostile
+    floor = host.pymachine(
+        "exec", p + "db", "--", "sh", "-c",
+        "echo 1024 > /proc/sys/net/ipv4/ip_unprivileged_port_start", check=False,
+    )  # fmt: skip
+    assert floor.returncode != 0, floor
+    assert mac_of(host, "db") == mac
+    assert (
+        netns_run(host, "db", "sysctl", "-n", "net.ipv4.ip_unprivileged_port_start").stdout == "0\n"
+    )
+
     loop = subprocess.Popen(
         [
             "ip", "netns", "exec", netns_of(host, "peer"),
@@ -133,3 +162,93 @@ def test_low_port_stable_mac_and_peer_back_within_a_second(net_host: Host) -> No
     assert mac_of(host, "db") == mac  # the same MAC address after the start
     assert back - since < 1.0, (back - since, out[-2000:])
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+
+PORTS = """\
+kind: network
+name: "@pn"
+subnet: 10.232.2.0/24
+---
+name: "@web"
+image: debian-bookworm-slim
+packages: [python3]
+network: "@pn"
+ports: ["127.0.0.1:18243:80", "18244:53/udp"]
+command: [python3, -m, http.server, --bind, 0.0.0.0, "80"]
+"""
+
+
+def bound(
+    family: socket.AddressFamily, kind: socket.SocketKind, address: str, port: int
+) -> socket.socket:
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(8)
+    return sock
+
+
+def refused(host: Host, port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_held_host_ports_are_refused_and_a_change_of_ports_is_made_live(net_host: Host) -> None:
+    host = net_host
+    p = host.prefix
+    host.declare(PORTS)
+    me = f"(pid {os.getpid()})"
+    # A host listener on the published address, and a dual-stack UDP one on ::.
+    tcp = bound(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 18243)
+    udp = bound(socket.AF_INET6, socket.SOCK_DGRAM, "::", 18244)
+    with tcp, udp:
+        for verb in ("plan", "apply"):
+            args = (verb, str(host.specs)) + (("--yes",) if verb == "apply" else ())
+            out = host.pymachine(*args, check=False)
+            assert out.returncode == 1, out
+            assert (
+                "machines.yaml:9:9: ports[0]: host port 127.0.0.1:18243/tcp is already in use by"
+                in out.stderr
+            ), out.stderr
+            assert "ports[1]: host port [::]:18244/udp is already in use by" in out.stderr
+            assert me in out.stderr
+        # Nothing changed: no record, no namespace, no rules.
+        assert host.machines() == {}
+        assert not Path("/run/netns", netns_of(host, "web")).exists()
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        assert p not in tables
+    host.apply()
+    first = host.payload("web")
+    assert wait_http("http://127.0.0.1:18243/") == "200"
+
+    # A change of ports alone: published in place, the machine not restarted.
+    moved = PORTS.replace('"127.0.0.1:18243:80"', '"127.0.0.1:18245:80", "[::1]:18245:80"')
+    host.declare(moved)
+    applied = host.apply()
+    assert "change the ports of" in applied.stderr and "restart" not in applied.stderr, (
+        applied.stderr
+    )
+    assert host.payload("web") == first
+    assert http_get("http://127.0.0.1:18245/") == "200"
+    assert http_get("http://[::1]:18245/") == "200"
+    assert refused(host, 18243)
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+    # Pinning the address it has is no change either.
+    address = host.machines()["web"]["address"]
+    host.declare(moved.replace('network: "@pn"', f'network: "@pn"\naddress: {address}'))
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+    # A listener that comes while the machine is stopped keeps its port: the
+    # start by name is refused, and leaves no namespace behind.
+    host.pymachine("stop", p + "web")
+    with bound(socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0", 18245):
+        start = host.pymachine("start", p + "web", check=False)
+        assert start.returncode == 1 and "cannot publish port 18245/tcp" in start.stderr, start
+        assert me in start.stderr
+        assert not Path("/run/netns", netns_of(host, "web")).exists()
+    host.pymachine("start", p + "web")
+    assert wait_http("http://127.0.0.1:18245/") == "200"

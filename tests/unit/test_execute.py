@@ -29,10 +29,11 @@ from pymachined.core.actions import (
     Step,
     StopMachine,
     UpdateLimits,
+    UpdatePorts,
     WriteFiles,
     phase,
 )
-from pymachined.core.desired import Desired, desire, file_hash
+from pymachined.core.desired import Desired, desire, desire_networks, file_hash
 from pymachined.core.layout import Layout
 from pymachined.core.limits import Limits
 from pymachined.core.plan import plan
@@ -212,6 +213,7 @@ class FakeNetwork:
 
     def __init__(self, calls: Calls) -> None:
         self.calls = calls
+        self.held: set[str] = set()  # machines whose ports another process holds
 
     def create_bridge(self, layout: Layout, network: Network, /) -> str:
         self.calls.append(("create bridge", network.name))
@@ -241,6 +243,11 @@ class FakeNetwork:
         self.calls.append(("start forwarders", machine.name))
         return []
 
+    def check_ports(self, machine: Machine, /) -> None:
+        self.calls.append(("check ports", machine.name))
+        if machine.name in self.held:
+            raise PymachineError(f"cannot publish port 18241/tcp of machine {machine.name}")
+
 
 PHASES = {
     CreateNetwork: Phase.NETWORK_FIRST,
@@ -254,6 +261,7 @@ PHASES = {
     StartMachine: Phase.RUNNING,
     RestartMachine: Phase.RUNNING,
     UpdateLimits: Phase.RUNNING,
+    UpdatePorts: Phase.RUNNING,
     StartForwarders: Phase.RUNNING,
     StopMachine: Phase.BACKWARD,
     RemoveMachine: Phase.BACKWARD,
@@ -271,14 +279,18 @@ class Host:
     """A host under tmp_path, the desired state of SPECS, and an executor with fakes."""
 
     def __init__(
-        self, repo: Path, tmp_path: Path, failing: frozenset[str] = frozenset(), broken: str = ""
+        self,
+        repo: Path,
+        tmp_path: Path,
+        failing: frozenset[str] = frozenset(),
+        broken: str = "",
+        specs: str = SPECS,
     ) -> None:
         self.layout = Layout(PurePosixPath(tmp_path / "host"))
+        self.repo = repo
         tmp_path.mkdir(parents=True, exist_ok=True)
-        spec = tmp_path / "specs.yaml"
-        spec.write_text(SPECS)
-        spec_set = load_set([spec], repo / "machines")
-        self.desired: dict[str, Desired] = desire(spec_set, self.layout, repo / "templates", SALTS)
+        self.spec_file = tmp_path / "specs.yaml"
+        self.declare(specs)
         self.calls: Calls = []
         self.state = StateStore(self.layout)
         self.supervisor = FakeSupervisor(self.calls, broken)
@@ -286,6 +298,14 @@ class Host:
         self.roots = FakeRoots(tmp_path / "mounted", self.calls)
         self.net = FakeNetwork(self.calls)
         self.said: list[str] = []
+
+    def declare(self, specs: str) -> None:
+        """Desire specs (the host, its records and its fakes stay as they are)."""
+        self.spec_file.write_text(specs)
+        self.spec_set = load_set([self.spec_file], self.repo / "machines")
+        self.desired: dict[str, Desired] = desire(
+            self.spec_set, self.layout, self.repo / "templates", SALTS
+        )
 
     def run(self, actions: Sequence[Step]) -> None:
         Executor(
@@ -403,3 +423,49 @@ def test_networks_come_first_and_go_last_stops_and_removals_in_plan_order(
     assert host.state.network("old") is None
     made = host.state.network("new")
     assert made is not None and made.bridge == "pmbr-new"
+
+
+NETWORKED = """\
+kind: network
+name: n
+subnet: 10.232.9.0/24
+---
+name: web
+image: debian-bookworm-slim
+command: [sleep, infinity]
+network: n
+ports: ["127.0.0.1:18241:80"]
+"""
+
+
+def test_a_change_of_ports_is_published_without_a_restart_or_refused_untouched(
+    repo: Path, tmp_path: Path
+) -> None:
+    host = Host(repo, tmp_path, specs=NETWORKED)
+    host.run(plan(host.desired, {}, [], networks=desire_networks(host.spec_set, host.layout)))
+    assert host.index("check ports", "web") < host.index("attach", "web")
+    first = host.state.get("web")
+    assert first is not None and first.address == "10.232.9.2"
+    host.declare(NETWORKED.replace('"127.0.0.1:18241:80"', '"127.0.0.1:18242:80"'))
+    host.calls.clear()
+
+    host.net.held.add("web")  # another process took the new port meanwhile
+    with pytest.raises(ApplyError) as raised:
+        host.run([UpdatePorts("web", "ports: +127.0.0.1:18242:80/tcp")])
+    assert "cannot publish port" in raised.value.failures[0].error.message
+    assert host.calls == [("ready", ""), ("check ports", "web")]
+    assert host.state.get("web") == first
+
+    host.net.held.clear()
+    host.run([UpdatePorts("web", "ports: +127.0.0.1:18242:80/tcp")])
+    assert host.calls[-3:] == [
+        ("check ports", "web"),
+        ("start forwarders", "web"),
+        ("sync rules", ""),
+    ]
+    assert host.named("restart") == host.named("stop") == []
+    record = host.state.get("web")
+    assert record is not None and record.spec is not None
+    assert record.spec["ports"][0]["host"] == 18242 and record.address == first.address
+    assert record.config_hash == first.config_hash
+    assert record.history[-1].endswith("ports changed (ports: +127.0.0.1:18242:80/tcp)")

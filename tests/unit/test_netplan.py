@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import pytest
 
 from pymachined.core import netplan
 from pymachined.core.actions import CreateNetwork, RemoveNetwork, ReplaceNetwork
-from pymachined.core.desired import DesiredNetwork, desire, desire_networks
+from pymachined.core.desired import Desired, DesiredNetwork, desire, desire_networks, file_hash
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, ObservedNetwork, plan
 from pymachined.core.recipes import Salts
@@ -25,6 +26,7 @@ from pymachined.core.validate import (
     load_set,
 )
 from pymachined.errors import PymachineError
+from pymachined.supervise.base import RunState, Status
 
 HOST = Layout()
 TRIAL = Layout(PurePosixPath("/tmp/trial-root"))
@@ -284,13 +286,62 @@ def test_a_changed_network_is_replaced_and_its_machines_restart(repo: Path, tmp_
     assert [type(a) for a in actions] == [ReplaceNetwork]
 
 
-def test_ports_or_an_address_change_restart_the_machine(repo: Path, tmp_path: Path) -> None:
-    base = desire(spec_set(repo, tmp_path), HOST, repo / "templates", SALTS)["web"]
-    ported = SPECS.replace('"8080:80"', '"8081:80"')
-    moved = SPECS + "address: 10.70.0.9\n"
-    for text in (ported, moved):
-        changed = desire(spec_set(repo, tmp_path, text), HOST, repo / "templates", SALTS)["web"]
-        assert changed.config_hash != base.config_hash
+def networked(repo: Path, tmp_path: Path, text: str) -> tuple[dict[str, Observed], Desired]:
+    """A running web as the first apply of SPECS leaves it (at 10.70.0.2),
+    and the desired state of text."""
+    first = desire(spec_set(repo, tmp_path, SPECS), HOST, repo / "templates", SALTS)["web"]
+    record = MachineRecord(
+        name="web",
+        config_hash=first.config_hash,
+        layers=first.layer_keys,
+        files={str(f.path): file_hash(f.content) for f in first.files},
+        address="10.70.0.2",
+        network="backend",
+        run=first.run.as_json(),
+        spec=first.machine.model_dump(mode="json", by_alias=True),
+    )
+    seen = Observed(
+        "web",
+        record,
+        root=first.layer_keys,
+        root_mode=first.machine.rootfs,
+        files=record.files,
+        status=Status("web", RunState.RUNNING, pid=100),
+    )
+    want = desire(spec_set(repo, tmp_path, text), HOST, repo / "templates", SALTS)["web"]
+    return {"web": seen}, want
+
+
+def machine_plan(repo: Path, tmp_path: Path, text: str) -> list[tuple[str, str]]:
+    observed, want = networked(repo, tmp_path, text)
+    built = [layer.key for layer in want.layers]
+    return [(a.kind, a.reason) for a in plan({"web": want}, observed, built)]
+
+
+def test_a_change_of_ports_alone_is_made_in_place(repo: Path, tmp_path: Path) -> None:
+    assert machine_plan(repo, tmp_path, SPECS) == []
+    moved = SPECS.replace('"8080:80"', '"127.0.0.1:8081:80", "[::1]:8081:80/udp"')
+    assert machine_plan(repo, tmp_path, moved) == [
+        ("UpdatePorts", "ports: +127.0.0.1:8081:80/tcp, +[::1]:8081:80/udp, -8080:80/tcp")
+    ]
+    # Taken in: the record holds the new ports, and nothing is left to do.
+    observed, want = networked(repo, tmp_path, moved)
+    record = observed["web"].record
+    assert record is not None and record.spec is not None
+    spec = {**record.spec, "ports": want.machine.model_dump(mode="json")["ports"]}
+    updated = {"web": replace(observed["web"], record=replace(record, spec=spec))}
+    assert plan({"web": want}, updated, [layer.key for layer in want.layers]) == []
+    # With a restart for another reason, the restart takes the ports in.
+    both = moved.replace("[sleep, infinity]", "[sleep, '3600']")
+    kinds = [kind for kind, _ in machine_plan(repo, tmp_path, both)]
+    assert "RestartMachine" in kinds and "UpdatePorts" not in kinds
+
+
+def test_pinning_the_address_a_machine_has_is_no_change(repo: Path, tmp_path: Path) -> None:
+    assert machine_plan(repo, tmp_path, SPECS + "address: 10.70.0.2\n") == []
+    assert machine_plan(repo, tmp_path, SPECS + "address: 10.70.0.9\n") == [
+        ("RestartMachine", "address: 10.70.0.2 -> 10.70.0.9")
+    ]
 
 
 def test_prune_removes_only_recorded_networks_after_machines() -> None:

@@ -12,7 +12,10 @@ from pymachined.core import ports
 from pymachined.core.parsers import Socket, parse_proc_net
 from pymachined.core.spec import Machine, Port
 
-HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+HEADER = (
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt"
+    "   uid  timeout inode\n"
+)
 
 
 def word(address: str) -> str:
@@ -26,7 +29,7 @@ def word(address: str) -> str:
 def line(address: str, port: int, state: str, inode: int) -> str:
     return (
         f"   0: {word(address)}:{port:04X} {word('0.0.0.0' if '.' in address else '::')}:0000 "
-        f"{state} 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0000000000000000\n"
+        f"{state} 00000000:00000000 00:00000000 00000000     0        0 {inode} 1 0\n"
     )
 
 
@@ -101,8 +104,9 @@ def test_clashes_name_the_holder_but_not_the_machines_own_forwarders() -> None:
     sockets = [sock("0.0.0.0", inode=5), sock("::1", inode=6), sock("::", 18243, "udp", 7)]
     found = ports.candidates(published, sockets)
     assert [(i, s.inode) for i, s in found] == [(0, 5), (1, 6), (2, 7)]
-    own = ports.Process(900, "python3", ("/usr/bin/python3", "-m", "pymachined.forward", "tcp", "3", "10.0.0.2", "80", "web"))  # fmt: skip
-    theirs = ports.Process(901, "python3", ("python3", "-m", "pymachined.forward", "tcp", "3", "10.0.0.3", "80", "other"))  # fmt: skip
+    forward = ("python3", "-m", "pymachined.forward", "tcp", "3", "10.0.0.2", "80")
+    own = ports.Process(900, "python3", (*forward, "web"))
+    theirs = ports.Process(901, "python3", (*forward, "other"))
     nginx = ports.Process(77, "nginx", ("nginx: master process",))
     owners = {5: [nginx], 6: [own], 7: [theirs]}
     assert ports.clashes("web", found, owners) == [
