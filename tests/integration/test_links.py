@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -252,3 +253,30 @@ def test_held_host_ports_are_refused_and_a_change_of_ports_is_made_live(net_host
         assert not Path("/run/netns", netns_of(host, "web")).exists()
     host.pymachine("start", p + "web")
     assert wait_http("http://127.0.0.1:18245/") == "200"
+
+
+NGINX = """\
+kind: network
+name: "@wn"
+subnet: 10.232.3.0/24
+subnet6: fd42:232:3::/64
+---
+name: "@nginx"
+image: debian-bookworm-slim
+packages: [nginx]
+network: "@wn"
+ports: ["127.0.0.1:18246:80", "[::1]:18246:80"]
+command: [nginx, -g, "daemon off;"]
+"""
+
+
+def test_nginx_with_its_stock_config_serves_port_80_in_a_user_namespace(net_host: Host) -> None:
+    host = net_host
+    host.declare(NGINX)
+    host.apply()
+    inspect = json.loads(host.pymachine("inspect", host.prefix + "nginx", "-o", "json").stdout)
+    assert inspect["spec"]["security"]["private_users"] is True
+    for url in ("http://127.0.0.1:18246/", "http://[::1]:18246/"):
+        assert wait_http(url) == "200"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert b"Welcome to nginx" in response.read()
