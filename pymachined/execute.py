@@ -104,7 +104,7 @@ class NetworkEdge(Protocol):
         """Start a machine's IPv6 port forwarders."""
         ...
 
-    def check_ports(self, machine: Machine, /) -> None:
+    def check_ports(self, layout: Layout, machine: Machine, /) -> None:
         """Refuse a machine's ports while another host process holds one."""
         ...
 
@@ -458,7 +458,7 @@ class Executor:
             spec = want.machine.model_dump(mode="json", by_alias=True)
             self.state.put(replace(record, address=str(address), network=joined.name, spec=spec))
         # Again as it starts: a host listener may have come since the plan.
-        self.net.check_ports(want.machine)
+        self.net.check_ports(self.layout, want.machine)
         self.net.attach(self.layout, want.name, joined, address)
         self.net.start_forwarders(self.layout, want.machine, address)
         self.net.sync_rules(self.layout, self.state)
@@ -509,7 +509,7 @@ class Executor:
         if record.address is None:
             raise PymachineError(f"machine {action.machine} has no address on record")
         want = self.desired[action.machine]
-        self.net.check_ports(want.machine)
+        self.net.check_ports(self.layout, want.machine)
         self.net.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
         spec = want.machine.model_dump(mode="json", by_alias=True)
         self._event(replace(record, spec=spec), f"ports changed ({action.reason})")
@@ -646,7 +646,7 @@ def attach_recorded(
         network.reconnect(layout, bridge, members)
     address = ipaddress.IPv4Address(record.address)
     if record.spec:  # again as it starts: a host listener may have come since the apply
-        network.check_ports(Machine.model_validate(record.spec))
+        network.check_ports(layout, Machine.model_validate(record.spec))
     network.attach(layout, record.name, spec, address)
     if forwarders:
         start_recorded_forwarders(layout, record)

@@ -490,14 +490,23 @@ def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Ad
     return pids
 
 
-def forwarders_gone(layout: Layout, machine: str) -> list[int]:
-    """The recorded IPv6 forwarders of a machine that no longer run (one that
-    ran out of descriptors, or was killed), so that plan starts them again."""
+def _recorded_forwarders(layout: Layout, machine: str) -> list[int]:
     try:
         pids = json.loads(_pidfile(layout, machine).read_text()).get("pids", [])
     except (OSError, ValueError, AttributeError):
         return []
-    return [p for p in pids if isinstance(p, int) and not _is_forwarder(p, machine)]
+    return [p for p in pids if isinstance(p, int)]
+
+
+def _forwarders(layout: Layout, machine: str) -> set[int]:
+    """The recorded forwarders of a machine that still run as its forwarders."""
+    return {p for p in _recorded_forwarders(layout, machine) if _is_forwarder(p, machine)}
+
+
+def forwarders_gone(layout: Layout, machine: str) -> list[int]:
+    """The recorded IPv6 forwarders of a machine that no longer run (one that
+    ran out of descriptors, or was killed), so that plan starts them again."""
+    return [p for p in _recorded_forwarders(layout, machine) if not _is_forwarder(p, machine)]
 
 
 def _is_forwarder(pid: int, machine: str) -> bool:
@@ -572,32 +581,30 @@ def socket_owners(inodes: set[int]) -> dict[int, list[ports.Process]]:
             if not held:
                 continue
             name = (entry / "comm").read_text().strip()
-            argv = tuple(
-                a.decode(errors="replace")
-                for a in (entry / "cmdline").read_bytes().split(b"\0")
-                if a
-            )
         except OSError:
             continue
         for inode in held:
-            owners.setdefault(inode, []).append(ports.Process(int(entry.name), name, argv))
+            owners.setdefault(inode, []).append(ports.Process(int(entry.name), name))
     return owners
 
 
-def port_clashes(machine: Machine) -> list[tuple[int, str]]:
+def port_clashes(layout: Layout, machine: Machine) -> list[tuple[int, str]]:
     """Each (index in machine's ports, message) of a port some other host
-    process already holds; the machine's own forwarders are no clash."""
+    process already holds; the machine's own forwarders (the pids on its
+    record that still are) are no clash."""
     if not machine.ports:
         return []
     found = ports.candidates(machine.ports, host_sockets())
+    if not found:
+        return []
     owners = socket_owners({s.inode for _, s in found})
-    return ports.clashes(machine.name, found, owners)
+    return ports.clashes(found, owners, own=_forwarders(layout, machine.name))
 
 
-def check_ports(machine: Machine) -> None:
+def check_ports(layout: Layout, machine: Machine) -> None:
     """Refuse to publish a machine's ports while another process holds one
     (checked again as it starts: a listener may have come since the plan)."""
-    found = port_clashes(machine)
+    found = port_clashes(layout, machine)
     if found:
         index, message = found[0]
         port = machine.ports[index]

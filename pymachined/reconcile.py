@@ -99,7 +99,7 @@ def check_host(spec_set: SpecSet) -> None:
         raise SpecError(problems)
 
 
-def check_ports(spec_set: SpecSet) -> None:
+def check_ports(layout: Layout, spec_set: SpecSet) -> None:
     """Check that no other process on this host holds a port the specs
     publish (a running machine's own forwarders aside), before anything
     changes: its DNAT would take that port's traffic away without a word."""
@@ -108,7 +108,7 @@ def check_ports(spec_set: SpecSet) -> None:
         if machine.state is not MachineState.RUNNING:
             continue
         located = spec_set.sources.get(("machine", name))
-        for index, message in network.port_clashes(machine):
+        for index, message in network.port_clashes(layout, machine):
             if located is not None:
                 hint = "stop that process, or publish another host port"
                 problems.append(located.document.diagnostic(("ports", index), message, hint))
@@ -151,7 +151,7 @@ class Reconciler:
         """The desired state, the actions that reach it, and what keeps some
         machines out of the plan (records that cannot be read), one line each."""
         check_host(spec_set)
-        check_ports(spec_set)
+        check_ports(self.layout, spec_set)
         desired = self.desired(spec_set)
         clashes = check_recorded_addresses(spec_set, self.state.all().values())
         clashes += check_recorded_networks(spec_set, self.state.networks().values(), prune=prune)

@@ -12,13 +12,11 @@ facts (``/proc/net`` and the processes' descriptors); this module decides.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pymachined.core.parsers import Socket
 from pymachined.core.spec import Port
-
-FORWARDER_MODULE = "pymachined.forward"
 
 
 @dataclass(frozen=True)
@@ -27,12 +25,6 @@ class Process:
 
     pid: int
     name: str  # its comm
-    argv: tuple[str, ...] = ()
-
-    def forwards_for(self, machine: str) -> bool:
-        """Whether it is one of machine's own IPv6 port forwarders (its argv
-        ends with the machine's name)."""
-        return FORWARDER_MODULE in self.argv and self.argv[-1:] == (machine,)
 
 
 def covers(port: Port, socket: Socket) -> bool:
@@ -73,20 +65,20 @@ def _where(socket: Socket) -> str:
 
 
 def clashes(
-    machine: str,
     found: Iterable[tuple[int, Socket]],
     owners: Mapping[int, Sequence[Process]],
+    own: Collection[int] = (),
 ) -> list[tuple[int, str]]:
-    """Each (index in ports, message) of a port another process holds. The
-    machine's own forwarders are no clash; a socket whose holder cannot be
-    found (it went away, or lives in a process pymachine cannot see) is named
-    by itself."""
+    """Each (index in ports, message) of a port another process holds. A
+    socket held only by the machine's own forwarders (their pids, ``own``)
+    is no clash; one whose holder cannot be found (it went away, or lives in
+    a process pymachine cannot see) is named by itself."""
     out: list[tuple[int, str]] = []
     for index, socket in found:
         holders = owners.get(socket.inode, ())
-        if holders and all(p.forwards_for(machine) for p in holders):
+        if holders and all(p.pid in own for p in holders):
             continue
-        others = [p for p in holders if not p.forwards_for(machine)]
+        others = [p for p in holders if p.pid not in own]
         who = ", ".join(f"{p.name} (pid {p.pid})" for p in others[:3]) or "another process"
         out.append((index, f"host port {_where(socket)} is already in use by {who}"))
     return out

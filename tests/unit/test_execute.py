@@ -243,7 +243,7 @@ class FakeNetwork:
         self.calls.append(("start forwarders", machine.name))
         return []
 
-    def check_ports(self, machine: Machine, /) -> None:
+    def check_ports(self, layout: Layout, machine: Machine, /) -> None:
         self.calls.append(("check ports", machine.name))
         if machine.name in self.held:
             raise PymachineError(f"cannot publish port 18241/tcp of machine {machine.name}")

@@ -104,16 +104,19 @@ def test_clashes_name_the_holder_but_not_the_machines_own_forwarders() -> None:
     sockets = [sock("0.0.0.0", inode=5), sock("::1", inode=6), sock("::", 18243, "udp", 7)]
     found = ports.candidates(published, sockets)
     assert [(i, s.inode) for i, s in found] == [(0, 5), (1, 6), (2, 7)]
-    forward = ("python3", "-m", "pymachined.forward", "tcp", "3", "10.0.0.2", "80")
-    own = ports.Process(900, "python3", (*forward, "web"))
-    theirs = ports.Process(901, "python3", (*forward, "other"))
-    nginx = ports.Process(77, "nginx", ("nginx: master process",))
+    own = ports.Process(900, "python3")  # the machine's forwarder
+    theirs = ports.Process(901, "python3")  # another machine's
+    nginx = ports.Process(77, "nginx")
     owners = {5: [nginx], 6: [own], 7: [theirs]}
-    assert ports.clashes("web", found, owners) == [
+    assert ports.clashes(found, owners, own={900}) == [
         (0, "host port 0.0.0.0:18241/tcp is already in use by nginx (pid 77)"),
         (2, "host port [::]:18243/udp is already in use by python3 (pid 901)"),
     ]
+    # Its own forwarder and another process at once: a clash, naming the other.
+    assert ports.clashes(found[1:2], {6: [own, nginx]}, own={900}) == [
+        (1, "host port [::1]:18241/tcp is already in use by nginx (pid 77)")
+    ]
     # Held by nobody pymachine can see (gone meanwhile, or hidden): still a clash.
-    assert ports.clashes("web", found[:1], {}) == [
+    assert ports.clashes(found[:1], {}, own={900}) == [
         (0, "host port 0.0.0.0:18241/tcp is already in use by another process")
     ]
