@@ -387,11 +387,10 @@ def test_a_host_port_in_use_is_refused(net_host: Host) -> None:
         )
         failed = host.apply(check=False)
     assert failed.returncode == 1
-    assert "cannot forward [::1]:18215" in failed.stderr
-    # The failed start left no namespace, veth or rule behind.
-    assert not Path("/run/netns", netns_of(host, "web")).exists()
-    left = scoped_leftovers(host)
-    assert not [line for line in left if line.startswith(("link pmve-", "netns"))], left
+    assert "ports[0]: host port [::1]:18215/tcp is already in use by" in failed.stderr
+    # Refused at plan time: no record, bridge, namespace, veth or rule.
+    assert host.machines() == {}
+    assert scoped_leftovers(host) == []
 
 
 def test_bad_networks_fail_before_anything_is_made(net_host: Host) -> None:
