@@ -226,6 +226,10 @@ def attach(
         if not _attached(layout, machine, network, address):
             detach(layout, machine)
             _make_namespace(layout, machine, network, bridge, address)
+        else:
+            # One made by an earlier pymachine gets the sysctls as it restarts
+            # (its MAC address stays until it is made again).
+            _tune(netplan.netns_name(layout, machine))
 
 
 def _attached(
@@ -281,9 +285,6 @@ def _make_namespace(
     host_side = netplan.veth_name(layout, machine)
     mac = netplan.mac_address(layout, network.name, machine)
     netns.create(name)
-    with _entered(name):
-        for key, value in netplan.NAMESPACE_SYSCTLS:
-            _write_sysctl(key, value)
     with _ipr() as ipr:
         ipr.link(
             "add",
@@ -304,6 +305,7 @@ def _make_namespace(
         ns.link("set", index=_index(ns, "lo"), state="up")
         inside = _index(ns, MACHINE_IFNAME)
         ns.link("set", index=inside, address=mac)
+        _tune(name)
         ns.addr("add", index=inside, address=str(address), prefixlen=network.subnet.prefixlen)
         if address6 is not None and network.subnet6 is not None:
             ns.addr(
@@ -318,10 +320,14 @@ def _make_namespace(
         gateway6 = netplan.gateway6(network)
         if gateway6 is not None:
             ns.route("add", dst="::/0", gateway=str(gateway6), family=socket.AF_INET6)
-    with _entered(name):
-        for key, value in netplan.interface_sysctls(MACHINE_IFNAME):
-            _write_sysctl(key, value)
     _announce(name, host_side, mac, address, address6)
+
+
+def _tune(netns: str) -> None:
+    """The sysctls of a machine's namespace and of its eth0 (see netplan)."""
+    with _entered(netns):
+        for key, value in (*netplan.NAMESPACE_SYSCTLS, *netplan.interface_sysctls(MACHINE_IFNAME)):
+            _write_sysctl(key, value)
 
 
 def _write_sysctl(key: str, value: str) -> None:
