@@ -133,6 +133,11 @@ def test_low_port_stable_mac_and_peer_back_within_a_second(net_host: Host) -> No
         "echo 1024 > /proc/sys/net/ipv4/ip_unprivileged_port_start", check=False,
     )  # fmt: skip
     assert floor.returncode != 0, floor
+    # Nor forge another machine's ARP answers: no raw socket on the link
+    # (Docker's default NET_RAW allows one).
+    raw = "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)"
+    forged = host.pymachine("exec", p + "db", "--", "python3", "-c", raw, check=False)
+    assert forged.returncode != 0 and "Operation not permitted" in forged.stderr, forged
     assert mac_of(host, "db") == mac
     assert (
         netns_run(host, "db", "sysctl", "-n", "net.ipv4.ip_unprivileged_port_start").stdout == "0\n"
