@@ -202,7 +202,7 @@ class BuiltinSupervisor:
         """Stop a machine if needed and drop it from pymachined."""
         if name not in self.status():
             return
-        reply = self.request(messages.Forget(name), messages.Changed)
+        reply = self.request(messages.Stop(name, "forget"), messages.Changed)
         self._wait_stopped(name, reply.stop_timeout + 10)
 
     def pause(self, name: str, paused: bool) -> Status:

@@ -45,18 +45,16 @@ class Start:
 
 @dataclass(frozen=True)
 class Stop:
-    """Stop a machine (SIGTERM, SIGKILL after its stop timeout)."""
+    """Stop a machine (SIGTERM, SIGKILL after its stop timeout); with op
+    ``forget``, drop it from pymachined too."""
 
     name: str
-    op: Literal["stop"] = "stop"
+    op: Literal["stop", "forget"] = "stop"
 
-
-@dataclass(frozen=True)
-class Forget:
-    """Stop a machine and drop it from pymachined."""
-
-    name: str
-    op: Literal["forget"] = "forget"
+    @property
+    def forget(self) -> bool:
+        """Whether pymachined drops the machine once it is stopped."""
+        return self.op == "forget"
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,7 @@ class SetLimits:
     op: Literal["limits"] = "limits"
 
 
-Request = Annotated[
-    Ping | ListStatus | Start | Stop | Forget | Pause | SetLimits, Field(discriminator="op")
-]
+Request = Annotated[Ping | ListStatus | Start | Stop | Pause | SetLimits, Field(discriminator="op")]
 """Every request pymachined takes."""
 
 

@@ -103,7 +103,7 @@ def test_a_field_of_the_wrong_type_is_named_by_its_path() -> None:
         messages.ListStatus(),
         messages.Start(RUN),
         messages.Stop("web"),
-        messages.Forget("web"),
+        messages.Stop("web", "forget"),
         messages.Pause("web"),
         messages.Pause("web", "unpause"),
         messages.SetLimits("web", Limits(pids=9)),

@@ -257,8 +257,8 @@ class Daemon:
                 )
             case messages.Start(spec=spec):
                 return self._start(spec)
-            case messages.Stop(name=name) | messages.Forget(name=name):
-                return self._stop(name, forget=isinstance(request, messages.Forget))
+            case messages.Stop(name=name):
+                return self._stop(name, forget=request.forget)
             case messages.Pause(name=name):
                 return self._pause(name, request.paused)
             case messages.SetLimits(name=name, limits=limits):

@@ -19,7 +19,7 @@ from pymachined.supervise.daemon.launcher import Process
 log = logging.getLogger("pymachined")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Entry:
     """What is kept on disk of a supervised machine."""
 
@@ -34,22 +34,11 @@ class Entry:
     forgotten: bool = False
 
 
-KEPT = tuple(f.name for f in dataclasses.fields(Entry))
-
-
 @dataclass
-class Machine:
-    """One supervised machine: its spec and what became of it."""
+class Machine(Entry):
+    """One supervised machine: what is kept of it, and what only the running
+    loop holds (timers, counters, its pidfd)."""
 
-    spec: RunSpec
-    wanted: str = "running"
-    state: RunState = RunState.CREATED
-    pid: int | None = None
-    pid_start: int | None = None
-    started: float | None = None
-    exit_code: int | None = None
-    restarts: int = 0
-    forgotten: bool = False
     failures: int = 0
     restart_at: float | None = None
     kill_at: float | None = None
@@ -59,12 +48,12 @@ class Machine:
 
     def entry(self) -> Entry:
         """What is kept on disk of it."""
-        return Entry(**{name: getattr(self, name) for name in KEPT})
+        return Entry(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Entry)})
 
     @classmethod
     def from_entry(cls, entry: Entry) -> Machine:
         """A machine as kept on disk."""
-        return cls(**{name: getattr(entry, name) for name in KEPT})
+        return cls(**vars(entry))
 
 
 class Store:
