@@ -31,7 +31,7 @@ from pymachined import network
 from pymachined.core import netplan
 from pymachined.core.layout import Layout
 from pymachined.core.records import MachineRecord, NetworkRecord
-from pymachined.core.spec import Network
+from pymachined.core.spec import Machine, Network
 from pymachined.state import StateStore
 
 TARGET_SETUP_MS = 50.0
@@ -87,7 +87,7 @@ def main() -> int:
         start = time.perf_counter()
         bridge = network.create_bridge(layout, spec)
         results["bridge_ms"] = ms(time.perf_counter() - start)
-        state.put_network(NetworkRecord(spec.name, bridge, "", spec.model_dump(mode="json")))
+        state.put_network(NetworkRecord(spec.name, bridge, "", spec))
 
         baseline = []
         for i in range(10):
@@ -109,12 +109,14 @@ def main() -> int:
                     (),
                     address=str(address),
                     network=spec.name,
-                    spec={
-                        "name": name,
-                        "command": ["true"],
-                        "network": spec.name,
-                        "ports": [f"{20000 + index}:80"],
-                    },
+                    spec=Machine.model_validate(
+                        {
+                            "name": name,
+                            "command": ["true"],
+                            "network": spec.name,
+                            "ports": [f"{20000 + index}:80"],
+                        }
+                    ),
                 )
             )
         start = time.perf_counter()

@@ -400,9 +400,11 @@ def _forwards(
             or not netns_exists(layout, name)
         ):
             continue
-        machine = Machine.model_validate(record.spec or {})
         yield from netplan.ipv4_forwards(
-            name, bridges[record.network], ipaddress.IPv4Address(record.address), machine.ports
+            name,
+            bridges[record.network],
+            ipaddress.IPv4Address(record.address),
+            record.spec.ports if record.spec else [],
         )
 
 
@@ -416,7 +418,7 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
         networks = state.networks()
         bridges = []
         for record in networks.values():
-            spec = Network.model_validate(record.spec)
+            spec = record.spec
             bridges.append(
                 netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
             )

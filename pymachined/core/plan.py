@@ -37,7 +37,7 @@ from pymachined.core.limits import Limits, describe_change
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.sizes import human_size
 from pymachined.core.spec import MachineState, Port, RootfsMode
-from pymachined.supervise.base import LIVE, Status
+from pymachined.supervise.base import LIVE, RunSpec, Status
 
 
 @dataclass(frozen=True)
@@ -193,9 +193,8 @@ def starts_at_boot(want: Desired) -> bool:
     return want.machine.autostart and want.machine.state is MachineState.RUNNING
 
 
-def _limits(run: Mapping[str, object] | None) -> Limits:
-    limits = run.get("limits") if run is not None else None
-    return Limits.from_json(limits if isinstance(limits, dict) else None)
+def _limits(run: RunSpec | None) -> Limits:
+    return run.limits if run is not None else Limits()
 
 
 def _address_change(want: Desired, record: MachineRecord) -> str | None:
@@ -225,10 +224,7 @@ def _ports_change(want: Desired, record: MachineRecord) -> str | None:
     (or updated) with, or None."""
     if record.spec is None or record.address is None:
         return None
-    try:
-        had = [Port.model_validate(p) for p in record.spec.get("ports") or []]
-    except (ValueError, TypeError, AttributeError):
-        return "its recorded ports cannot be read"
+    had = list(record.spec.ports)
     wanted = list(want.machine.ports)
     if had == wanted:
         return None

@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 import pytest
 
+from pymachined.core import wire
 from pymachined.core.actions import (
     AdoptRoot,
     BuildImage,
@@ -88,10 +89,8 @@ class FakeSupervisor:
     def status(self) -> dict[str, Status]:
         return {}
 
-    def run_view(
-        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        return run
+    def run_view(self, name: str, run: RunSpec, spec: Machine | None) -> dict[str, Any]:
+        return wire.dump(run)
 
     def settled(self) -> None:
         self.calls.append(("settled", ""))
@@ -388,8 +387,9 @@ def test_networks_come_first_and_go_last_stops_and_removals_in_plan_order(
     host.run(plan(host.desired, {}, built=[]))
     solo_files = [Path(f.path) for f in host.desired["solo"].files]
     assert solo_files and all(p.exists() for p in solo_files)
-    host.state.put_network(NetworkRecord("old", "pmbr-old", "", {}))
     new = Network.model_validate({"kind": "network", "name": "new", "subnet": "10.70.0.0/24"})
+    old = Network.model_validate({"kind": "network", "name": "old", "subnet": "10.71.0.0/24"})
+    host.state.put_network(NetworkRecord("old", "pmbr-old", "", old))
     host.calls.clear()
     host.supervisor.commits.clear()
 
@@ -466,6 +466,6 @@ def test_a_change_of_ports_is_published_without_a_restart_or_refused_untouched(
     assert host.named("restart") == host.named("stop") == []
     record = host.state.get("web")
     assert record is not None and record.spec is not None
-    assert record.spec["ports"][0]["host"] == 18242 and record.address == first.address
+    assert record.spec.ports[0].host == 18242 and record.address == first.address
     assert record.config_hash == first.config_hash
     assert record.history[-1].endswith("ports changed (ports: +127.0.0.1:18242:80/tcp)")

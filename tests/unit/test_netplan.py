@@ -16,7 +16,7 @@ from pymachined.core.desired import Desired, DesiredNetwork, desire, desire_netw
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, ObservedNetwork, plan
 from pymachined.core.recipes import Salts
-from pymachined.core.records import MachineRecord, NetworkRecord, parse_network_record
+from pymachined.core.records import MachineRecord, NetworkRecord, parse_network_record, stored
 from pymachined.core.render import NSPAWN_BINARY, nspawn_run_argv
 from pymachined.core.spec import Machine, Network, Protocol
 from pymachined.core.validate import (
@@ -235,7 +235,7 @@ def converged_networks(networks: dict[str, DesiredNetwork]) -> dict[str, Observe
     return {
         name: ObservedNetwork(
             name,
-            NetworkRecord(name, want.bridge, want.config_hash, want.network.model_dump()),
+            NetworkRecord(name, want.bridge, want.config_hash, want.network),
             bridge_up=True,
         )
         for name, want in networks.items()
@@ -297,8 +297,8 @@ def networked(repo: Path, tmp_path: Path, text: str) -> tuple[dict[str, Observed
         files={str(f.path): file_hash(f.content) for f in first.files},
         address="10.70.0.2",
         network="backend",
-        run=first.run.as_json(),
-        spec=first.machine.model_dump(mode="json", by_alias=True),
+        run=first.run,
+        spec=first.machine,
     )
     seen = Observed(
         "web",
@@ -327,9 +327,8 @@ def test_a_change_of_ports_alone_is_made_in_place(repo: Path, tmp_path: Path) ->
     # Taken in: the record holds the new ports, and nothing is left to do.
     observed, want = networked(repo, tmp_path, moved)
     record = observed["web"].record
-    assert record is not None and record.spec is not None
-    spec = {**record.spec, "ports": want.machine.model_dump(mode="json")["ports"]}
-    updated = {"web": replace(observed["web"], record=replace(record, spec=spec))}
+    assert record is not None
+    updated = {"web": replace(observed["web"], record=replace(record, spec=want.machine))}
     assert plan({"web": want}, updated, [layer.key for layer in want.layers]) == []
     # With a restart for another reason, the restart takes the ports in.
     both = moved.replace("[sleep, infinity]", "[sleep, '3600']")
@@ -345,7 +344,7 @@ def test_pinning_the_address_a_machine_has_is_no_change(repo: Path, tmp_path: Pa
 
 
 def test_prune_removes_only_recorded_networks_after_machines() -> None:
-    record = NetworkRecord("old", "pmbr-old", "h", {"kind": "network"})
+    record = NetworkRecord("old", "pmbr-old", "h", net(name="old"))
     observed = {
         "old": ObservedNetwork("old", record, bridge_up=True),
         "handmade": ObservedNetwork("handmade", None, bridge_up=True),
@@ -362,9 +361,11 @@ def test_prune_removes_only_recorded_networks_after_machines() -> None:
 
 
 def test_network_records_round_trip() -> None:
-    record = NetworkRecord("lab", "pmbr-1", "abc", {"subnet": "10.0.0.0/24"}, created="now")
-    text = json.dumps(record.as_json())
+    record = NetworkRecord("lab", "pmbr-1", "abc", net(name="lab"), created="now")
+    text = json.dumps(stored(record))
     assert parse_network_record(text, Path("lab.json")) == record
+    assert json.loads(text)["spec"]["subnet"] == str(record.spec.subnet)
+    assert (json.loads(text)["version"], json.loads(text)["kind"]) == (1, "network")
 
 
 # -- addresses held on record --------------------------------------------------
@@ -395,7 +396,7 @@ def test_network_ls_and_inspect_read_the_records(
 
     layout = Layout(PurePosixPath(tmp_path))
     store = StateStore(layout)
-    spec = net(subnet6="fd00:70::/64").model_dump(mode="json")
+    spec = net(subnet6="fd00:70::/64")
     store.put_network(NetworkRecord("backend", "pmbr-test", "h", spec, created="then"))
     store.put(MachineRecord("web", "h", (), address="10.70.0.2", network="backend"))
     store.put(MachineRecord("solo", "h", ()))
@@ -432,7 +433,7 @@ def test_an_undeclared_network_on_record_keeps_its_subnet_and_bridge_until_prune
     )
 
     def held(subnet: str, bridge: str) -> NetworkRecord:
-        spec = {"kind": "network", "name": "old", "subnet": subnet}
+        spec = Network.model_validate({"kind": "network", "name": "old", "subnet": subnet})
         return NetworkRecord("old", bridge, "h", spec)
 
     [overlap] = check_recorded_networks(declared, [held("10.9.0.0/16", "pmbr-x")], prune=False)
