@@ -11,7 +11,12 @@
   network (with subnet6), published on 127.0.0.1 (nft DNAT), ::1 (the relay),
   and on a non-loopback host IPv4 and IPv6 address (nft DNAT to the machine's
   IPv4 and IPv6 address), beside the same nginx binary and config on the host,
-  under wrk with the same arguments, in rounds of alternating order.
+  under wrk with the same arguments, each path right beside its baseline. The
+  machine is its network namespace, attached as pymachine attaches one, with
+  the host's nginx binary in it: the packets take a machine's path (veth,
+  bridge, conntrack, DNAT, the forwarder) while the server is the same
+  process and config on both sides, which an nspawn machine with Debian's
+  nginx would not guarantee (and nspawn adds nothing on the data path).
 
 Everything is made under a private root (its own bridge names and nft table)
 and removed at the end. The non-loopback host addresses are on a veth pair the
