@@ -157,7 +157,7 @@ def setup_and_teardown(args: argparse.Namespace, results: dict[str, object]) -> 
         start = time.perf_counter()
         bridge = network.create_bridge(layout, spec)
         results["bridge_ms"] = ms(time.perf_counter() - start)
-        state.put_network(NetworkRecord(spec.name, bridge, "", spec.model_dump(mode="json")))
+        state.put_network(NetworkRecord(spec.name, bridge, "", spec))
 
         baseline = []
         for i in range(10):
@@ -179,12 +179,14 @@ def setup_and_teardown(args: argparse.Namespace, results: dict[str, object]) -> 
                     (),
                     address=str(address),
                     network=spec.name,
-                    spec={
-                        "name": name,
-                        "command": ["true"],
-                        "network": spec.name,
-                        "ports": [f"{20000 + index}:80"],
-                    },
+                    spec=Machine.model_validate(
+                        {
+                            "name": name,
+                            "command": ["true"],
+                            "network": spec.name,
+                            "ports": [f"{20000 + index}:80"],
+                        }
+                    ),
                 )
             )
         start = time.perf_counter()
@@ -359,7 +361,7 @@ def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
             subprocess.run(argv, check=True)
         network.create_bridge(layout, spec)
         bridge = netplan.bridge_name(layout, spec)
-        state.put_network(NetworkRecord(spec.name, bridge, "", spec.model_dump(mode="json")))
+        state.put_network(NetworkRecord(spec.name, bridge, "", spec))
         network.attach(layout, name, spec, address)
         attached = True
         state.put(
@@ -369,7 +371,7 @@ def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
                 (),
                 address=str(address),
                 network=spec.name,
-                spec=machine.model_dump(mode="json", exclude_defaults=True),
+                spec=machine,
             )
         )
         Path(layout.machine_dir(name)).mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pymachined import __version__
+from pymachined.core import wire
 from pymachined.core.layout import Layout
 from pymachined.errors import HOST_ERRNOS, PymachineError, UsageError, host_error
 from pymachined.output import Format
@@ -627,7 +628,7 @@ def stats(
     stream = sys.stdout.isatty() and not no_stream and output is Format.TABLE
     chosen = _reconciler(supervisor).supervisor
     for sample in samples(options.layout, chosen, names or [], 2.0 if stream else 0.5):
-        rows = show.humanized([u.as_json() for u in sample], STATS_BYTES, output)
+        rows = show.humanized([wire.dump(u) for u in sample], STATS_BYTES, output)
         if stream:
             show.clear_screen()
         show.rows(rows, STATS_COLUMNS, output)

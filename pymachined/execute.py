@@ -448,8 +448,9 @@ class Executor:
                 previous=ipaddress.IPv4Address(previous) if previous else None,
             )
             # The spec goes in now too: the rules read the machine's ports from it.
-            spec = want.machine.model_dump(mode="json", by_alias=True)
-            self.state.put(replace(record, address=str(address), network=joined.name, spec=spec))
+            self.state.put(
+                replace(record, address=str(address), network=joined.name, spec=want.machine)
+            )
         self.net.attach(self.layout, want.name, joined, address)
         self.net.start_forwarders(self.layout, want.machine, address)
         self.net.sync_rules(self.layout, self.state)
@@ -475,8 +476,8 @@ class Executor:
         record = replace(
             self._record(want.name),
             config_hash=want.config_hash,
-            run=want.run.as_json(),
-            spec=want.machine.model_dump(mode="json", by_alias=True),
+            run=want.run,
+            spec=want.machine,
         )
         self._event(record, event)
 
@@ -486,8 +487,8 @@ class Executor:
             self.say(f"warning: {want.name}: a limit is not applied: {problem}")
         record = replace(
             self._record(want.name),
-            run=want.run.as_json(),
-            spec=want.machine.model_dump(mode="json", by_alias=True),
+            run=want.run,
+            spec=want.machine,
         )
         self._event(record, f"limits changed ({action.reason})")
 
@@ -513,11 +514,11 @@ class Executor:
         members = [n for n, r in self.state.all().items() if r.network == action.network]
         self.net.reconnect(self.layout, bridge, members)
         if record is None:
-            record = NetworkRecord(action.network, bridge, "", {}, created=_now())
+            record = NetworkRecord(action.network, bridge, "", action.spec, created=_now())
         record = replace(
             record,
             bridge=bridge,
-            spec=action.spec.model_dump(mode="json"),
+            spec=action.spec,
             config_hash=action.config_hash,
         ).with_event(f"{_now()} {action.verb}d ({action.reason})")
         self.state.put_network(record)
@@ -615,7 +616,7 @@ def attach_recorded(
             f"machine {record.name} joins network {record.network}, which is not on record",
             hint="run pymachine apply",
         )
-    spec = Network.model_validate(made.spec)
+    spec = made.spec
     if not network.link_exists(made.bridge):
         bridge = network.create_bridge(layout, spec)
         members = [n for n, r in state.all().items() if r.network == record.network]
@@ -629,9 +630,8 @@ def attach_recorded(
 
 def start_recorded_forwarders(layout: Layout, record: MachineRecord) -> None:
     """Start the IPv6 port forwarders of a machine as it was last applied."""
-    if record.address is not None:
-        machine = Machine.model_validate(record.spec or {})
-        network.start_forwarders(layout, machine, ipaddress.IPv4Address(record.address))
+    if record.address is not None and record.spec is not None:
+        network.start_forwarders(layout, record.spec, ipaddress.IPv4Address(record.address))
 
 
 def detach_recorded(layout: Layout, state: StateStore, record: MachineRecord) -> None:
@@ -695,4 +695,4 @@ def resume_run_spec(record: MachineRecord) -> RunSpec:
     """The run spec a machine last started with, for start/restart by name."""
     if record.run is None:
         raise PymachineError(f"machine {record.name} was never started", hint="run pymachine apply")
-    return RunSpec.from_json(record.run)
+    return record.run

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
 from pymachined import files, run
-from pymachined.core import commands
+from pymachined.core import commands, wire
 from pymachined.core.layout import Layout
 from pymachined.core.parsers import (
     debian_mirror,
@@ -63,16 +63,12 @@ class ImageRecord:
         """The layer's files: a whole root for a base, an overlay upper dir otherwise."""
         return self.path / "rootfs"
 
-    def as_json(self) -> dict[str, Any]:
-        """The record as written to image.json (without its path)."""
-        return {
-            "key": self.key,
-            "name": self.name,
-            "parent": self.parent,
-            "built": self.built,
-            "tool": self.tool,
-            "mirror": self.mirror,
-        }
+    def stored(self) -> dict[str, Any]:
+        """The record as written to image.json: without its path, which is
+        where the file is."""
+        data = wire.dump(self)
+        del data["path"]
+        return data
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +245,9 @@ class ImageStore:
         record = self.path(key) / RECORD
         try:
             data = json.loads(record.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return wire.load(ImageRecord, {**data, "path": str(self.path(key))})
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -256,15 +255,6 @@ class ImageStore:
                 f"image record {record} is unreadable: {exc}",
                 hint=f"remove the image with: pymachine image rm {key}",
             ) from exc
-        return ImageRecord(
-            key=data["key"],
-            name=data["name"],
-            parent=data.get("parent"),
-            built=data["built"],
-            tool=data.get("tool", ""),
-            mirror=data.get("mirror"),
-            path=self.path(key),
-        )
 
     def records(self) -> list[ImageRecord]:
         """Every complete layer in the cache (staging leftovers are not images)."""
@@ -328,7 +318,7 @@ class ImageStore:
                 with log_path.open("w") as log:
                     self._build_in(layer, staging, log)
                 shutil.rmtree(staging / "build", ignore_errors=True)
-                files.atomic_write_json(staging / RECORD, self._record(layer).as_json())
+                files.atomic_write_json(staging / RECORD, self._record(layer).stored())
                 crash_point("build")
                 staging.rename(self.path(layer.key))
                 files.fsync_dir(self.root)

@@ -336,12 +336,12 @@ def _forwards(
         ):
             continue
         bridge, spec = networks[record.network]
-        machine = Machine.model_validate(record.spec or {})
+        ports = record.spec.ports if record.spec else []
         address = ipaddress.IPv4Address(record.address)
-        yield from netplan.ipv4_forwards(name, bridge, address, machine.ports)
+        yield from netplan.ipv4_forwards(name, bridge, address, ports)
         address6 = netplan.address6(spec, address)
         if address6 is not None:
-            yield from netplan.ipv6_forwards(name, bridge, address6, machine.ports)
+            yield from netplan.ipv6_forwards(name, bridge, address6, ports)
 
 
 def sync_rules(layout: Layout, state: StateStore) -> str:
@@ -355,7 +355,7 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
         bridges = []
         by_name: dict[str, tuple[str, Network]] = {}
         for record in networks.values():
-            spec = Network.model_validate(record.spec)
+            spec = record.spec
             bridges.append(
                 netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
             )
@@ -400,7 +400,7 @@ def _target(
     record = StateStore(layout).network(machine.network) if machine.network else None
     if record is None:
         return address
-    return netplan.address6(Network.model_validate(record.spec), address) or address
+    return netplan.address6(record.spec, address) or address
 
 
 def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Address) -> list[int]:

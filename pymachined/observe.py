@@ -11,7 +11,6 @@ from pymachined.core.desired import Desired, DesiredNetwork, file_hash
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, ObservedNetwork
 from pymachined.core.records import MachineRecord, NetworkRecord
-from pymachined.core.spec import Network
 from pymachined.errors import PymachineError
 from pymachined.state import StateStore
 from pymachined.supervise.base import RunState, Status
@@ -77,9 +76,9 @@ def _link_problem(
     if record is None or record.network is None or status is None or status.pid is None:
         return None
     made = networks.get(record.network)
-    if made is None or not made.spec:
+    if made is None:
         return None
-    return network.link_problem(layout, record.name, Network.model_validate(made.spec))
+    return network.link_problem(layout, record.name, made.spec)
 
 
 def observe_networks(

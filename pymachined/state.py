@@ -14,6 +14,7 @@ from pymachined.core.records import (
     NetworkRecord,
     parse_network_record,
     parse_record,
+    stored,
 )
 from pymachined.errors import StateError
 
@@ -68,7 +69,7 @@ class StateStore:
 
     def put(self, record: MachineRecord, *, durable: bool = True) -> None:
         """Write a record atomically (and durably, unless the caller syncs later)."""
-        files.atomic_write_json(self.path(record.name), record.as_json(), durable=durable)
+        files.atomic_write_json(self.path(record.name), stored(record), durable=durable)
 
     def delete(self, name: str) -> None:
         """Forget a machine (its directory is removed separately)."""
@@ -107,7 +108,7 @@ class StateStore:
 
     def put_network(self, record: NetworkRecord) -> None:
         """Write a network's record atomically."""
-        files.atomic_write_json(self.network_path(record.name), record.as_json())
+        files.atomic_write_json(self.network_path(record.name), stored(record))
 
     def delete_network(self, name: str) -> None:
         """Forget a network (after its bridge is gone)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, assert_never
 
+from pymachined.core import wire
 from pymachined.core.spec import Network, RootfsMode
 
 
@@ -21,6 +22,7 @@ class Action:
     """One step of a plan."""
 
     verb: ClassVar[str] = "act on"
+    hidden: ClassVar[tuple[str, ...]] = ()  # fields plan -o json leaves out
     machine: str
     reason: str
 
@@ -34,8 +36,11 @@ class Action:
         return f"{self.verb} {self.machine}: {self.reason}"
 
     def as_json(self) -> dict[str, Any]:
-        """The action as JSON."""
-        return {"action": self.kind, "machine": self.machine, "reason": self.reason}
+        """The action as JSON: its type and fields, by ``core.wire``."""
+        data = {"action": self.kind, **wire.dump(self)}
+        for name in self.hidden:
+            del data[name]
+        return data
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,6 @@ class BuildImage(Action):
 
     def describe(self) -> str:
         return f"build image {self.image} ({self.key}) for {self.machine}: {self.reason}"
-
-    def as_json(self) -> dict[str, Any]:
-        return {**super().as_json(), "image": self.image, "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,6 @@ class AdoptRoot(Action):
     verb: ClassVar[str] = "keep the root of"
     mode: RootfsMode = RootfsMode.OVERLAY
 
-    def as_json(self) -> dict[str, Any]:
-        return {**super().as_json(), "mode": self.mode.value}
-
 
 @dataclass(frozen=True)
 class ReplaceRoot(Action):
@@ -85,9 +84,6 @@ class WriteFiles(Action):
 
     verb: ClassVar[str] = "write files of"
     paths: tuple[str, ...] = ()
-
-    def as_json(self) -> dict[str, Any]:
-        return {**super().as_json(), "paths": list(self.paths)}
 
 
 @dataclass(frozen=True)
@@ -129,9 +125,6 @@ class EnableMachine(Action):
         verb = "enable" if self.enabled else "disable"
         return f"{verb} {self.machine} at boot: {self.reason}"
 
-    def as_json(self) -> dict[str, Any]:
-        return {**super().as_json(), "enabled": self.enabled}
-
 
 @dataclass(frozen=True)
 class StopMachine(Action):
@@ -160,7 +153,8 @@ class NetworkAction(Action):
         return f"{self.verb} network {self.machine}: {self.reason}"
 
     def as_json(self) -> dict[str, Any]:
-        return {"action": self.kind, "network": self.machine, "reason": self.reason}
+        data = super().as_json()
+        return {"action": data.pop("action"), "network": data.pop("machine"), **data}
 
 
 @dataclass(frozen=True)
@@ -168,12 +162,10 @@ class CreateNetwork(NetworkAction):
     """Make a network's bridge, and record it."""
 
     verb: ClassVar[str] = "create"
+    hidden: ClassVar[tuple[str, ...]] = ("spec", "config_hash")
     spec: Network | None = None
     bridge: str = ""
     config_hash: str = ""
-
-    def as_json(self) -> dict[str, Any]:
-        return {**super().as_json(), "bridge": self.bridge}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ machine. The conversions of weights follow systemd's (``CPUWeight=`` to
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 from pymachined.core.sizes import format_size
 
@@ -33,16 +32,6 @@ class Limits:
     pids: int | None = None
     cpu_weight: int | None = None
     io_weight: int | None = None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> Limits:
-        """The limits from their JSON form (None or {} for none)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in known})
-
-    def as_json(self) -> dict[str, Any]:
-        """The limits as JSON."""
-        return asdict(self)
 
     def __bool__(self) -> bool:
         return any(v is not None for v in asdict(self).values())

@@ -36,7 +36,7 @@ from pymachined.core.limits import Limits, describe_change
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.sizes import human_size
 from pymachined.core.spec import MachineState, RootfsMode
-from pymachined.supervise.base import LIVE, Status
+from pymachined.supervise.base import LIVE, RunSpec, Status
 
 
 @dataclass(frozen=True)
@@ -192,9 +192,8 @@ def starts_at_boot(want: Desired) -> bool:
     return want.machine.autostart and want.machine.state is MachineState.RUNNING
 
 
-def _limits(run: Mapping[str, object] | None) -> Limits:
-    limits = run.get("limits") if run is not None else None
-    return Limits.from_json(limits if isinstance(limits, dict) else None)
+def _limits(run: RunSpec | None) -> Limits:
+    return run.limits if run is not None else Limits()
 
 
 def plan(

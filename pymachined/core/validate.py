@@ -347,7 +347,7 @@ def check_recorded_networks(
     for record in records:
         if record.name in spec_set.networks:
             continue
-        held = Network.model_validate(record.spec)
+        held = record.spec
         for name, network in spec_set.networks.items():
             if network.subnet.overlaps(held.subnet):
                 field, clash = "subnet", f"{network.subnet} overlaps {held.subnet}"

@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from pymachined.core.limits import DEFAULT_LOG_MAX, Limits
+from pymachined.core.spec import Machine
 
 SOCKET = "pymachined.sock"
 """pymachined's socket, in the run directory."""
@@ -77,35 +78,6 @@ class RunSpec:
     binds: tuple[BindSource, ...] = ()
     log_max: int = DEFAULT_LOG_MAX  # bytes of log before it is rotated to LOG.1
 
-    def as_json(self) -> dict[str, Any]:
-        """The spec as sent to and kept by the supervisor."""
-        return {
-            "name": self.name,
-            "argv": list(self.argv),
-            "restart": self.restart,
-            "log": self.log,
-            "stop_timeout": self.stop_timeout,
-            "limits": self.limits.as_json(),
-            "binds": [{"source": b.source, "read_only": b.read_only} for b in self.binds],
-            "log_max": self.log_max,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunSpec:
-        """The spec from its JSON form."""
-        return cls(
-            name=str(data["name"]),
-            argv=tuple(data["argv"]),
-            restart=str(data["restart"]),
-            log=str(data["log"]),
-            stop_timeout=float(data["stop_timeout"]),
-            limits=Limits.from_json(data.get("limits")),
-            binds=tuple(
-                BindSource(str(b["source"]), bool(b["read_only"])) for b in data.get("binds", [])
-            ),
-            log_max=int(data.get("log_max", DEFAULT_LOG_MAX)),
-        )
-
 
 @dataclass(frozen=True)
 class Status:
@@ -119,33 +91,6 @@ class Status:
     restarts: int = 0
     enabled: bool | None = None  # starts at boot; None where the supervisor has no such notion
     detail: str | None = None  # why the state is unknown
-
-    def as_json(self) -> dict[str, Any]:
-        """The status in its JSON form."""
-        return {
-            "name": self.name,
-            "state": self.state.value,
-            "pid": self.pid,
-            "started": self.started,
-            "exit_code": self.exit_code,
-            "restarts": self.restarts,
-            "enabled": self.enabled,
-            "detail": self.detail,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Status:
-        """The status from its JSON form."""
-        return cls(
-            name=str(data["name"]),
-            state=RunState(data["state"]),
-            pid=data.get("pid"),
-            started=data.get("started"),
-            exit_code=data.get("exit_code"),
-            restarts=int(data.get("restarts", 0)),
-            enabled=data.get("enabled"),
-            detail=data.get("detail"),
-        )
 
 
 @dataclass(frozen=True)
@@ -168,9 +113,7 @@ class Supervisor(Protocol):
         """Every machine the supervisor knows, by name."""
         ...
 
-    def run_view(
-        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    def run_view(self, name: str, run: RunSpec, spec: Machine | None) -> dict[str, Any]:
         """How a machine runs under this supervisor, for ``inspect``: its
         recorded run spec with the command line and log source actually used."""
         ...

@@ -4,7 +4,6 @@ and starting it when it is not running."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import socket
 import subprocess
@@ -15,16 +14,21 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from pymachined import run
+from pymachined.core import wire
 from pymachined.core.commands import LOG_TIME_FORMAT, rotated_log
 from pymachined.core.desired import console_log
 from pymachined.core.layout import Layout
 from pymachined.core.limits import Limits
 from pymachined.core.parsers import parse_log_line
+from pymachined.core.spec import Machine
 from pymachined.errors import PymachineError
+from pymachined.supervise import messages
 from pymachined.supervise.base import SOCKET, LogLine, RunSpec, RunState, Status, read_line
+
+R = TypeVar("R")
 
 START_TIMEOUT = 10.0  # for pymachined itself to listen
 # How long a start waits for the machine's payload: systemd's
@@ -42,29 +46,36 @@ class BuiltinSupervisor:
         self._starting: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
-    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, request: messages.Request, expected: type[R]) -> R:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(30)
             connection.connect(str(self.socket))
-            connection.sendall(json.dumps(request).encode() + b"\n")
+            connection.sendall(messages.encode(request))
             data = read_line(connection)
-        reply: dict[str, Any] = json.loads(data)
-        if "error" in reply:
-            raise PymachineError(f"pymachined: {reply['error']}", hint=reply.get("hint"))
+        try:
+            reply = messages.decode_reply(data, expected)
+        except ValueError as exc:
+            raise PymachineError(
+                f"pymachined sent a reply this pymachine cannot read: {exc}",
+                hint=f"is it another version? see {self.run_dir / 'pymachined.log'}",
+            ) from exc
+        if isinstance(reply, messages.Failed):
+            raise PymachineError(f"pymachined: {reply.error}", hint=reply.hint)
         return reply
 
-    def request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Send one request, starting pymachined first if it does not answer."""
+    def request(self, request: messages.Request, expected: type[R]) -> R:
+        """Send one request and read its reply, starting pymachined first if
+        it does not answer."""
         try:
-            return self._send(request)
+            return self._send(request, expected)
         except (FileNotFoundError, ConnectionRefusedError):
             self.start_daemon()
-            return self._send(request)
+            return self._send(request, expected)
 
     def running(self) -> bool:
         """Whether pymachined answers."""
         try:
-            self._send({"op": "ping"})
+            self._send(messages.Ping(), messages.Pong)
         except (FileNotFoundError, ConnectionRefusedError):
             return False
         return True
@@ -119,14 +130,12 @@ class BuiltinSupervisor:
             if not any((self.run_dir / "supervisor").glob("*.json")):
                 return {}
             self.start_daemon()
-        reply = self.request({"op": "status"})
-        return {m["name"]: Status.from_json(m) for m in reply["machines"]}
+        reply = self.request(messages.ListStatus(), messages.Statuses)
+        return {status.name: status for status in reply.machines}
 
-    def run_view(
-        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    def run_view(self, name: str, run: RunSpec, spec: Machine | None) -> dict[str, Any]:
         """pymachined runs the recorded command line, into the console log."""
-        return run
+        return wire.dump(run)
 
     def cgroup(self, name: str) -> str:
         """pymachined makes a machine's group under its own, by the root's scope."""
@@ -156,8 +165,7 @@ class BuiltinSupervisor:
         """Start a machine and wait until its payload runs (a first start with a
         user namespace shifts the root first), it ends, or MACHINE_START_TIMEOUT passes,
         as `systemctl start` waits for nspawn's READY=1 under systemd."""
-        reply = self.request({"op": "start", "spec": spec.as_json()})
-        status = Status.from_json(reply["status"])
+        status = self.request(messages.Start(spec), messages.Changed).status
         if status.state is not RunState.STARTING:
             return status
         return self._wait(
@@ -186,27 +194,26 @@ class BuiltinSupervisor:
 
     def stop(self, name: str) -> Status:
         """Stop a machine and wait until its process is gone."""
-        reply = self.request({"op": "stop", "name": name})
+        reply = self.request(messages.Stop(name), messages.Changed)
         # pymachined SIGKILLs the machine after its stop_timeout: wait that, and a margin.
-        return self._wait_stopped(name, float(reply.get("stop_timeout", 0)) + 10)
+        return self._wait_stopped(name, reply.stop_timeout + 10)
 
     def forget(self, name: str) -> None:
         """Stop a machine if needed and drop it from pymachined."""
         if name not in self.status():
             return
-        reply = self.request({"op": "forget", "name": name})
-        self._wait_stopped(name, float(reply.get("stop_timeout", 0)) + 10)
+        reply = self.request(messages.Stop(name, "forget"), messages.Changed)
+        self._wait_stopped(name, reply.stop_timeout + 10)
 
     def pause(self, name: str, paused: bool) -> Status:
         """Freeze or thaw a running machine."""
-        reply = self.request({"op": "pause" if paused else "unpause", "name": name})
-        return Status.from_json(reply["status"])
+        request = messages.Pause(name, "pause" if paused else "unpause")
+        return self.request(request, messages.Changed).status
 
     def set_limits(self, name: str, limits: Limits) -> list[str]:
         """Write a machine's new limits into its cgroups, and keep them for its
         restarts; what this host cannot limit, as messages."""
-        reply = self.request({"op": "limits", "name": name, "limits": limits.as_json()})
-        return [str(m) for m in reply.get("skipped", [])]
+        return list(self.request(messages.SetLimits(name, limits), messages.Changed).skipped)
 
 
 def console_output(

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from pymachined import run
-from pymachined.core import commands
+from pymachined.core import commands, wire
 from pymachined.core.layout import Layout
 from pymachined.core.limits import Limits, unit_properties
 from pymachined.core.parsers import parse_payload_signal, parse_systemctl_show, parse_unix_timestamp
+from pymachined.core.spec import Machine
 from pymachined.errors import CommandError, PymachineError
 from pymachined.supervise.base import LogLine, RunSpec, RunState, Status
 
@@ -292,17 +293,14 @@ class SystemdSupervisor:
         """Every machine unit's state, from one systemctl show."""
         return self._show(self._units())
 
-    def run_view(
-        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
-    ) -> dict[str, Any]:
+    def run_view(self, name: str, run: RunSpec, spec: Machine | None) -> dict[str, Any]:
         """The unit runs nspawn with the .nspawn file's settings, into its journal."""
         from pymachined.core.render import nspawn_exec_argv
-        from pymachined.core.spec import Machine
 
         unit = self.unit(name)
-        view = {**run, "unit": unit, "log": f"journalctl -u {unit}"}
-        if spec:
-            view["argv"] = nspawn_exec_argv(Machine.model_validate(spec), self.layout)
+        view = {**wire.dump(run), "unit": unit, "log": f"journalctl -u {unit}"}
+        if spec is not None:
+            view["argv"] = nspawn_exec_argv(spec, self.layout)
         return view
 
     def output(

@@ -19,7 +19,6 @@ from pymachined.verbs.lifecycle import (
     known,
     needed_by,
     prepare,
-    recorded_spec,
 )
 
-__all__ = ["LOCK", "Verbs", "host_lock", "known", "needed_by", "prepare", "recorded_spec"]
+__all__ = ["LOCK", "Verbs", "host_lock", "known", "needed_by", "prepare"]

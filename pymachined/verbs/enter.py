@@ -51,17 +51,17 @@ def enter(
     for pair in env or []:
         if "=" not in pair or pair.startswith("="):
             raise UsageError(f"--env {pair!r}: not KEY=VALUE")
-    spec = known(layout, name).spec or {}
+    spec = known(layout, name).spec
     pid = leader(layout, supervisor, name)
     environment = [f"TERM={os.environ.get('TERM', 'dumb')}"]
-    environment += [f"{k}={v}" for k, v in sorted(spec.get("environment", {}).items())]
+    environment += [f"{k}={v}" for k, v in sorted(spec.environment.items() if spec else ())]
     environment += env or []
     argv = commands.enter_argv(
         sys.executable,
         pid,
         command,
         environment,
-        user if user is not None else spec.get("user"),
-        workdir if workdir is not None else spec.get("workdir"),
+        user if user is not None else (spec.user if spec else None),
+        workdir if workdir is not None else (spec.workdir if spec else None),
     )
     return run.interactive(argv)

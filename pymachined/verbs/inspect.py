@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pymachined import network, rootfs
-from pymachined.core import netplan
+from pymachined.core import netplan, wire
 from pymachined.core.layout import Layout
 from pymachined.errors import PymachineError, StateError
 from pymachined.images import ImageStore
@@ -68,7 +68,7 @@ def machines(layout: Layout, images: ImageStore, supervisor: Supervisor) -> List
             {
                 "name": name,
                 "state": state,
-                "image": (record.spec or {}).get("image")
+                "image": (record.spec.image if record.spec else None)
                 or (names.get(record.layers[0], record.layers[0]) if record.layers else None),
                 "address": record.address,
                 "uptime": uptime(status.started, now) if running and status else None,
@@ -90,21 +90,21 @@ def machine(layout: Layout, supervisor: Supervisor, name: str) -> dict[str, Any]
     root = rootfs.read(layout, name)
     return {
         "name": name,
-        "spec": record.spec,
-        "state": status.as_json() if status else None,
+        "spec": wire.dump(record.spec) if record.spec else None,
+        "state": wire.dump(status) if status else None,
         "run": supervisor.run_view(name, record.run, record.spec) if record.run else None,
         "root": {
             "mode": root.mode.value if root else None,
             "path": str(layout.rootfs(name)),
             "layers": list(root.layers) if root else [],
         },
-        "network": record.network or (record.spec or {}).get("network"),
+        "network": record.network or (record.spec.network if record.spec else None),
         "address": record.address,
         "files": sorted(record.files),
         "created": record.created,
         "history": list(record.history),
-        "resources": (record.spec or {}).get("resources"),
-        "limits": (record.run or {}).get("limits"),
+        "resources": wire.dump(record.spec.resources) if record.spec else None,
+        "limits": wire.dump(record.run.limits) if record.run else None,
         "user_namespace": rootfs.user_namespace(layout, name),
     }
 
@@ -131,10 +131,10 @@ def networks(layout: Layout) -> list[dict[str, Any]]:
                 "name": name,
                 "bridge": record.bridge,
                 "bridge_up": network.link_exists(record.bridge),
-                "subnet": spec.get("subnet"),
-                "subnet6": spec.get("subnet6"),
-                "gateway": spec.get("gateway") or first_host(str(spec.get("subnet"))),
-                "nat": spec.get("nat"),
+                "subnet": str(spec.subnet),
+                "subnet6": str(spec.subnet6) if spec.subnet6 else None,
+                "gateway": str(spec.gateway or first_host(str(spec.subnet))),
+                "nat": spec.nat,
                 "machines": sorted(members, key=lambda m: str(m["name"])),
                 "created": record.created,
                 "history": list(record.history),

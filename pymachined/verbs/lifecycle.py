@@ -16,7 +16,6 @@ from pathlib import Path
 from pymachined import files
 from pymachined.core.layout import Layout
 from pymachined.core.records import MachineRecord
-from pymachined.core.spec import Machine
 from pymachined.errors import PymachineError
 from pymachined.execute import (
     attach_recorded,
@@ -44,9 +43,7 @@ def host_lock(
 def needed_by(records: dict[str, MachineRecord], name: str) -> list[str]:
     """The recorded machines that need name (``depends_on``), directly or
     through others, sorted. Pure."""
-    needs = {
-        n: set((r.spec or {}).get("depends_on") or []) for n, r in records.items() if n != name
-    }
+    needs = {n: set(r.spec.depends_on if r.spec else ()) for n, r in records.items() if n != name}
     found: set[str] = set()
     frontier = {name}
     while frontier:
@@ -104,7 +101,7 @@ class Verbs:
             status = self.supervisor.status().get(name)
             if status is not None and status.pid is not None:
                 return False
-            ready_root(self.layout, self.images, name, recorded_spec(record))
+            ready_root(self.layout, self.images, name, record.spec)
             spec = resume_run_spec(record)
             try:
                 attach_recorded(self.layout, self.state, record)
@@ -121,7 +118,7 @@ class Verbs:
         it (Requires=) restart with it."""
         with self._locked():
             record = self.record(name)
-            ready_root(self.layout, self.images, name, recorded_spec(record))
+            ready_root(self.layout, self.images, name, record.spec)
             spec = resume_run_spec(record)
             attach_recorded(self.layout, self.state, record)
             return self.supervisor.restart(spec)
@@ -156,12 +153,7 @@ def prepare(layout: Layout, images: ImageStore, name: str) -> None:
 
     state = StateStore(layout)
     record = known(layout, name)
-    ready_root(layout, images, name, recorded_spec(record))
+    ready_root(layout, images, name, record.spec)
     # Forwarders started here would not outlive this step: forward-ports.
     attach_recorded(layout, state, record, forwarders=False)
     clear_registration(name)
-
-
-def recorded_spec(record: MachineRecord) -> Machine | None:
-    """A machine's spec as it was last started (None before its first start)."""
-    return Machine.model_validate(record.spec) if record.spec else None

@@ -66,7 +66,7 @@ def journal(
     it, confined as exec's commands are; journalctl's exit code."""
     record = known(layout, name)
     start = since(window)
-    if not (record.spec or {}).get("boot"):
+    if record.spec is None or not record.spec.boot:
         raise PymachineError(
             f"{name} is not booted: its output is all there is",
             hint=f"pymachine logs {name}",

@@ -4,11 +4,9 @@ the host side of their veth pairs. Edge; ``usage`` is pure."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from pymachined.cgroups import MachineCgroup, Stats
 from pymachined.core.layout import Layout
@@ -30,10 +28,6 @@ class Usage:
     net_tx: int | None
     block_io: int | None
     oom_kills: int | None
-
-    def as_json(self) -> dict[str, Any]:
-        """The usage as plain data, in column order."""
-        return dataclasses.asdict(self)
 
 
 def cpu_percent(before: int | None, after: int | None, elapsed: float) -> float | None:

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from pymachined import events
+from pymachined.core import wire
 from pymachined.core.layout import Layout
 from pymachined.core.limits import Limits
+from pymachined.supervise import messages
 from pymachined.supervise.base import RunSpec, RunState
 from pymachined.supervise.daemon.launcher import Process
 from pymachined.supervise.daemon.server import Daemon
@@ -111,8 +113,15 @@ def spec(name: str = "web", restart: str = "on-failure", stop_timeout: float = 5
     return RunSpec(name, ("systemd-nspawn", "--", "sleep"), restart, f"/logs/{name}", stop_timeout)
 
 
+def ask(daemon: Daemon, request: dict[str, Any]) -> dict[str, Any]:
+    """pymachined's reply to one request, as both travel: JSON lines."""
+    answer = daemon.answer(json.dumps(request).encode() + b"\n")
+    reply: dict[str, Any] = json.loads(messages.encode(answer))
+    return reply
+
+
 def start(daemon: Daemon, **kwargs: Any) -> dict[str, Any]:
-    return daemon.handle({"op": "start", "spec": spec(**kwargs).as_json()})
+    return ask(daemon, {"op": "start", "spec": wire.dump(spec(**kwargs))})
 
 
 def exits(daemon: Daemon, name: str = "web") -> None:
@@ -145,13 +154,13 @@ def test_a_machine_is_starting_until_its_payload_runs(
     launcher.payload_up = False
     assert start(daemon)["status"]["state"] == "starting"
     launcher.payload_up = True
-    [status] = daemon.handle({"op": "status"})["machines"]
+    [status] = ask(daemon, {"op": "status"})["machines"]
     assert status["state"] == "running"
 
 
 def test_a_second_start_is_refused_while_it_runs(daemon: Daemon, launcher: FakeLauncher) -> None:
     start(daemon)
-    assert start(daemon) == {"error": "web is running; stop it first"}
+    assert start(daemon) == {"error": "web is running; stop it first", "hint": None}
     assert launcher.calls == [("launch", "web")]
 
 
@@ -159,7 +168,7 @@ def test_stop_sends_sigterm_then_sigkill_after_the_timeout(
     daemon: Daemon, launcher: FakeLauncher, clock: Clock
 ) -> None:
     start(daemon, stop_timeout=5.0)
-    reply = daemon.handle({"op": "stop", "name": "web"})
+    reply = ask(daemon, {"op": "stop", "name": "web"})
     assert reply["stop_timeout"] == 5.0
     assert launcher.calls[-1] == ("signal", 1001, signal.SIGTERM)
     daemon.tick()  # the first OOM poll
@@ -184,7 +193,7 @@ def test_a_stop_that_ends_in_time_is_not_killed(
     daemon: Daemon, launcher: FakeLauncher, clock: Clock
 ) -> None:
     start(daemon, restart="always")
-    daemon.handle({"op": "stop", "name": "web"})
+    ask(daemon, {"op": "stop", "name": "web"})
     launcher.codes = [0]
     clock.now += 1
     exits(daemon)
@@ -236,7 +245,7 @@ def test_stop_of_a_restarting_machine_cancels_the_restart(
     start(daemon)
     launcher.codes = [1]
     exits(daemon)
-    reply = daemon.handle({"op": "stop", "name": "web"})
+    reply = ask(daemon, {"op": "stop", "name": "web"})
     assert reply["status"]["state"] == "exited"
     clock.now += 60
     daemon.tick()
@@ -245,27 +254,32 @@ def test_stop_of_a_restarting_machine_cancels_the_restart(
 
 
 def test_stop_of_an_unknown_machine_is_a_stop(daemon: Daemon, launcher: FakeLauncher) -> None:
-    reply = daemon.handle({"op": "stop", "name": "ghost"})
-    assert reply == {"status": {**reply["status"], "state": "exited"}, "stop_timeout": 0}
+    reply = ask(daemon, {"op": "stop", "name": "ghost"})
+    assert reply == {
+        "status": {**reply["status"], "state": "exited"},
+        "stop_timeout": 0,
+        "skipped": [],
+    }
     assert launcher.calls == []
-    assert daemon.handle({"op": "pause", "name": "ghost"}) == {
-        "error": "no machine 'ghost' is supervised"
+    assert ask(daemon, {"op": "pause", "name": "ghost"}) == {
+        "error": "no machine 'ghost' is supervised",
+        "hint": None,
     }
 
 
 def test_pause_freezes_and_a_stop_thaws_first(daemon: Daemon, launcher: FakeLauncher) -> None:
     start(daemon)
-    assert daemon.handle({"op": "pause", "name": "web"})["status"]["state"] == "paused"
+    assert ask(daemon, {"op": "pause", "name": "web"})["status"]["state"] == "paused"
     assert launcher.calls[-1] == ("freeze", "web", True)
     assert record(daemon)["state"] == "paused"
-    daemon.handle({"op": "stop", "name": "web"})
+    ask(daemon, {"op": "stop", "name": "web"})
     assert launcher.calls[-2:] == [("freeze", "web", False), ("signal", 1001, signal.SIGTERM)]
 
 
 def test_unpause_thaws(daemon: Daemon, launcher: FakeLauncher) -> None:
     start(daemon)
-    daemon.handle({"op": "pause", "name": "web"})
-    assert daemon.handle({"op": "unpause", "name": "web"})["status"]["state"] == "running"
+    ask(daemon, {"op": "pause", "name": "web"})
+    assert ask(daemon, {"op": "unpause", "name": "web"})["status"]["state"] == "running"
     assert launcher.calls[-1] == ("freeze", "web", False)
     assert names_of_events(daemon) == ["start", "pause", "unpause"]
 
@@ -274,7 +288,10 @@ def test_pause_of_a_machine_that_is_not_running(daemon: Daemon, launcher: FakeLa
     start(daemon, restart="no")
     launcher.codes = [0]
     exits(daemon)
-    assert daemon.handle({"op": "pause", "name": "web"}) == {"error": "web is not running"}
+    assert ask(daemon, {"op": "pause", "name": "web"}) == {
+        "error": "web is not running",
+        "hint": None,
+    }
     assert ("freeze", "web", True) not in launcher.calls
 
 
@@ -283,13 +300,13 @@ def test_limits_are_recorded_and_written_while_it_runs(
 ) -> None:
     start(daemon, restart="no")
     limits = Limits(memory=64 << 20, cpu_weight=50)
-    reply = daemon.handle({"op": "limits", "name": "web", "limits": limits.as_json()})
+    reply = ask(daemon, {"op": "limits", "name": "web", "limits": wire.dump(limits)})
     assert reply["skipped"] == ["cpu_weight: no cpu controller"]
     assert launcher.calls[-1] == ("set_limits", "web", limits)
     assert record(daemon)["spec"]["limits"]["memory"] == 64 << 20
     launcher.codes = [0]
     exits(daemon)
-    reply = daemon.handle({"op": "limits", "name": "web", "limits": Limits(pids=9).as_json()})
+    reply = ask(daemon, {"op": "limits", "name": "web", "limits": wire.dump(Limits(pids=9))})
     assert reply["skipped"] == []  # not running: kept for its next start only
     assert launcher.calls[-1] != ("set_limits", "web", Limits(pids=9))
     assert daemon.machines["web"].spec.limits == Limits(pids=9)
@@ -299,7 +316,7 @@ def test_forget_of_a_running_machine_drops_it_when_it_has_exited(
     daemon: Daemon, launcher: FakeLauncher
 ) -> None:
     start(daemon, restart="always")
-    daemon.handle({"op": "forget", "name": "web"})
+    ask(daemon, {"op": "forget", "name": "web"})
     assert launcher.calls[-1] == ("signal", 1001, signal.SIGTERM)
     assert record(daemon)["forgotten"] is True
     launcher.codes = [0]
@@ -314,9 +331,9 @@ def test_forget_of_a_stopped_machine_drops_it_at_once(
     start(daemon, restart="no")
     launcher.codes = [0]
     exits(daemon)
-    daemon.handle({"op": "forget", "name": "web"})
+    ask(daemon, {"op": "forget", "name": "web"})
     assert "web" not in daemon.machines
-    assert daemon.handle({"op": "status"}) == {"machines": []}
+    assert ask(daemon, {"op": "status"}) == {"machines": []}
 
 
 def test_an_unreadable_record_is_unknown_and_cannot_be_started_over(
@@ -325,11 +342,11 @@ def test_an_unreadable_record_is_unknown_and_cannot_be_started_over(
     daemon.store.directory.mkdir(parents=True)
     (daemon.store.directory / "web.json").write_text("{not json")
     daemon.adopt()
-    [status] = daemon.handle({"op": "status"})["machines"]
+    [status] = ask(daemon, {"op": "status"})["machines"]
     assert status["state"] == "unknown"
     assert "cannot be read" in start(daemon)["error"]
     assert launcher.calls == []
-    daemon.handle({"op": "forget", "name": "web"})
+    ask(daemon, {"op": "forget", "name": "web"})
     assert launcher.calls == [("clear", "web")]  # whatever runs in its cgroups ends
     assert not (daemon.store.directory / "web.json").exists()
     assert start(daemon)["status"]["state"] == "running"
@@ -357,10 +374,22 @@ def test_a_new_daemon_adopts_what_runs_and_restarts_what_ended(
             later.reap(machine.process)
 
 
-def test_unknown_requests(daemon: Daemon) -> None:
-    assert daemon.handle({"op": "reboot", "name": "web"}) == {
-        "error": "no machine 'web' is supervised"
-    }
+def test_requests_that_do_not_fit_are_refused_whole(daemon: Daemon) -> None:
+    unknown = ask(daemon, {"op": "reboot", "name": "web"})
+    assert unknown["error"].startswith("a request pymachined cannot read: ")
+    assert "'reboot'" in unknown["error"] and "'pause'" in unknown["error"]
+    # A start whose spec lacks a field starts nothing, and says which field.
+    broken = wire.dump(spec())
+    del broken["argv"]
+    refused = ask(daemon, {"op": "start", "spec": broken})
+    assert refused["error"] == "a request pymachined cannot read: start.spec.argv: Field required"
+    assert daemon.machines == {}
+    assert ask(daemon, {"op": "limits", "name": "web", "limits": {"pids": "many"}})["error"]
+    assert ask(daemon, {"op": "pause", "name": "ghost"})["error"] == (
+        "no machine 'ghost' is supervised"
+    )
     start(daemon)
-    assert daemon.handle({"op": "reboot", "name": "web"}) == {"error": "unknown request 'reboot'"}
-    assert daemon.handle({"op": "ping"}) == {"pid": os.getpid()}
+    assert ask(daemon, {"op": "ping"}) == {"pid": os.getpid()}
+    assert daemon.answer(b"not json\n") == messages.Failed(
+        "a request pymachined cannot read: Expecting value: line 1 column 1 (char 0)"
+    )

@@ -12,6 +12,7 @@ from typing import Any, get_args
 
 import pytest
 
+from pymachined.core import wire
 from pymachined.core.actions import (
     AdoptRoot,
     BuildImage,
@@ -87,10 +88,8 @@ class FakeSupervisor:
     def status(self) -> dict[str, Status]:
         return {}
 
-    def run_view(
-        self, name: str, run: dict[str, Any], spec: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        return run
+    def run_view(self, name: str, run: RunSpec, spec: Machine | None) -> dict[str, Any]:
+        return wire.dump(run)
 
     def settled(self) -> None:
         self.calls.append(("settled", ""))
@@ -368,8 +367,9 @@ def test_networks_come_first_and_go_last_stops_and_removals_in_plan_order(
     host.run(plan(host.desired, {}, built=[]))
     solo_files = [Path(f.path) for f in host.desired["solo"].files]
     assert solo_files and all(p.exists() for p in solo_files)
-    host.state.put_network(NetworkRecord("old", "pmbr-old", "", {}))
     new = Network.model_validate({"kind": "network", "name": "new", "subnet": "10.70.0.0/24"})
+    old = Network.model_validate({"kind": "network", "name": "old", "subnet": "10.71.0.0/24"})
+    host.state.put_network(NetworkRecord("old", "pmbr-old", "", old))
     host.calls.clear()
     host.supervisor.commits.clear()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pymachined.core import wire
 from pymachined.core.limits import Limits, Write, blkio_weight, cpu_shares, v1_writes, v2_writes
 
 
@@ -83,8 +84,10 @@ def test_weights_convert_as_systemd_does(weight: int, shares: int, blkio: int) -
 
 def test_json_round_trip_and_truth() -> None:
     limits = Limits(memory=5, cpus=0.5)
-    assert Limits.from_json(limits.as_json()) == limits
-    assert Limits.from_json(None) == Limits()
+    assert wire.load(Limits, wire.dump(limits)) == limits
+    assert wire.load(Limits, {}) == Limits()
+    with pytest.raises(ValueError, match=r"^pids: Input should be a valid integer"):
+        wire.load(Limits, {"pids": "many"})
     assert not Limits()
     assert limits
 

@@ -15,7 +15,7 @@ from pymachined.core.desired import DesiredNetwork, desire, desire_networks
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, ObservedNetwork, plan
 from pymachined.core.recipes import Salts
-from pymachined.core.records import MachineRecord, NetworkRecord, parse_network_record
+from pymachined.core.records import MachineRecord, NetworkRecord, parse_network_record, stored
 from pymachined.core.render import NSPAWN_BINARY, nspawn_run_argv
 from pymachined.core.spec import Machine, Network, Protocol
 from pymachined.core.validate import (
@@ -275,7 +275,7 @@ def converged_networks(networks: dict[str, DesiredNetwork]) -> dict[str, Observe
     return {
         name: ObservedNetwork(
             name,
-            NetworkRecord(name, want.bridge, want.config_hash, want.network.model_dump()),
+            NetworkRecord(name, want.bridge, want.config_hash, want.network),
             bridge_up=True,
         )
         for name, want in networks.items()
@@ -336,7 +336,7 @@ def test_ports_or_an_address_change_restart_the_machine(repo: Path, tmp_path: Pa
 
 
 def test_prune_removes_only_recorded_networks_after_machines() -> None:
-    record = NetworkRecord("old", "pmbr-old", "h", {"kind": "network"})
+    record = NetworkRecord("old", "pmbr-old", "h", net(name="old"))
     observed = {
         "old": ObservedNetwork("old", record, bridge_up=True),
         "handmade": ObservedNetwork("handmade", None, bridge_up=True),
@@ -353,9 +353,11 @@ def test_prune_removes_only_recorded_networks_after_machines() -> None:
 
 
 def test_network_records_round_trip() -> None:
-    record = NetworkRecord("lab", "pmbr-1", "abc", {"subnet": "10.0.0.0/24"}, created="now")
-    text = json.dumps(record.as_json())
+    record = NetworkRecord("lab", "pmbr-1", "abc", net(name="lab"), created="now")
+    text = json.dumps(stored(record))
     assert parse_network_record(text, Path("lab.json")) == record
+    assert json.loads(text)["spec"]["subnet"] == str(record.spec.subnet)
+    assert (json.loads(text)["version"], json.loads(text)["kind"]) == (1, "network")
 
 
 # -- addresses held on record --------------------------------------------------
@@ -386,7 +388,7 @@ def test_network_ls_and_inspect_read_the_records(
 
     layout = Layout(PurePosixPath(tmp_path))
     store = StateStore(layout)
-    spec = net(subnet6="fd00:70::/64").model_dump(mode="json")
+    spec = net(subnet6="fd00:70::/64")
     store.put_network(NetworkRecord("backend", "pmbr-test", "h", spec, created="then"))
     store.put(MachineRecord("web", "h", (), address="10.70.0.2", network="backend"))
     store.put(MachineRecord("solo", "h", ()))
@@ -423,7 +425,7 @@ def test_an_undeclared_network_on_record_keeps_its_subnet_and_bridge_until_prune
     )
 
     def held(subnet: str, bridge: str) -> NetworkRecord:
-        spec = {"kind": "network", "name": "old", "subnet": subnet}
+        spec = Network.model_validate({"kind": "network", "name": "old", "subnet": subnet})
         return NetworkRecord("old", bridge, "h", spec)
 
     [overlap] = check_recorded_networks(declared, [held("10.9.0.0/16", "pmbr-x")], prune=False)

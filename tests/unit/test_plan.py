@@ -57,7 +57,7 @@ def converged(desired: dict[str, Desired]) -> tuple[dict[str, Observed], set[str
             config_hash=want.config_hash,
             layers=want.layer_keys,
             files={str(f.path): file_hash(f.content) for f in want.files},
-            run=want.run.as_json(),
+            run=want.run,
         )
         observed[name] = Observed(
             name=name,

@@ -353,10 +353,14 @@ def test_a_converged_apply_clears_a_failed_boot_apply(
 
 
 def test_inspect_under_systemd_shows_the_units_command_line_and_journal() -> None:
+    from pymachined.core.spec import Machine
+    from pymachined.supervise.base import RunSpec
     from pymachined.supervise.systemd import SystemdSupervisor
 
-    spec = {"name": "web", "image": "debian-bookworm-slim", "command": ["sleep", "1"]}
-    recorded = {"argv": ["pymachined's", "argv"], "log": "/var/lib/.../console.log"}
+    spec = Machine.model_validate(
+        {"name": "web", "image": "debian-bookworm-slim", "command": ["sleep", "1"]}
+    )
+    recorded = RunSpec("web", ("pymachined's", "argv"), "no", "/var/lib/.../console.log", 5.0)
     view = SystemdSupervisor(Layout()).run_view("web", recorded, spec)
     assert view["argv"][0].endswith("systemd-nspawn") and "--machine=web" in view["argv"]
     assert view["log"] == "journalctl -u pymachine-web.service"

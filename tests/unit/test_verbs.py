@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pymachined.core.records import MachineRecord
+from pymachined.core.spec import Machine
 from pymachined.verbs import needed_by
 
 
 def _record(name: str, *needs: str) -> MachineRecord:
-    return MachineRecord(
-        name=name, config_hash="", layers=(), created="", spec={"depends_on": list(needs)}
-    )
+    spec = Machine.model_validate({"name": name, "command": ["true"], "depends_on": list(needs)})
+    return MachineRecord(name=name, config_hash="", layers=(), created="", spec=spec)
 
 
 def test_needed_by_follows_dependencies_through_others() -> None:

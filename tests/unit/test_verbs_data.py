@@ -12,6 +12,7 @@ import pytest
 
 from pymachined import output
 from pymachined.cgroups import Stats
+from pymachined.core import wire
 from pymachined.errors import PymachineError, UsageError
 from pymachined.images import ImageRecord
 from pymachined.supervise.base import LogLine
@@ -43,7 +44,7 @@ def test_cpu_percent_from_two_samples(
 
 def test_usage_takes_levels_from_the_later_sample_and_traffic_from_the_veth() -> None:
     found = stats.usage("web", _stats(0, 1), _stats(500_000_000, 2), 1.0, (10, 20))
-    assert found.as_json() == {
+    assert wire.dump(found) == {
         "name": "web",
         "cpu_percent": 50.0,
         "memory": 2,

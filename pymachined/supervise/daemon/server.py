@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import selectors
@@ -24,12 +23,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from pymachined import events, files
 from pymachined.core.layout import Layout
 from pymachined.core.limits import Limits
 from pymachined.errors import PymachineError
+from pymachined.supervise import messages
 from pymachined.supervise.base import SOCKET, RunSpec, RunState, Status, read_line
 from pymachined.supervise.daemon import policy
 from pymachined.supervise.daemon.launcher import Launcher, NspawnLauncher, Process
@@ -241,82 +241,97 @@ class Daemon:
 
     # -- requests ----------------------------------------------------------
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """One request: status, start, stop, forget, pause, unpause, limits."""
-        op = request.get("op")
-        if op == "status":
-            broken = [
-                Status(name, RunState.UNKNOWN, detail=why).as_json()
-                for name, why in sorted(self.broken.items())
-                if name not in self.machines
-            ]
-            return {"machines": [self.status(m).as_json() for m in self.machines.values()] + broken}
-        if op == "ping":
-            return {"pid": os.getpid()}
-        name = str(request.get("name", ""))
-        if op == "start":
-            spec = RunSpec.from_json(request["spec"])
-            machine = self.machines.get(spec.name)
-            if machine is not None and machine.pid is not None:
-                return {"error": f"{spec.name} is running; stop it first"}
-            if machine is None and spec.name in self.broken:
-                return {
-                    "error": f"the record of {spec.name} cannot be read: {self.broken[spec.name]}"
-                }
-            machine = Machine(spec, restarts=machine.restarts if machine else 0)
-            self.machines[spec.name] = machine
-            self.launch(machine)
-            return {"status": self.status(machine).as_json()}
+    def handle(self, request: messages.Request) -> messages.Reply:
+        """One request: ping, status, start, stop, forget, pause, unpause, limits."""
+        match request:
+            case messages.Ping():
+                return messages.Pong(os.getpid())
+            case messages.ListStatus():
+                broken = [
+                    Status(name, RunState.UNKNOWN, detail=why)
+                    for name, why in sorted(self.broken.items())
+                    if name not in self.machines
+                ]
+                return messages.Statuses(
+                    tuple(self.status(m) for m in self.machines.values()) + tuple(broken)
+                )
+            case messages.Start(spec=spec):
+                return self._start(spec)
+            case messages.Stop(name=name):
+                return self._stop(name, forget=request.forget)
+            case messages.Pause(name=name):
+                return self._pause(name, request.paused)
+            case messages.SetLimits(name=name, limits=limits):
+                return self._set_limits(name, limits)
+            case _:
+                assert_never(request)
+
+    def _start(self, spec: RunSpec) -> messages.Reply:
+        machine = self.machines.get(spec.name)
+        if machine is not None and machine.pid is not None:
+            return messages.Failed(f"{spec.name} is running; stop it first")
+        if machine is None and spec.name in self.broken:
+            return messages.Failed(
+                f"the record of {spec.name} cannot be read: {self.broken[spec.name]}"
+            )
+        machine = Machine(spec, restarts=machine.restarts if machine else 0)
+        self.machines[spec.name] = machine
+        self.launch(machine)
+        return messages.Changed(self.status(machine))
+
+    def _stop(self, name: str, *, forget: bool) -> messages.Reply:
         machine = self.machines.get(name)
-        if machine is None and name in self.broken and op in ("stop", "forget"):
-            # What its record would have said is lost: end whatever runs in its cgroups.
-            self.launcher.clear(name)
-            if op == "forget":
-                del self.broken[name]
-                self.store.drop(name)
-            return {"status": Status(name, RunState.EXITED).as_json(), "stop_timeout": 0}
-        if machine is None and op == "stop":  # never started here (since a reboot): stopped
-            return {"status": Status(name, RunState.EXITED).as_json(), "stop_timeout": 0}
         if machine is None:
-            return {"error": f"no machine {name!r} is supervised"}
-        if op == "limits":
-            limits = Limits.from_json(request["limits"])
-            machine.spec = dataclasses.replace(machine.spec, limits=limits)
+            if name in self.broken:
+                # What its record would have said is lost: end whatever runs in its cgroups.
+                self.launcher.clear(name)
+                if forget:
+                    del self.broken[name]
+                    self.store.drop(name)
+            elif forget:
+                return _unknown(name)
+            # Else never started here (since a reboot): stopped.
+            return messages.Changed(Status(name, RunState.EXITED))
+        if machine.state is RunState.PAUSED:
+            self.launcher.freeze(name, False)  # a frozen process cannot act on SIGTERM
+        if machine.pid is None:
+            self._event(name, "stop")  # else when it has exited, with its exit code
+        machine.wanted = "stopped"
+        machine.restart_at = None
+        if machine.pid is not None:
+            self._signal(machine, signal.SIGTERM)
+            machine.kill_at = self.monotonic() + machine.spec.stop_timeout
+        elif machine.state is RunState.RESTARTING:
+            machine.state = RunState.EXITED
+        machine.forgotten = forget
+        if machine.forgotten and machine.pid is None:
+            self._drop(name)
+        else:
             self.store.save(machine)
-            skipped = []
-            if machine.pid is not None:
-                skipped = self.launcher.set_limits(name, machine.spec.limits)
-            return {"status": self.status(machine).as_json(), "skipped": skipped}
-        if op in ("pause", "unpause"):
-            if machine.pid is None:
-                return {"error": f"{name} is not running"}
-            self.launcher.freeze(name, op == "pause")
-            machine.state = RunState.PAUSED if op == "pause" else RunState.RUNNING
-            self._event(name, op)
-            self.store.save(machine)
-            return {"status": self.status(machine).as_json()}
-        if op in ("stop", "forget"):
-            if machine.state is RunState.PAUSED:
-                self.launcher.freeze(name, False)  # a frozen process cannot act on SIGTERM
-            if machine.pid is None:
-                self._event(name, "stop")  # else when it has exited, with its exit code
-            machine.wanted = "stopped"
-            machine.restart_at = None
-            if machine.pid is not None:
-                self._signal(machine, signal.SIGTERM)
-                machine.kill_at = self.monotonic() + machine.spec.stop_timeout
-            elif machine.state is RunState.RESTARTING:
-                machine.state = RunState.EXITED
-            machine.forgotten = op == "forget"
-            if machine.forgotten and machine.pid is None:
-                self._drop(name)
-            else:
-                self.store.save(machine)
-            return {
-                "status": self.status(machine).as_json(),
-                "stop_timeout": machine.spec.stop_timeout,
-            }
-        return {"error": f"unknown request {op!r}"}
+        return messages.Changed(self.status(machine), stop_timeout=machine.spec.stop_timeout)
+
+    def _pause(self, name: str, paused: bool) -> messages.Reply:
+        machine = self.machines.get(name)
+        if machine is None:
+            return _unknown(name)
+        if machine.pid is None:
+            return messages.Failed(f"{name} is not running")
+        self.launcher.freeze(name, paused)
+        machine.state = RunState.PAUSED if paused else RunState.RUNNING
+        self._event(name, "pause" if paused else "unpause")
+        self.store.save(machine)
+        return messages.Changed(self.status(machine))
+
+    def _set_limits(self, name: str, limits: Limits) -> messages.Reply:
+        machine = self.machines.get(name)
+        if machine is None:
+            return _unknown(name)
+        machine.spec = dataclasses.replace(machine.spec, limits=limits)
+        self.store.save(machine)
+        skipped: list[str] = []
+        if machine.pid is not None:
+            skipped = self.launcher.set_limits(name, machine.spec.limits)
+        return messages.Changed(self.status(machine), skipped=tuple(skipped))
 
     def serve(self) -> None:
         """Run until SIGTERM or SIGINT."""
@@ -357,15 +372,28 @@ class Daemon:
         connection, _ = server.accept()
         with connection:
             connection.settimeout(5)
-            try:
-                reply = self.handle(json.loads(read_line(connection)))
-            except PymachineError as exc:
-                reply = {"error": exc.message, "hint": exc.hint}
-            except Exception as exc:  # a bad request must not stop the supervisor
-                log.exception("request failed")
-                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            reply = self.answer(read_line(connection))
             with contextlib.suppress(OSError):
-                connection.sendall(json.dumps(reply).encode() + b"\n")
+                connection.sendall(messages.encode(reply))
+
+    def answer(self, line: bytes) -> messages.Reply:
+        """The reply to one request line; a request that cannot be read, or
+        that fails, is refused with why, and the supervisor goes on."""
+        try:
+            request = messages.decode_request(line)
+        except ValueError as exc:
+            return messages.Failed(f"a request pymachined cannot read: {exc}")
+        try:
+            return self.handle(request)
+        except PymachineError as exc:
+            return messages.Failed(exc.message, exc.hint)
+        except Exception as exc:  # a failed request must not stop the supervisor
+            log.exception("request failed")
+            return messages.Failed(f"{type(exc).__name__}: {exc}")
+
+
+def _unknown(name: str) -> messages.Failed:
+    return messages.Failed(f"no machine {name!r} is supervised")
 
 
 def notify(state: str) -> None:

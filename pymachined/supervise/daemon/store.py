@@ -5,13 +5,14 @@ new pymachined adopts the machines an earlier one started. Writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pymachined import files
+from pymachined.core import wire
 from pymachined.supervise.base import RunSpec, RunState
 from pymachined.supervise.daemon.launcher import Process
 
@@ -19,8 +20,8 @@ log = logging.getLogger("pymachined")
 
 
 @dataclass
-class Machine:
-    """One supervised machine: its spec and what became of it."""
+class Entry:
+    """What is kept on disk of a supervised machine."""
 
     spec: RunSpec
     wanted: str = "running"
@@ -30,42 +31,29 @@ class Machine:
     started: float | None = None
     exit_code: int | None = None
     restarts: int = 0
-    failures: int = 0
     forgotten: bool = False
+
+
+@dataclass
+class Machine(Entry):
+    """One supervised machine: what is kept of it, and what only the running
+    loop holds (timers, counters, its pidfd)."""
+
+    failures: int = 0
     restart_at: float | None = None
     kill_at: float | None = None
     oom_kills: int = 0
     payload_up: bool = False  # its PID 1 was seen to have become its payload
     process: Process | None = field(default=None, repr=False)
 
-    def as_json(self) -> dict[str, Any]:
-        """What is kept on disk."""
-        return {
-            "spec": self.spec.as_json(),
-            "wanted": self.wanted,
-            "state": self.state.value,
-            "pid": self.pid,
-            "pid_start": self.pid_start,
-            "started": self.started,
-            "exit_code": self.exit_code,
-            "restarts": self.restarts,
-            "forgotten": self.forgotten,
-        }
+    def entry(self) -> Entry:
+        """What is kept on disk of it."""
+        return Entry(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Entry)})
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Machine:
+    def from_entry(cls, entry: Entry) -> Machine:
         """A machine as kept on disk."""
-        return cls(
-            spec=RunSpec.from_json(data["spec"]),
-            wanted=data.get("wanted", "running"),
-            state=RunState(data.get("state", "created")),
-            pid=data.get("pid"),
-            pid_start=data.get("pid_start"),
-            started=data.get("started"),
-            exit_code=data.get("exit_code"),
-            restarts=int(data.get("restarts", 0)),
-            forgotten=bool(data.get("forgotten", False)),
-        )
+        return cls(**vars(entry))
 
 
 class Store:
@@ -76,7 +64,9 @@ class Store:
 
     def save(self, machine: Machine) -> None:
         """Write a machine's record."""
-        files.atomic_write_json(self.directory / f"{machine.spec.name}.json", machine.as_json())
+        files.atomic_write_json(
+            self.directory / f"{machine.spec.name}.json", wire.dump(machine.entry())
+        )
 
     def drop(self, name: str) -> None:
         """Remove a machine's record."""
@@ -90,8 +80,9 @@ class Store:
         broken: dict[str, str] = {}
         for path in sorted(self.directory.glob("*.json")):
             try:
-                machines.append(Machine.from_json(json.loads(path.read_text())))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                entry = wire.load(Entry, json.loads(path.read_text()))
+                machines.append(Machine.from_entry(entry))
+            except (OSError, ValueError) as exc:
                 # Kept, and reported as unknown: the machine may still run,
                 # and starting it again over its record would run it twice.
                 log.error("unreadable supervisor record %s: %s", path, exc)
