@@ -6,9 +6,14 @@ through a socket of that client's own to ADDRESS:PORT, and the replies back
 (a client's socket closes after UDP_IDLE seconds without a reply).
 
 pymachine runs one per IPv6 port forward, since the kernel cannot DNAT
-``::1`` to another host, and IPv6 reaches a machine's IPv4 address this way.
-MACHINE only names the process for ``ps`` and for the check before it is
-stopped.
+``::1`` to another host, and IPv6 reaches a machine without an IPv6 address
+this way. MACHINE only names the process for ``ps`` and for the check before
+it is stopped.
+
+TCP bytes never enter Python: each direction is spliced from one socket into
+a pipe and from the pipe into the other socket, in the kernel (as
+systemd-socket-proxyd does), by a thread that blocks in splice(2) without the
+interpreter's lock.
 
 Bounded: at most ``clients_cap()`` clients at once (a TCP client past it is
 closed at once, a UDP client's datagram dropped), and running out of file
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import resource
 import socket
 import sys
@@ -28,8 +34,10 @@ import time
 
 UDP_IDLE = 60.0
 MAX_CLIENTS = 512
-"""Clients relayed at once, at most: each takes two descriptors and a thread
-or two, so a flood costs a bounded amount and the forwarder stays up."""
+"""Clients relayed at once, at most: each takes two sockets, two pipes and two
+threads, so a flood costs a bounded amount and the forwarder stays up."""
+FDS_PER_CLIENT = 6  # its socket, the upstream one, and a pipe each way
+PIPE_CHUNK = 1 << 16  # a pipe's default capacity: one splice fills it
 RESERVED_FDS = 16  # for the listener, stdio and what Python opens itself
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
@@ -45,7 +53,7 @@ def clients_cap() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return MAX_CLIENTS
-    return max(1, min(MAX_CLIENTS, (soft - RESERVED_FDS) // 2))
+    return max(1, min(MAX_CLIENTS, (soft - RESERVED_FDS) // FDS_PER_CLIENT))
 
 
 def _say(text: str) -> None:
@@ -69,16 +77,41 @@ class _Backoff:
         self.delay = 0.0
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    """Copy source to sink until source ends, then end sink's writing side."""
-    with contextlib.suppress(OSError):
-        while True:
-            data = source.recv(65536)
-            if not data:
-                break
-            sink.sendall(data)
-    with contextlib.suppress(OSError):
-        sink.shutdown(socket.SHUT_WR)
+def _pump(source: socket.socket, sink: socket.socket, pipe: tuple[int, int]) -> None:
+    """Splice source to sink through pipe until source ends, then end sink's
+    writing side. The pipe is closed at the end."""
+    out, into = pipe
+    src, dst = source.fileno(), sink.fileno()
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                pending = os.splice(src, into, PIPE_CHUNK)
+                if not pending:
+                    break
+                while pending:
+                    pending -= os.splice(out, dst, pending)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+    finally:
+        os.close(out)
+        os.close(into)
+
+
+def _pipes() -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """A pipe each way for one client, or None (and nothing left open) if
+    descriptors or memory ran out."""
+    try:
+        first = os.pipe()
+    except OSError as exc:
+        _say(f"no pipe for a client ({exc.strerror}); it is refused")
+        return None
+    try:
+        return first, os.pipe()
+    except OSError as exc:
+        os.close(first[0])
+        os.close(first[1])
+        _say(f"no pipe for a client ({exc.strerror}); it is refused")
+        return None
 
 
 def _relay(client: socket.socket, target: tuple[str, int], slots: threading.Semaphore) -> None:
@@ -92,12 +125,22 @@ def _relay(client: socket.socket, target: tuple[str, int], slots: threading.Sema
                 return
             with upstream:
                 upstream.settimeout(None)
-                back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+                for sock in (client, upstream):  # requests and replies are small
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                pipes = _pipes()
+                if pipes is None:
+                    return
+                back = threading.Thread(
+                    target=_pump, args=(upstream, client, pipes[1]), daemon=True
+                )
                 try:
                     back.start()
                 except RuntimeError:  # no thread to be had: this client is refused
+                    for fd in (*pipes[0], *pipes[1]):
+                        os.close(fd)
                     return
-                _pump(client, upstream)
+                _pump(client, upstream, pipes[0])
                 back.join()
     finally:
         slots.release()
@@ -144,6 +187,10 @@ def _udp_replies(
     upstream.close()
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def _relay_udp(listener: socket.socket, target: tuple[str, int]) -> None:
     clients: dict[tuple[str, int, int, int], socket.socket] = {}
     lock = threading.Lock()
@@ -157,7 +204,7 @@ def _relay_udp(listener: socket.socket, target: tuple[str, int]) -> None:
                 if len(clients) >= cap:
                     continue  # full: the datagram is dropped, as a full queue would
                 try:
-                    upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    upstream = socket.socket(_family(target[0]), socket.SOCK_DGRAM)
                 except OSError as exc:
                     if exc.errno not in _EXHAUSTED:
                         raise

@@ -179,8 +179,10 @@ def create_bridge(layout: Layout, network: Network) -> str:
     if network.nat:
         # As every container engine does: masquerading outward needs forwarding.
         _sysctl("net.ipv4.ip_forward", "1")
-        if network.subnet6 is not None:
-            _sysctl("net.ipv6.conf.all.forwarding", "1")
+    if network.subnet6 is not None:
+        # Masquerading outward, and published ports DNATed to the machines'
+        # IPv6 addresses (which the forwarders listening on [::] served before).
+        _sysctl("net.ipv6.conf.all.forwarding", "1")
     return bridge
 
 
@@ -390,22 +392,24 @@ def detach(layout: Layout, machine: str) -> None:
 
 
 def _forwards(
-    layout: Layout, state: StateStore, bridges: dict[str, str]
+    layout: Layout, state: StateStore, networks: dict[str, tuple[str, Network]]
 ) -> Iterator[netplan.Forward]:
-    """The IPv4 port forwards of every machine whose network is up."""
+    """The port forwards nft makes for every machine whose network is up: IPv4,
+    and IPv6 for those with an IPv6 address."""
     for name, record in state.all().items():
         if (
             record.address is None
-            or record.network not in bridges
+            or record.network not in networks
             or not netns_exists(layout, name)
         ):
             continue
-        yield from netplan.ipv4_forwards(
-            name,
-            bridges[record.network],
-            ipaddress.IPv4Address(record.address),
-            record.spec.ports if record.spec else [],
-        )
+        bridge, spec = networks[record.network]
+        ports = record.spec.ports if record.spec else []
+        address = ipaddress.IPv4Address(record.address)
+        yield from netplan.ipv4_forwards(name, bridge, address, ports)
+        address6 = netplan.address6(spec, address)
+        if address6 is not None:
+            yield from netplan.ipv6_forwards(name, bridge, address6, ports)
 
 
 def sync_rules(layout: Layout, state: StateStore) -> str:
@@ -417,12 +421,13 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
     with files.locked(Path(layout.net_run_dir) / "rules.lock"):
         networks = state.networks()
         bridges = []
+        by_name: dict[str, tuple[str, Network]] = {}
         for record in networks.values():
             spec = record.spec
             bridges.append(
                 netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
             )
-        by_name = {record.name: record.bridge for record in networks.values()}
+            by_name[record.name] = (record.bridge, spec)
         forwards = list(_forwards(layout, state, by_name))
         script = netplan.ruleset(netplan.table_name(layout), bridges, forwards)
         path = Path(layout.net_run_dir) / "rules.nft"
@@ -455,13 +460,26 @@ def _bind6(protocol: Protocol, listen: str, port: int) -> socket.socket:
     return sock
 
 
+def _target(
+    layout: Layout, machine: Machine, address: ipaddress.IPv4Address
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Where a machine's forwarders relay to: its IPv6 address on a network
+    with subnet6 (where nft sends the other IPv6 clients too), else its IPv4 one."""
+    record = StateStore(layout).network(machine.network) if machine.network else None
+    if record is None:
+        return address
+    return netplan.address6(record.spec, address) or address
+
+
 def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Address) -> list[int]:
-    """One forwarder process per port forward over IPv6 (``::1`` cannot be
-    DNATed to another host): it listens on the host's IPv6 address (or every
-    one) and relays to the machine's IPv4 address. The sockets are bound here,
+    """One forwarder process per port forward over IPv6: it listens on the
+    host's IPv6 address (or every one) and relays to the machine. It carries
+    what nft cannot: ``::1`` (never DNATed to another host), and every IPv6
+    client of a machine without an IPv6 address. The sockets are bound here,
     so a port already in use fails the start at once. Forwarders the machine
     had are ended first. Their pids."""
     stop_forwarders(layout, machine.name)
+    target = _target(layout, machine, address)
     pids: list[int] = []
     log = Path(layout.machine_dir(machine.name)) / "forwarders.log"
     try:
@@ -485,7 +503,7 @@ def start_forwarders(layout: Layout, machine: Machine, address: ipaddress.IPv4Ad
                 "pymachined.forward",
                 port.protocol.value,
                 str(sock.fileno()),
-                str(address),
+                str(target),
                 str(port.machine),
                 machine.name,
             ]

@@ -178,22 +178,23 @@ class Bridge:
 
 @dataclass(frozen=True)
 class Forward:
-    """A host port forwarded to a machine's address over IPv4."""
+    """A host port forwarded by the kernel (DNAT) to a machine's address, IPv4
+    or IPv6 (both addresses of one family)."""
 
     machine: str
     bridge: str
     protocol: Protocol
     host_port: int
-    address: Address
+    address: Address | ipaddress.IPv6Address
     port: int
-    host_ip: ipaddress.IPv4Address | None = None  # None: every local address
+    host_ip: Address | ipaddress.IPv6Address | None = None  # None: every local address
 
 
 def ipv4_forwards(
     machine: str, bridge: str, address: Address, ports: Iterable[Port]
 ) -> list[Forward]:
-    """A machine's port forwards that nft makes: those on every host address
-    or on an IPv4 one (IPv6 ones are the forwarders' work)."""
+    """A machine's port forwards over IPv4 that nft makes: those on every host
+    address or on an IPv4 one."""
     return [
         Forward(
             machine=machine,
@@ -209,6 +210,34 @@ def ipv4_forwards(
     ]
 
 
+def ipv6_forwards(
+    machine: str, bridge: str, address: ipaddress.IPv6Address, ports: Iterable[Port]
+) -> list[Forward]:
+    """A machine's port forwards over IPv6 that nft makes, to its IPv6 address:
+    those on every host address or on an IPv6 one but ``::1``. The kernel
+    cannot DNAT ``::1`` to another host (IPv6 has no ``route_localnet``: such a
+    packet is dropped as a martian), so ``::1`` is the forwarders' work alone."""
+    forwards = []
+    for port in ports:
+        host_ip = port.host_ip
+        if isinstance(host_ip, ipaddress.IPv4Address) or (
+            host_ip is not None and host_ip.is_loopback
+        ):
+            continue
+        forwards.append(
+            Forward(
+                machine=machine,
+                bridge=bridge,
+                protocol=port.protocol,
+                host_port=port.host,
+                address=address,
+                port=port.machine,
+                host_ip=None if host_ip is None or host_ip.is_unspecified else host_ip,
+            )
+        )
+    return forwards
+
+
 def _specific(host_ip: Address | ipaddress.IPv6Address | None) -> ipaddress.IPv4Address | None:
     """An IPv4 host address to match, or None for every one (0.0.0.0 included,
     as in docker's ports)."""
@@ -222,15 +251,23 @@ def _quote(name: str) -> str:
 
 
 def _dnat(forward: Forward) -> str:
-    match = (
-        f"ip daddr {forward.host_ip}"
-        if forward.host_ip is not None
-        else "meta nfproto ipv4 fib daddr type local"
-    )
+    if isinstance(forward.address, ipaddress.IPv6Address):
+        match = (
+            f"ip6 daddr {forward.host_ip}"
+            if forward.host_ip is not None
+            else "meta nfproto ipv6 fib daddr type local ip6 daddr != ::1"
+        )
+        target = f"ip6 to [{forward.address}]:{forward.port}"
+    else:
+        match = (
+            f"ip daddr {forward.host_ip}"
+            if forward.host_ip is not None
+            else "meta nfproto ipv4 fib daddr type local"
+        )
+        target = f"ip to {forward.address}:{forward.port}"
     proto = forward.protocol.value
     return (
-        f"{match} {proto} dport {forward.host_port} "
-        f"dnat ip to {forward.address}:{forward.port} comment {_quote(forward.machine)}"
+        f"{match} {proto} dport {forward.host_port} dnat {target} comment {_quote(forward.machine)}"
     )
 
 
@@ -277,6 +314,8 @@ def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) 
         # A machine reaching a port forward of its own network (hairpin): the
         # server would answer it directly, from an address it did not call.
         lines.append(f"\t\toifname {br} ip saddr {b.subnet} ct status dnat masquerade")
+        if b.subnet6 is not None:
+            lines.append(f"\t\toifname {br} ip6 saddr {b.subnet6} ct status dnat masquerade")
         if b.nat:
             lines.append(f"\t\tip saddr {b.subnet} oifname != {br} masquerade")
             if b.subnet6 is not None:

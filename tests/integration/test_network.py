@@ -46,7 +46,7 @@ packages: [python3]
 network: "@n1"
 address: 10.213.1.10
 ports: ["127.0.0.1:18213:8080", "[::1]:18213:8080", "18214:8081/udp", "18216:8080"]
-command: [python3, -m, http.server, --bind, 0.0.0.0, "8080"]
+command: [python3, -m, http.server, --bind, "::", "8080"]  # IPv4 and IPv6 (subnet6)
 ---
 name: "@cli"
 image: debian-bookworm-slim
@@ -263,12 +263,13 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
         assert through.startswith("OK HTTP/1.0"), (machine, through)
     assert netns_run(host, "far", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("FAIL")
     # UDP: a server in srv's namespace answers through 127.0.0.1 (DNAT) and ::1
-    # (the forwarder).
+    # (the forwarder, to srv's IPv6 address).
     echo = subprocess.Popen(
         [
             "ip", "netns", "exec", netns_of(host, "srv"), "python3", "-c",
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            "s.bind(('0.0.0.0',8081))\n"
+            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n"
+            "s.bind(('::',8081))\n"
             "while True:\n d,a=s.recvfrom(100); s.sendto(b'echo '+d,a)",
         ]
     )  # fmt: skip

@@ -183,6 +183,48 @@ def test_nft_forwards_leave_ipv6_host_addresses_to_the_forwarders() -> None:
     ]
 
 
+def test_nft_forwards_over_ipv6_go_to_the_machines_ipv6_address_but_from_loopback() -> None:
+    machine = Machine.model_validate(
+        {
+            "name": "web",
+            "command": ["true"],
+            "network": "backend",
+            "ports": [
+                "8080:80",
+                "127.0.0.1:5353:53/udp",
+                "[::1]:8443:443",
+                "[::]:9090:90",
+                "[fd00:99::7]:7070:70/udp",
+            ],
+        }
+    )
+    six = ipaddress.IPv6Address("fd00:70::5")
+    forwards = netplan.ipv6_forwards("web", "pmbr-a", six, machine.ports)
+    assert [(f.host_ip, f.host_port, f.protocol, f.address, f.port) for f in forwards] == [
+        (None, 8080, Protocol.TCP, six, 80),
+        (None, 9090, Protocol.TCP, six, 90),  # [::]: every host IPv6 address
+        (ipaddress.IPv6Address("fd00:99::7"), 7070, Protocol.UDP, six, 70),
+    ]  # ::1 is left to the forwarder: the kernel drops it DNATed to another host
+    script = netplan.ruleset(
+        "pymachine", [bridge("a", "10.70.0.0/24", subnet6="fd00:70::/64")], forwards
+    )
+    lines = [line.strip() for line in script.splitlines()]
+    every = (
+        "meta nfproto ipv6 fib daddr type local ip6 daddr != ::1 tcp dport 8080 "
+        'dnat ip6 to [fd00:70::5]:80 comment "web"'
+    )
+    one = 'ip6 daddr fd00:99::7 udp dport 7070 dnat ip6 to [fd00:70::5]:70 comment "web"'
+    assert lines.count(every) == 2 and lines.count(one) == 2  # prerouting and output
+    assert not any("dnat ip to" in line for line in lines)
+    # A machine of the network reaching a published port through its gateway.
+    assert 'oifname "pmbr-a" ip6 saddr fd00:70::/64 ct status dnat masquerade' in lines
+
+
+def test_a_network_without_subnet6_has_no_ipv6_hairpin() -> None:
+    script = netplan.ruleset("pymachine", [bridge("b", "10.2.0.0/24")], [])
+    assert "ip6 saddr" not in script
+
+
 def test_an_empty_ruleset_only_deletes_the_table() -> None:
     assert netplan.ruleset("pymachine-x", [], []) == (
         "table inet pymachine-x\ndelete table inet pymachine-x\n"
