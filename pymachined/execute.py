@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Protocol, assert_never
 
 from pymachined import events, files, network, rootfs
-from pymachined.core import netplan
+from pymachined.core import names, netplan
 from pymachined.core.actions import (
     AdoptRoot,
     BuildImage,
@@ -591,6 +591,9 @@ def ready_root(
         return mounted
     for file in machine.files:
         files.write_in_root(mounted, file.path, file.content, int(file.mode, 8), machine=name)
+    resolv_conf = machine_resolv_conf(layout, machine)
+    if resolv_conf is not None:
+        files.write_in_root(mounted, names.RESOLV_CONF, resolv_conf, 0o644, machine=name)
     sources = [BindSource(b.source, b.read_only) for b in machine.binds]
     kinds = files.stage_binds(layout, name, sources)
     for bind, directory in zip(machine.binds, kinds, strict=True):
@@ -598,6 +601,21 @@ def ready_root(
     for tmpfs in machine.tmpfs:
         files.make_mount_point(mounted, tmpfs.path, directory=True, machine=name)
     return mounted
+
+
+def machine_resolv_conf(layout: Layout, machine: Machine) -> str | None:
+    """The /etc/resolv.conf a machine on a declared network gets: its network's
+    resolver, on the gateway (from the network's record, which the network
+    phase has written before any start). None for host and none (nspawn's own
+    choice), a network not on record, or a machine whose ``files:`` give one."""
+    if machine.network in ("host", "none") or any(
+        f.path == names.RESOLV_CONF for f in machine.files
+    ):
+        return None
+    record = StateStore(layout).network(machine.network)
+    if record is None:
+        return None
+    return names.resolv_conf_text(Network.model_validate(record.spec))
 
 
 def attach_recorded(

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pymachined import files, run
+from pymachined import files, names, run
 from pymachined.core import netplan
 from pymachined.core.layout import Layout
+from pymachined.core.names import listen_addresses
 from pymachined.core.netplan import MACHINE_IFNAME
 from pymachined.core.records import NetworkRecord
 from pymachined.core.spec import Machine, Network, Protocol
@@ -343,14 +344,22 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
     and isolation for every recorded network, DNAT for the ports of every
     machine whose network is up; the script it ran. Under a lock across
     processes (an apply and units starting at boot rewrite it too), so that
-    each rewrite reads the records and namespaces after the one before loaded."""
+    each rewrite reads the records and namespaces after the one before loaded.
+    The networks' names go with it: the hosts files, from the same records."""
     with files.locked(Path(layout.net_run_dir) / "rules.lock"):
         networks = state.networks()
         bridges = []
         for record in networks.values():
             spec = Network.model_validate(record.spec)
             bridges.append(
-                netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
+                netplan.Bridge(
+                    spec.name,
+                    record.bridge,
+                    spec.subnet,
+                    spec.subnet6,
+                    spec.nat,
+                    tuple(listen_addresses(spec)),
+                )
             )
         by_name = {record.name: record.bridge for record in networks.values()}
         forwards = list(_forwards(layout, state, by_name))
@@ -358,6 +367,7 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
         path = Path(layout.net_run_dir) / "rules.nft"
         files.atomic_write(path, script, 0o600)
         run.run(netplan.nft_apply_argv(path))
+        names.sync_names(layout, state)
         return script
 
 
