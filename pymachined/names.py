@@ -156,6 +156,10 @@ def sync_names(layout: Layout, state: StateStore) -> None:
         if directory.name not in networks:
             stop_resolver(layout, directory.name)
             files.remove_tree(directory)
+    if not networks and base.is_dir() and not any(base.iterdir()):
+        base.rmdir()
+        if layout.scope and not any(base.parent.iterdir()):
+            base.parent.rmdir()  # /run/pymachine-SCOPE is this root's alone
 
 
 def _world_readable(layout: Layout, directory: Path) -> None:
