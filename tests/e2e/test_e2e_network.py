@@ -103,7 +103,7 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     assert _getent(host, "cli", "outward.example") == "10.217.99.99"
     # A resolver killed: systemd starts it again, and the names come back.
     killed = host.show(RESOLVER, "MainPID")["MainPID"]
-    host.run(["kill", "-9", killed])
+    host.run(["python3", "-c", "import os, sys; os.kill(int(sys.argv[1]), 9)", killed])
     host.wait_for(
         "the resolver restarted by systemd",
         lambda: host.show(RESOLVER, "MainPID")["MainPID"] not in ("0", killed),
