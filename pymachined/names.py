@@ -65,9 +65,8 @@ def _upstream(layout: Layout, directory: Path) -> PurePosixPath:
 
 def _argv(layout: Layout, network: Network) -> list[str]:
     directory = Path(names.names_dir(layout, network.name))
-    return resolver_argv(
-        PurePosixPath(directory), names.listen_addresses(network), _upstream(layout, directory)
-    )
+    upstream = _upstream(layout, directory) if network.nat else None
+    return resolver_argv(PurePosixPath(directory), names.listen_addresses(network), upstream)
 
 
 def _pid(directory: Path) -> int | None:
@@ -104,11 +103,8 @@ def resolver_problem(layout: Layout, record: NetworkRecord) -> str | None:
     run, or runs with other settings (a changed gateway)."""
     spec = Network.model_validate(record.spec)
     directory = Path(names.names_dir(layout, record.name))
-    argv = resolver_argv(
-        PurePosixPath(directory),
-        names.listen_addresses(spec),
-        _upstream_path(layout, directory),
-    )
+    upstream = _upstream_path(layout, directory) if spec.nat else None
+    argv = resolver_argv(PurePosixPath(directory), names.listen_addresses(spec), upstream)
     pid = _pid(directory)
     if _runs_as(pid, argv):
         return None

@@ -320,7 +320,7 @@ DNSMASQ = "dnsmasq"
 
 
 def resolver_argv(
-    directory: PurePosixPath, listen: Sequence[str], upstream: PurePosixPath
+    directory: PurePosixPath, listen: Sequence[str], upstream: PurePosixPath | None
 ) -> list[str]:
     """dnsmasq as a network's resolver, in the foreground: it answers on the
     gateway addresses only (never loopback or another bridge, and it binds
@@ -328,8 +328,9 @@ def resolver_argv(
     ``directory/hosts.d`` (read again by inotify when one is renamed there, so
     names change with no signal; dotted temporary names are skipped), and
     forwards what they lack, unless it has no dot, to the servers in
-    ``upstream``; no DHCP, no config file, not the host's /etc/hosts. It
-    drops root for ``nobody`` once bound."""
+    ``upstream`` (None: to nobody, for a network without NAT, whose machines
+    would otherwise reach outside through names); no DHCP, no config file,
+    not the host's /etc/hosts. It drops root for ``nobody`` once bound."""
     return [
         DNSMASQ,
         "--keep-in-foreground",
@@ -338,7 +339,7 @@ def resolver_argv(
         *(f"--listen-address={address}" for address in listen),
         "--no-hosts",
         f"--hostsdir={directory / 'hosts.d'}",
-        f"--resolv-file={upstream}",
+        f"--resolv-file={upstream}" if upstream is not None else "--no-resolv",
         "--domain-needed",
         "--bogus-priv",
         f"--pid-file={directory / 'pid'}",

@@ -88,6 +88,9 @@ def test_resolver_argv() -> None:
         "--log-facility=-",
     ]
     assert not any(a.startswith(("--dhcp", "--interface", "--user")) for a in argv)
+    # A network without NAT: its machines' names only, nothing forwarded.
+    closed = resolver_argv(PurePosixPath("/run/x"), ["10.70.0.1"], None)
+    assert "--no-resolv" in closed and not any(a.startswith("--resolv-file") for a in closed)
     assert transient_service_argv("u.service", ["dnsmasq", "-k"]) == [
         "systemd-run",
         "--quiet",
