@@ -20,13 +20,14 @@ import os
 import select
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from pymachined import files, run
 from pymachined.core import names
 from pymachined.core.commands import resolver_argv, systemctl_argv, transient_service_argv
 from pymachined.core.layout import Layout
-from pymachined.core.records import NetworkRecord
+from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.spec import Machine, Network
 from pymachined.errors import PymachineError
 from pymachined.state import StateStore
@@ -119,11 +120,13 @@ def _upstream_path(layout: Layout, directory: Path) -> PurePosixPath:
     return PurePosixPath(source if source == HOST_RESOLV_CONF else directory / "upstream.conf")
 
 
-def _entries(layout: Layout, state: StateStore, network: Network) -> list[names.Entry]:
+def _entries(
+    layout: Layout, records: Mapping[str, MachineRecord], network: Network
+) -> list[names.Entry]:
     """The machines attached to a network now: recorded on it with an address,
     their namespace there."""
     out = []
-    for name, record in state.all().items():
+    for name, record in records.items():
         if record.network != network.name or record.address is None:
             continue
         if not Path(layout.netns_path(name)).exists():
@@ -138,11 +141,12 @@ def sync_names(layout: Layout, state: StateStore) -> None:
     started if it does not run as it should; the resolvers and files of
     networks no longer recorded removed."""
     networks = state.networks()
+    machines = state.all() if networks else {}
     for record in networks.values():
         spec = Network.model_validate(record.spec)
         directory = Path(names.names_dir(layout, record.name))
         hosts = directory / "hosts.d" / "machines"
-        text = names.hosts_text(record.name, _entries(layout, state, spec))
+        text = names.hosts_text(record.name, _entries(layout, machines, spec))
         if not hosts.is_file() or hosts.read_text() != text:
             _world_readable(layout, directory / "hosts.d")
             files.atomic_write(hosts, text, 0o644, durable=False)
