@@ -70,6 +70,10 @@ def _argv(layout: Layout, network: Network) -> list[str]:
     return resolver_argv(PurePosixPath(directory), names.listen_addresses(network), upstream)
 
 
+def _dir(layout: Layout, network: str) -> Path:
+    return Path(names.names_dir(layout, network))
+
+
 def _pid(directory: Path) -> int | None:
     try:
         return int((directory / "pid").read_text().strip())
@@ -142,15 +146,26 @@ def sync_names(layout: Layout, state: StateStore) -> None:
     networks no longer recorded removed."""
     networks = state.networks()
     machines = state.all() if networks else {}
-    for record in networks.values():
-        spec = Network.model_validate(record.spec)
-        directory = Path(names.names_dir(layout, record.name))
+    specs = {name: Network.model_validate(record.spec) for name, record in networks.items()}
+    for name, spec in specs.items():
+        directory = Path(names.names_dir(layout, name))
         hosts = directory / "hosts.d" / "machines"
-        text = names.hosts_text(record.name, _entries(layout, machines, spec))
+        text = names.hosts_text(name, _entries(layout, machines, spec))
         if not hosts.is_file() or hosts.read_text() != text:
             _world_readable(layout, directory / "hosts.d")
             files.atomic_write(hosts, text, 0o644, durable=False)
-        ensure_resolver(layout, spec)
+    # Two recorded networks share a gateway only within an apply --prune that
+    # replaces one by another of the same subnet: one resolver can hold the
+    # address, the one running already (else the first by name); the other
+    # starts once the old network is removed, at the end of that apply.
+    running = {n for n in specs if _runs_as(_pid(_dir(layout, n)), _argv(layout, specs[n]))}
+    claimed: set[str] = set()
+    for name in sorted(specs, key=lambda n: (n not in running, n)):
+        listen = set(names.listen_addresses(specs[name]))
+        if listen & claimed:
+            continue
+        claimed |= listen
+        ensure_resolver(layout, specs[name])
     base = Path(names.names_base(layout))
     for directory in sorted(base.iterdir()) if base.is_dir() else []:
         if directory.name not in networks:

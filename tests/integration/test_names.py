@@ -306,3 +306,43 @@ def test_a_killed_resolver_is_drift_and_removal_leaves_nothing(names_host: Host)
     rules = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     assert "10.231.1.1" not in rules
     assert not Path(names.names_base(Layout(PurePosixPath(host.root)))).parent.exists()
+
+
+TARGET = Path("/tmp/pymachine-names-hostile-target")
+HOSTILE = f"""\
+kind: image
+name: "@resolvplant"
+from: debian-bookworm-slim
+script: |
+  set -e
+  ln -sf {TARGET} /etc/resolv.conf
+  mkfifo /etc/.resolv.conf.pymachine-tmp
+---
+kind: network
+name: "@h"
+subnet: 10.231.3.0/24
+---
+name: "@h1"
+image: "@resolvplant"
+network: "@h"
+command: [sleep, infinity]
+"""
+
+
+def test_a_planted_resolv_conf_is_replaced_never_followed(names_host: Host) -> None:
+    host = names_host
+    TARGET.write_text("host file\n")
+    try:
+        host.declare(HOSTILE)
+        result = host.pymachine("apply", str(host.specs), "--yes", check=False)
+        assert result.returncode == 0, result.stderr
+        assert TARGET.read_text() == "host file\n"
+        root = host.root / f"var/lib/pymachine/machines/{host.prefix}h1/rootfs"
+        written = root / "etc/resolv.conf"
+        assert not written.is_symlink() and written.is_file()
+        assert written.read_text().splitlines()[1:] == ["nameserver 10.231.3.1"]
+        assert not os.path.lexists(root / "etc/.resolv.conf.pymachine-tmp")
+        own = resolve(host, "h1", host.prefix + "h1")
+        assert own.stdout.split()[0] == "10.231.3.2", own
+    finally:
+        TARGET.unlink(missing_ok=True)
