@@ -145,6 +145,12 @@ def sync_names(layout: Layout, state: StateStore) -> None:
     started if it does not run as it should; the resolvers and files of
     networks no longer recorded removed."""
     networks = state.networks()
+    base = Path(names.names_base(layout))
+    # First, so that a network made again on the same gateway can bind it.
+    for directory in sorted(base.iterdir()) if base.is_dir() else []:
+        if directory.name not in networks:
+            stop_resolver(layout, directory.name)
+            files.remove_tree(directory)
     machines = state.all() if networks else {}
     specs = {name: Network.model_validate(record.spec) for name, record in networks.items()}
     for name, spec in specs.items():
@@ -166,11 +172,6 @@ def sync_names(layout: Layout, state: StateStore) -> None:
             continue
         claimed |= listen
         ensure_resolver(layout, specs[name])
-    base = Path(names.names_base(layout))
-    for directory in sorted(base.iterdir()) if base.is_dir() else []:
-        if directory.name not in networks:
-            stop_resolver(layout, directory.name)
-            files.remove_tree(directory)
     if not networks and base.is_dir() and not any(base.iterdir()):
         base.rmdir()
         if layout.scope and not any(base.parent.iterdir()):
