@@ -103,6 +103,13 @@ def _hostsdir_of(pid: int, directory: Path) -> bool:
     return bool(found) and f"--hostsdir={directory / 'hosts.d'}" in found
 
 
+def resolver_log(layout: Layout, network: str) -> str:
+    """Where to read why a network's resolver does not run."""
+    if _systemd(layout):
+        return f"journalctl -u {names.resolver_unit(network)}"
+    return str(_dir(layout, network) / "resolver.log")
+
+
 def resolver_problem(layout: Layout, record: NetworkRecord) -> str | None:
     """What is wrong with a recorded network's resolver, or None: it does not
     run, or runs with other settings (a changed gateway)."""
@@ -143,7 +150,9 @@ def _entries(
 def sync_names(layout: Layout, state: StateStore) -> None:
     """Every recorded network's hosts file written from the records, its resolver
     started if it does not run as it should; the resolvers and files of
-    networks no longer recorded removed."""
+    networks no longer recorded removed. A resolver that fails to start is
+    left for ``resolver_problem`` to report (its log says why): it must not
+    keep a machine from stopping, or a network from being removed."""
     networks = state.networks()
     base = Path(names.names_base(layout))
     # First, so that a network made again on the same gateway can bind it.
@@ -171,7 +180,8 @@ def sync_names(layout: Layout, state: StateStore) -> None:
         if listen & claimed:
             continue
         claimed |= listen
-        ensure_resolver(layout, specs[name])
+        with contextlib.suppress(PymachineError, OSError):
+            ensure_resolver(layout, specs[name])
     if not networks and base.is_dir() and not any(base.iterdir()):
         base.rmdir()
         if layout.scope and not any(base.parent.iterdir()):
