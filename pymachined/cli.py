@@ -162,7 +162,7 @@ def render(
 ) -> None:
     """Print the files a machine would get on this host."""
     from pymachined.core.render import machine_files
-    from pymachined.reconcile import host_resolv_conf, program
+    from pymachined.reconcile import program
     from pymachined.resources import data_dir
 
     spec_set = _spec_set([path])
@@ -172,9 +172,7 @@ def render(
         raise PymachineError(
             f"no machine named {name!r} in {path}", hint=f"machines declared: {known}"
         )
-    files = machine_files(
-        machine, options.layout, data_dir("templates"), program(), host_resolv_conf()
-    )
+    files = machine_files(machine, options.layout, data_dir("templates"), program())
     for index, rendered in enumerate(files):
         if index:
             typer.echo()

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, assert_never
 
-from pymachined import events, files, network, rootfs
+from pymachined import events, files, names, network, rootfs
 from pymachined.core import netplan
 from pymachined.core.actions import (
     AdoptRoot,
@@ -54,6 +54,7 @@ from pymachined.core.actions import (
 )
 from pymachined.core.desired import Desired, file_hash
 from pymachined.core.layout import Layout
+from pymachined.core.names import RESOLV_CONF, resolv_conf_text
 from pymachined.core.plan import starts_at_boot
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.render import MARKER
@@ -546,6 +547,9 @@ class Executor:
         ).with_event(f"{_now()} {action.verb}d ({action.reason})")
         self.state.put_network(record)
         self.net.sync_rules(self.layout, self.state)
+        if self.net is network and (problem := names.resolver_problem(self.layout, record)):
+            log = names.resolver_log(self.layout, action.network)
+            self.say(f"warning: network {action.network}: {problem} (see {log})")
 
     def _remove_network(self, action: RemoveNetwork) -> None:
         # A stopped machine declared on another network now still names this
@@ -615,6 +619,9 @@ def ready_root(
         return mounted
     for file in machine.files:
         files.write_in_root(mounted, file.path, file.content, int(file.mode, 8), machine=name)
+    resolv_conf = machine_resolv_conf(layout, machine)
+    if resolv_conf is not None:
+        files.write_in_root(mounted, RESOLV_CONF, resolv_conf, 0o644, machine=name)
     sources = [BindSource(b.source, b.read_only) for b in machine.binds]
     kinds = files.stage_binds(layout, name, sources)
     for bind, directory in zip(machine.binds, kinds, strict=True):
@@ -622,6 +629,19 @@ def ready_root(
     for tmpfs in machine.tmpfs:
         files.make_mount_point(mounted, tmpfs.path, directory=True, machine=name)
     return mounted
+
+
+def machine_resolv_conf(layout: Layout, machine: Machine) -> str | None:
+    """The /etc/resolv.conf a machine on a declared network gets: its network's
+    resolver, on the gateway (from the network's record, which the network
+    phase has written before any start). None for host and none (nspawn's own
+    choice), a network not on record, or a machine whose ``files:`` give one."""
+    if machine.network in ("host", "none") or any(f.path == RESOLV_CONF for f in machine.files):
+        return None
+    record = StateStore(layout).network(machine.network)
+    if record is None:
+        return None
+    return resolv_conf_text(Network.model_validate(record.spec))
 
 
 def attach_recorded(

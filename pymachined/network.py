@@ -23,9 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pymachined import files, run
+from pymachined import files, names, run
 from pymachined.core import netplan, parsers, ports
 from pymachined.core.layout import Layout
+from pymachined.core.names import listen_addresses
 from pymachined.core.netplan import MACHINE_IFNAME
 from pymachined.core.records import NetworkRecord
 from pymachined.core.spec import Machine, Network, Protocol
@@ -417,7 +418,8 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
     and isolation for every recorded network, DNAT for the ports of every
     machine whose network is up; the script it ran. Under a lock across
     processes (an apply and units starting at boot rewrite it too), so that
-    each rewrite reads the records and namespaces after the one before loaded."""
+    each rewrite reads the records and namespaces after the one before loaded.
+    The networks' names go with it: the hosts files, from the same records."""
     with files.locked(Path(layout.net_run_dir) / "rules.lock"):
         networks = state.networks()
         bridges = []
@@ -425,7 +427,14 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
         for record in networks.values():
             spec = record.spec
             bridges.append(
-                netplan.Bridge(spec.name, record.bridge, spec.subnet, spec.subnet6, spec.nat)
+                netplan.Bridge(
+                    spec.name,
+                    record.bridge,
+                    spec.subnet,
+                    spec.subnet6,
+                    spec.nat,
+                    tuple(listen_addresses(spec)),
+                )
             )
             by_name[record.name] = (record.bridge, spec)
         forwards = list(_forwards(layout, state, by_name))
@@ -433,6 +442,7 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
         path = Path(layout.net_run_dir) / "rules.nft"
         files.atomic_write(path, script, 0o600)
         run.run(netplan.nft_apply_argv(path))
+        names.sync_names(layout, state)
         return script
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from pymachined import network, rootfs
+from pymachined import names, network, rootfs
 from pymachined.core.desired import Desired, DesiredNetwork, file_hash
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, ObservedNetwork
@@ -92,6 +92,9 @@ def observe_networks(
             record=records.get(name),
             bridge_up=name in records and network.link_exists(records[name].bridge),
             problem=str(unreadable[name]) if name in unreadable else None,
+            resolver=(
+                names.resolver_problem(store.layout, records[name]) if name in records else None
+            ),
         )
         for name in sorted(set(networks) | set(records) | set(unreadable))
     }

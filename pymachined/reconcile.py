@@ -16,7 +16,6 @@ from pymachined import network
 from pymachined.core.actions import Step
 from pymachined.core.desired import Desired, desire, desire_networks
 from pymachined.core.layout import Layout
-from pymachined.core.parsers import machine_resolv_conf
 from pymachined.core.plan import Observed, plan, problems
 from pymachined.core.spec import MachineState
 from pymachined.core.validate import SpecSet, check_recorded_addresses, check_recorded_networks
@@ -27,23 +26,10 @@ from pymachined.observe import observe, observe_networks
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
 
-# systemd-resolved's list of the servers it asks (what nspawn's copy-uplink copies).
-UPLINK_RESOLV_CONF = "/run/systemd/resolve/resolv.conf"
-
 
 def program() -> tuple[str, ...]:
     """How units run this pymachine: the interpreter it runs under."""
     return (sys.executable, "-m", "pymachined")
-
-
-def host_resolv_conf() -> str:
-    """How machines on networks get their resolvers on this host (see
-    ``parsers.machine_resolv_conf``)."""
-    try:
-        text = Path("/etc/resolv.conf").read_text()
-    except OSError:
-        text = ""
-    return machine_resolv_conf(text, Path(UPLINK_RESOLV_CONF).is_file())
 
 
 def choose_supervisor(layout: Layout, name: str) -> Supervisor:
@@ -138,7 +124,6 @@ class Reconciler:
             self.template_dir,
             self.images.salts(),
             program(),
-            host_resolv_conf(),
         )
 
     def observed(self, desired: dict[str, Desired]) -> dict[str, Observed]:

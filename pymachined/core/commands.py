@@ -314,3 +314,49 @@ def set_property_argv(unit: str, properties: Sequence[tuple[str, str]]) -> list[
         unit,
         *(f"{key}={value}" for key, value in properties),
     ]
+
+
+DNSMASQ = "dnsmasq"
+
+
+def resolver_argv(
+    directory: PurePosixPath, listen: Sequence[str], upstream: PurePosixPath | None
+) -> list[str]:
+    """dnsmasq as a network's resolver, in the foreground: it answers on the
+    gateway addresses only (never loopback or another bridge, and it binds
+    them again when the bridge is made again), from the hosts files in
+    ``directory/hosts.d`` (read again by inotify when one is renamed there, so
+    names change with no signal; dotted temporary names are skipped), and
+    forwards what they lack, unless it has no dot, to the servers in
+    ``upstream`` (None: to nobody, for a network without NAT, whose machines
+    would otherwise reach outside through names); no DHCP, no config file,
+    not the host's /etc/hosts. It drops root for ``nobody`` once bound."""
+    return [
+        DNSMASQ,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--bind-dynamic",
+        *(f"--listen-address={address}" for address in listen),
+        "--no-hosts",
+        f"--hostsdir={directory / 'hosts.d'}",
+        f"--resolv-file={upstream}" if upstream is not None else "--no-resolv",
+        "--domain-needed",
+        "--bogus-priv",
+        f"--pid-file={directory / 'pid'}",
+        "--log-facility=-",
+    ]
+
+
+def transient_service_argv(unit: str, argv: Sequence[str]) -> list[str]:
+    """systemd-run: argv as a transient service that systemd restarts whenever
+    it ends, unloaded once stopped."""
+    return [
+        "systemd-run",
+        "--quiet",
+        "--collect",
+        f"--unit={unit}",
+        "--property=Restart=always",
+        "--property=RestartSec=200ms",
+        "--",
+        *argv,
+    ]

@@ -103,11 +103,9 @@ def desire(
     template_dir: Path,
     salts: Salts,
     program: Sequence[str] = PROGRAM,
-    resolv_conf: str = "copy-host",
 ) -> dict[str, Desired]:
     """The desired state of every declared machine, by name. ``program`` is how
-    units run pymachine; ``resolv_conf`` how machines on networks get their
-    resolvers."""
+    units run pymachine."""
     out = {}
     networks = desire_networks(spec_set, layout)
     for name, machine in spec_set.machines.items():
@@ -115,7 +113,7 @@ def desire(
         layers = tuple(machine_layers(spec_set, machine, salts))
         run = RunSpec(
             name=name,
-            argv=tuple(nspawn_run_argv(machine, layout, resolv_conf)),
+            argv=tuple(nspawn_run_argv(machine, layout)),
             restart=machine.restart.value,
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
@@ -142,7 +140,7 @@ def desire(
         out[name] = Desired(
             machine=machine,
             layers=layers,
-            files=tuple(machine_files(machine, layout, template_dir, program, resolv_conf)),
+            files=tuple(machine_files(machine, layout, template_dir, program)),
             run=run,
             config_hash=digest,
             network=joined.network if joined else None,

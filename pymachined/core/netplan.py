@@ -174,6 +174,7 @@ class Bridge:
     subnet: ipaddress.IPv4Network
     subnet6: ipaddress.IPv6Network | None
     nat: bool
+    resolver: tuple[str, ...] = ()  # the gateway addresses its name resolver listens on
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,29 @@ def _dnat(forward: Forward) -> str:
     )
 
 
+def _resolver_chain(bridges: Sequence[Bridge]) -> list[str]:
+    """A network's resolver answers its own bridge (and the host) only: DNS to
+    its gateway addresses from any other interface (another network's bridge,
+    which the forward chain cannot stop, since the gateway is a local address)
+    is dropped, so no machine learns another network's names."""
+    lines = []
+    for b in bridges:
+        for address in b.resolver:
+            family = "ip6" if ":" in address else "ip"
+            lines.append(
+                f'\t\tiifname != {{ "lo", {_quote(b.bridge)} }} {family} daddr {address} '
+                "meta l4proto { tcp, udp } th dport 53 drop"
+            )
+    if not lines:
+        return []
+    return [
+        "\tchain resolvers {",
+        "\t\ttype filter hook prerouting priority raw; policy accept;",
+        *lines,
+        "\t}",
+    ]
+
+
 def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) -> str:
     """The whole nft script for pymachine's table, run as one transaction: it
     creates the table (a no-op if present), deletes it and, if there is anything
@@ -294,6 +318,7 @@ def ruleset(table: str, bridges: Sequence[Bridge], forwards: Sequence[Forward]) 
             lines.append(f"\t\tiifname {br} ip daddr 127.0.0.0/8 drop")
             lines.append(f"\t\tiifname {br} ip6 daddr ::1 drop")
         lines.append("\t}")
+        lines += _resolver_chain(bridges)
     lines += [
         "\tchain prerouting {",
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",

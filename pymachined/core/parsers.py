@@ -219,38 +219,6 @@ def parse_unix_timestamp(value: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------
-# resolv.conf
-
-
-def parse_nameservers(text: str) -> list[str]:
-    """The `nameserver` addresses of a resolv.conf, in order."""
-    out = []
-    for raw in text.splitlines():
-        words = raw.split("#", 1)[0].split(";", 1)[0].split()
-        if len(words) >= 2 and words[0] == "nameserver":
-            out.append(words[1])
-    return out
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def machine_resolv_conf(host_text: str, uplink_exists: bool) -> str:
-    """How nspawn gives a machine on a network its resolv.conf: a copy of the
-    host's file, unless every resolver in it is on the host's loopback (as
-    systemd-resolved's 127.0.0.53 is), which a machine cannot reach; then
-    resolved's list of upstream servers, where there is one."""
-    servers = parse_nameservers(host_text)
-    if servers and uplink_exists and all(_is_loopback(s) for s in servers):
-        return "copy-uplink"
-    return "copy-host"
-
-
-# ---------------------------------------------------------------------------
 # Processes: what confines one (read from /proc/PID/status and /proc/PID/cgroup)
 
 

@@ -78,6 +78,7 @@ class ObservedNetwork:
     name: str
     record: NetworkRecord | None = None
     bridge_up: bool = False  # its recorded bridge exists
+    resolver: str | None = None  # what is wrong with its name resolver
     problem: str | None = None  # why its record cannot be read
 
 
@@ -110,6 +111,10 @@ def plan_networks(
                     want.bridge,
                     want.config_hash,
                 )
+            )
+        elif seen.resolver is not None:
+            actions.append(
+                CreateNetwork(name, seen.resolver, want.network, want.bridge, want.config_hash)
             )
     return actions
 

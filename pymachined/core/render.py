@@ -98,12 +98,8 @@ class RenderedFile:
     mode: int = 0o644
 
 
-def nspawn_context(
-    machine: Machine, layout: Layout, resolv_conf: str = "copy-host"
-) -> dict[str, Any]:
-    """The values of a machine's .nspawn file, as plain data. ``resolv_conf`` is
-    how a machine on a declared network gets its resolvers (an nspawn
-    --resolv-conf mode, chosen for the host by ``parsers.machine_resolv_conf``).
+def nspawn_context(machine: Machine, layout: Layout) -> dict[str, Any]:
+    """The values of a machine's .nspawn file, as plain data.
     Binds are named by their staging paths, where pymachine mounts each source,
     opened without following a symlink, before every start."""
     security = machine.security
@@ -147,17 +143,18 @@ def nspawn_context(
         # A declared network's namespace is entered before nspawn starts, so
         # nspawn itself makes a private one only for network: none.
         "private_network": machine.network == "none",
-        # nspawn cannot tell such a machine's network is private, so it is told
-        # where its resolvers come from; the host's own serve host and none.
-        "resolv_conf": None if machine.network in ("host", "none") else resolv_conf,
+        # A machine on a declared network asks its network's resolver, which
+        # pymachine writes into its /etc/resolv.conf at every start: nspawn
+        # leaves that file alone. The host's own serve host and none.
+        "resolv_conf": None if machine.network in ("host", "none") else "off",
     }
 
 
-def nspawn_run_argv(machine: Machine, layout: Layout, resolv_conf: str = "copy-host") -> list[str]:
+def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
     """The systemd-nspawn command line pymachined runs a machine with: the same
     settings as its .nspawn file (from the same context), as options, since a
     file under --root is not where nspawn looks for settings."""
-    context = nspawn_context(machine, layout, resolv_conf)
+    context = nspawn_context(machine, layout)
     argv = [
         NSPAWN_BINARY,
         "--quiet",
@@ -286,10 +283,9 @@ def machine_files(
     layout: Layout,
     template_dir: Path,
     program: Sequence[str] = PROGRAM,
-    resolv_conf: str = "copy-host",
 ) -> list[RenderedFile]:
     """Every file a machine gets on the host, rendered: its .nspawn file and unit."""
-    context = nspawn_context(machine, layout, resolv_conf)
+    context = nspawn_context(machine, layout)
     nspawn = render_template(template_dir, "machine.nspawn.j2", context)
     service = render_template(
         template_dir, "machine.service.j2", service_context(machine, layout, program)

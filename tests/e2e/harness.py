@@ -46,6 +46,7 @@ HOST_PACKAGES = (
     "debootstrap",
     "iproute2",
     "nftables",
+    "dnsmasq-base",
     "util-linux",
     "ca-certificates",
 )

@@ -23,21 +23,48 @@ def _active(host: BootedHost, unit: str) -> bool:
     return host.show(unit, "ActiveState")["ActiveState"] == "active"
 
 
-UPLINK_UNIT = """\
+# A DNS server on the inner host's loopback (where systemd-resolved's stub
+# would be), answering one outward name; the machines reach it only through
+# their network's resolver.
+UPSTREAM = """\
+import socket, struct
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("127.0.0.53", 53))
+while True:
+    data, peer = sock.recvfrom(512)
+    end = data.index(b"\\0", 12) + 5
+    qtype = struct.unpack(">H", data[end - 4 : end - 2])[0]
+    hit = b"\\x07outward\\x07example\\0" in data[12:end] and qtype == 1
+    answer = struct.pack(">HHHIH", 0xC00C, 1, 1, 60, 4) + bytes([10, 217, 99, 99]) if hit else b""
+    head = data[:2] + struct.pack(">HHHHH", 0x8180, 1, 1 if hit else 0, 0, 0)
+    sock.sendto(head + data[12:end] + answer, peer)
+"""
+
+UPSTREAM_UNIT = """\
 [Unit]
-Description=Upstream resolvers, where systemd-resolved would list them
-DefaultDependencies=no
-Before=sysinit.target
+Description=An upstream resolver on loopback, as systemd-resolved's stub is
 
 [Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=/bin/mkdir -p /run/systemd/resolve
-ExecStart=/bin/sh -c 'echo nameserver 10.217.0.53 >/run/systemd/resolve/resolv.conf'
+ExecStart=/usr/bin/python3 /root/upstream.py
 
 [Install]
-WantedBy=sysinit.target
+WantedBy=multi-user.target
 """
+
+RESOLVER = "pymachine-names.lab.service"
+
+
+def _getent(host: BootedHost, machine: str, name: str) -> str:
+    argv = ["pymachine", "exec", machine, "--", "getent", "ahostsv4", name]
+    result = host.run(argv, check=False)
+    return result.stdout.split()[0] if result.returncode == 0 else f"exit {result.returncode}"
+
+
+def _names(host: BootedHost, when: str) -> None:
+    """The machines resolve each other by name through lab's resolver, a unit."""
+    host.wait_for(f"{RESOLVER} active {when}", lambda: _active(host, RESOLVER), timeout=30)
+    assert _getent(host, "cli", "srv") == "10.217.0.10", when
+    assert _getent(host, "srv", "cli") == "10.217.0.2", when
 
 
 def _serving(host: BootedHost, when: str) -> None:
@@ -59,18 +86,30 @@ def _serving(host: BootedHost, when: str) -> None:
 
 def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host = make_host(SPEC_DIR)
-    # The inner host resolves through a stub on its loopback, as with
-    # systemd-resolved, which lists the upstream servers in /run at each boot:
-    # machines get that list.
+    # The inner host resolves only through a server on its loopback, as with
+    # systemd-resolved's stub: machines still resolve outward names, through
+    # their network's resolver on the host.
     host.run(["sh", "-c", "rm -f /etc/resolv.conf && echo nameserver 127.0.0.53 >/etc/resolv.conf"])
-    host.write("/etc/systemd/system/uplink-resolvers.service", UPLINK_UNIT)
+    host.write("/root/upstream.py", UPSTREAM)
+    host.write("/etc/systemd/system/upstream.service", UPSTREAM_UNIT)
     host.run(["systemctl", "daemon-reload"])
-    host.run(["systemctl", "enable", "--now", "uplink-resolvers.service"])
+    host.run(["systemctl", "enable", "--now", "upstream.service"])
 
     host.run(["pymachine", "apply", "--yes", SPECS])
     _serving(host, "after apply")
     resolvers = host.run(["pymachine", "exec", "cli", "--", "cat", "/etc/resolv.conf"]).stdout
-    assert resolvers == "nameserver 10.217.0.53\n", resolvers
+    assert resolvers.splitlines()[1:] == ["nameserver 10.217.0.1"], resolvers
+    _names(host, "after apply")
+    assert _getent(host, "cli", "outward.example") == "10.217.99.99"
+    # A resolver killed: systemd starts it again, and the names come back.
+    killed = host.show(RESOLVER, "MainPID")["MainPID"]
+    host.run(["python3", "-c", "import os, sys; os.kill(int(sys.argv[1]), 9)", killed])
+    host.wait_for(
+        "the resolver restarted by systemd",
+        lambda: host.show(RESOLVER, "MainPID")["MainPID"] not in ("0", killed),
+        timeout=30,
+    )
+    _names(host, "after the resolver was killed")
     ls = host.run(["pymachine", "network", "ls"]).stdout
     assert "cli=10.217.0.2" in ls and "srv=10.217.0.10" in ls, ls
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
@@ -83,6 +122,7 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     assert "replace the root of srv: rootfs: overlay -> copy" in out, out
     assert "restart cli: srv, which it needs, is stopped on the way" in out, out
     _serving(host, "after srv's root was made again")
+    _names(host, "after srv's root was made again")
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
 
     # Power off and boot, with no apply at boot: each machine's unit makes its
@@ -90,6 +130,7 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host.poweroff()
     host.boot()
     _serving(host, "after a boot")
+    _names(host, "after a boot")
     assert host.run(["pymachine", "plan", SPECS], check=False).returncode == 0
     # A restart by systemd alone (no pymachine) brings the forwarders back too.
     host.run(["systemctl", "restart", "pymachine-srv.service"])
@@ -117,3 +158,4 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host.run(["pymachine", "network", "rm", "lab"])
     assert "pm-" not in host.run(["ip", "netns"]).stdout
     assert "pymachine" not in host.run(["nft", "list", "tables"]).stdout
+    assert host.show(RESOLVER, "LoadState")["LoadState"] == "not-found"

@@ -79,7 +79,7 @@ def test_round_trip_nspawn_file(repo: Path) -> None:
         ("Exec", "KillSignal", "SIGTERM"),
         ("Exec", "SystemCallFilter", "@mount"),
         ("Exec", "SystemCallFilter", "~kexec_load bpf"),
-        ("Exec", "ResolvConf", "copy-host"),  # nspawn cannot tell its network is private
+        ("Exec", "ResolvConf", "off"),  # nspawn cannot tell its network is private
         ("Files", "ReadOnly", "yes"),
         ("Files", "PrivateUsersOwnership", "auto"),
         # Binds come from their staging mounts, where each source is mounted
