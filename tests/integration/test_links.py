@@ -31,12 +31,15 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 __all__ = ["net_host"]  # the fixture, shared with test_network
 
-# Binds port 80 as the machine's root (in its user namespace), says when it
-# listens (the host's clock: one kernel), and answers every connection.
+# Binds port 80 as the machine's root (in its user namespace), on IPv6 and
+# IPv4 (published IPv6 ports reach a machine with an IPv6 address over IPv6),
+# says when it listens (the host's clock: one kernel), and answers every
+# connection.
 LISTENER = (
     "import socket,time\n"
-    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-    "s.bind(('0.0.0.0',80)); s.listen(64)\n"
+    "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+    "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\n"
+    "s.bind(('::',80)); s.listen(64)\n"
     "print('listening', time.time(), flush=True)\n"
     "while True:\n"
     "    c,_=s.accept(); c.sendall(b'HTTP/1.0 200 OK\\r\\n\\r\\nup'); c.close()\n"

@@ -311,7 +311,13 @@ def test_networks_connect_isolate_forward_and_go_away(net_host: Host) -> None:
     planned = host.pymachine("plan", str(host.specs), check=False)
     assert planned.returncode == 2 and "is missing" in planned.stdout
     host.apply()
-    assert netns_run(host, "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK")
+    # The machines on it restart (their veths were off the bridge): srv's
+    # server answers once it listens again.
+    wait_until(
+        lambda: netns_run(host, "cli", *tcp_probe("10.213.1.10", 8080)).stdout.startswith("OK"),
+        "srv answering cli after the bridge came back",
+        30,
+    )
     assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
 
     # A network whose subnet changes is made again; its machine moves with it.
