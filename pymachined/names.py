@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
-import select
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
-from pymachined import files, run
+from pymachined import files, procs, run
 from pymachined.core import names
 from pymachined.core.commands import resolver_argv, systemctl_argv, transient_service_argv
 from pymachined.core.layout import Layout
@@ -239,17 +236,4 @@ def stop_resolver(layout: Layout, network: str) -> None:
     pid = _pid(directory)
     if pid is None:
         return
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not _hostsdir_of(pid, directory):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        select.select([pidfd], [], [], 5)
-    finally:
-        os.close(pidfd)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    procs.end(pid, lambda candidate: _hostsdir_of(candidate, directory))

@@ -14,8 +14,6 @@ import errno
 import ipaddress
 import json
 import os
-import select
-import signal
 import socket
 import sys
 import time
@@ -23,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pymachined import files, names, run
+from pymachined import files, names, procs, run
 from pymachined.core import netplan, parsers, ports
 from pymachined.core.layout import Layout
 from pymachined.core.names import listen_addresses
@@ -564,24 +562,7 @@ def stop_forwarders(layout: Layout, machine: str) -> None:
     for pid in pids:
         if not isinstance(pid, int):
             continue
-        # A pidfd first, so the pid cannot be another process's by the time it
-        # is signalled; it becomes readable once the process is a zombie, after
-        # the kernel closed its files. (Its cmdline empties earlier, when it
-        # drops its memory: polling that raced the sockets' release.)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if not _is_forwarder(pid, machine):
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-            select.select([pidfd], [], [], 5)
-        finally:
-            os.close(pidfd)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # reaped if this process started it
+        procs.end(pid, lambda candidate: _is_forwarder(candidate, machine))
     path.unlink(missing_ok=True)
 
 

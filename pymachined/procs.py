@@ -4,6 +4,11 @@ Reads the host only; used by the supervisors and the operator's verbs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -51,3 +56,26 @@ def payload_running(nspawn_pid: int, leader: int) -> bool:
     except OSError:
         return False
     return (ours.st_dev, ours.st_ino) != (theirs.st_dev, theirs.st_ino)
+
+
+def end(pid: int, ours: Callable[[int], bool], timeout: float = 5.0) -> None:
+    """SIGTERM a process of pymachine's and wait until it is gone, if ours(pid)
+    says the pid is still it. A pidfd first, so the pid cannot be another
+    process's by the time it is signalled; it becomes readable once the
+    process is a zombie, after the kernel closed its files (its cmdline
+    empties earlier, when it drops its memory: waiting on that races the
+    release of its sockets). Reaped if this process started it."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not ours(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
