@@ -197,15 +197,7 @@ def ipv4_forwards(
     """A machine's port forwards over IPv4 that nft makes: those on every host
     address or on an IPv4 one."""
     return [
-        Forward(
-            machine=machine,
-            bridge=bridge,
-            protocol=port.protocol,
-            host_port=port.host,
-            address=address,
-            port=port.machine,
-            host_ip=_specific(port.host_ip),
-        )
+        _forward(machine, bridge, port, address, _specific(port.host_ip))
         for port in ports
         if port.host_ip is None or isinstance(port.host_ip, ipaddress.IPv4Address)
     ]
@@ -225,18 +217,27 @@ def ipv6_forwards(
             host_ip is not None and host_ip.is_loopback
         ):
             continue
-        forwards.append(
-            Forward(
-                machine=machine,
-                bridge=bridge,
-                protocol=port.protocol,
-                host_port=port.host,
-                address=address,
-                port=port.machine,
-                host_ip=None if host_ip is None or host_ip.is_unspecified else host_ip,
-            )
-        )
+        specific = None if host_ip is None or host_ip.is_unspecified else host_ip
+        forwards.append(_forward(machine, bridge, port, address, specific))
     return forwards
+
+
+def _forward(
+    machine: str,
+    bridge: str,
+    port: Port,
+    address: Address | ipaddress.IPv6Address,
+    host_ip: Address | ipaddress.IPv6Address | None,
+) -> Forward:
+    return Forward(
+        machine=machine,
+        bridge=bridge,
+        protocol=port.protocol,
+        host_port=port.host,
+        address=address,
+        port=port.machine,
+        host_ip=host_ip,
+    )
 
 
 def _specific(host_ip: Address | ipaddress.IPv6Address | None) -> ipaddress.IPv4Address | None:

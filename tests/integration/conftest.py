@@ -89,11 +89,15 @@ class Host:
     specs: Path
     prefix: str
 
+    def argv(self, *args: str) -> list[str]:
+        """The command line of pymachine on this host with args."""
+        return [sys.executable, "-m", "pymachined", "--root", str(self.root), *args]
+
     def pymachine(
         self, *args: str, env: dict[str, str] | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [sys.executable, "-m", "pymachined", "--root", str(self.root), *args],
+            self.argv(*args),
             capture_output=True,
             text=True,
             env={**os.environ, **(env or {})},

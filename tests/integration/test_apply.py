@@ -657,19 +657,14 @@ def test_exec_logs_inspect_and_shell(host: Host) -> None:
     name = f"{host.prefix}c"
     host.wait_for(lambda m: m["c"]["pid"] is not None, "c running")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pymachined",
-            "--root",
-            str(host.root),
+        host.argv(
             "exec",
             name,
             "--",
             "sh",
             "-c",
             "echo $GREETING; cat; cat /etc/debian_version >/dev/null; exit 7",
-        ],
+        ),
         input="from stdin\n",
         capture_output=True,
         text=True,

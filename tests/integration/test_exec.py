@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,17 +171,7 @@ def test_exec_is_confined_as_the_machines_pid_1(host: Host, tmp_path: Path) -> N
     missing = host.pymachine("exec", default, "--", "no-such-command", check=False)
     assert missing.returncode == 127 and "no-such-command: command not found" in missing.stderr
     piped = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pymachined",
-            "--root",
-            str(host.root),
-            "exec",
-            default,
-            "--",
-            "cat",
-        ],
+        host.argv("exec", default, "--", "cat"),
         input="hi\n",
         capture_output=True,
         text=True,
@@ -205,19 +194,7 @@ def test_exec_is_confined_as_the_machines_pid_1(host: Host, tmp_path: Path) -> N
     # Neither blocks nor leads to the host's files.
     host.pymachine("exec", default, "--", "sh", "-c", "rm /etc/passwd; mkfifo /etc/passwd")
     fifo = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pymachined",
-            "--root",
-            str(host.root),
-            "exec",
-            "-u",
-            "daemon",
-            default,
-            "--",
-            "true",
-        ],
+        host.argv("exec", "-u", "daemon", default, "--", "true"),
         capture_output=True,
         text=True,
         check=False,

@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -216,11 +215,7 @@ def test_peers_resolve_by_name_and_only_on_their_network(names_host: Host) -> No
     before = {n: row["pid"] for n, row in host.machines().items()}
     loop = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "pymachined",
-            "--root",
-            str(host.root),
+            *host.argv(),
             "exec",
             p + "cli",
             "--",
