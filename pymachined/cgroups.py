@@ -13,15 +13,13 @@ tree) and starts the machine inside them. Its devices are closed by the v1
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import signal
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pymachined import bpf
 from pymachined.core.devprog import device_program
 from pymachined.core.limits import Limits, device_writes, v1_writes, v2_writes
 from pymachined.errors import PymachineError
@@ -309,69 +307,21 @@ class MachineCgroup:
         )
 
 
-# bpf(2), from <linux/bpf.h>.
-BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
-BPF_PROG_LOAD = 5
-BPF_PROG_ATTACH = 8
-BPF_PROG_QUERY = 16
-BPF_PROG_TYPE_CGROUP_DEVICE = 15
-BPF_CGROUP_DEVICE = 6
-# Programs attached below (a booted machine's own systemd's, per unit) run too,
-# and every one must allow: they can narrow the machine's list, never widen it.
-BPF_F_ALLOW_MULTI = 2
-BPF_LOG_SIZE = 1 << 16
-BPF_ATTR_SIZE = 128  # larger than any field used; the kernel wants the rest zero
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    """One bpf(2) call; its result, or raises OSError."""
-    number = BPF_SYSCALL.get(os.uname().machine)
-    if number is None:
-        raise OSError(errno.ENOSYS, f"bpf(2) is not known on {os.uname().machine}")
-    result = int(
-        _libc.syscall(ctypes.c_long(number), ctypes.c_int(command), attr, ctypes.c_uint(len(attr)))
-    )
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return result
-
-
 def load_device_program(program: bytes) -> int:
     """Load a BPF_PROG_TYPE_CGROUP_DEVICE program; its fd. A program the
     verifier refuses raises PymachineError with the verifier's log."""
-    insns = ctypes.create_string_buffer(program, len(program))
-    # It calls no helper, so its license matters to no one; GPL, as systemd's.
-    license = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(BPF_LOG_SIZE)
-    attr = ctypes.create_string_buffer(BPF_ATTR_SIZE)
-    struct_fields: list[tuple[int, str, int]] = [
-        (0, "I", BPF_PROG_TYPE_CGROUP_DEVICE),
-        (4, "I", len(program) // 8),
-        (8, "Q", ctypes.addressof(insns)),
-        (16, "Q", ctypes.addressof(license)),
-        (24, "I", 1),  # log_level
-        (28, "I", BPF_LOG_SIZE),
-        (32, "Q", ctypes.addressof(log)),
-    ]
-    for offset, kind, value in struct_fields:
-        struct.pack_into("=" + kind, attr, offset, value)
-    struct.pack_into("=16s", attr, 48, b"pymachine_dev")  # prog_name, for bpftool's listing
     try:
-        return _bpf(BPF_PROG_LOAD, attr)
-    except OSError as exc:
-        verifier = log.value.decode(errors="replace").strip()
+        return bpf.load_program(bpf.PROG_TYPE_CGROUP_DEVICE, program, b"pymachine_dev")
+    except bpf.LoadError as exc:
         hint = (
             "the verifier's log above says why: a bug of pymachine's to report"
-            if verifier
+            if exc.log
             else "pymachined needs bpf(2) with CAP_BPF and CAP_SYS_ADMIN and a kernel "
             "with CONFIG_CGROUP_BPF, to filter the devices of machines on cgroup v2"
         )
         raise PymachineError(
             f"the kernel refuses the machines' BPF device program: {exc.strerror}"
-            + (f"\n{verifier}" if verifier else ""),
+            + (f"\n{exc.log}" if exc.log else ""),
             hint=hint,
         ) from exc
 
@@ -379,17 +329,12 @@ def load_device_program(program: bytes) -> int:
 def attach_device_program(directory: Path, machine: str) -> None:
     """Attach the device allow-list's program to a group of the unified tree,
     before anything is in it. It stays attached, after its fd is closed, for
-    the life of the group."""
+    the life of the group. Programs attached below (a booted machine's own
+    systemd's, per unit) run too, and every one must allow: they can narrow
+    the machine's list, never widen it."""
     fd = load_device_program(device_program())
     try:
-        group = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        os.close(fd)
-        raise
-    try:
-        attr = ctypes.create_string_buffer(BPF_ATTR_SIZE)
-        struct.pack_into("=IIII", attr, 0, group, fd, BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI)
-        _bpf(BPF_PROG_ATTACH, attr)
+        bpf.attach(directory, fd, bpf.CGROUP_DEVICE)
     except OSError as exc:
         raise PymachineError(
             f"cannot attach the BPF device program to the cgroup of machine {machine} "
@@ -398,24 +343,10 @@ def attach_device_program(directory: Path, machine: str) -> None:
             "it needs CAP_SYS_ADMIN and a writable cgroup v2 tree",
         ) from exc
     finally:
-        os.close(group)
         os.close(fd)
 
 
 def attached_device_programs(directory: Path) -> list[int]:
     """The ids of the BPF device programs attached to a group of the unified
     tree itself (not those of its parents)."""
-    try:
-        group = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return []
-    try:
-        ids = (ctypes.c_uint32 * 64)()
-        attr = ctypes.create_string_buffer(BPF_ATTR_SIZE)
-        struct.pack_into("=II", attr, 0, group, BPF_CGROUP_DEVICE)
-        struct.pack_into("=QI", attr, 16, ctypes.addressof(ids), len(ids))
-        _bpf(BPF_PROG_QUERY, attr)
-        count = struct.unpack_from("=I", attr, 24)[0]
-        return list(ids[: min(count, len(ids))])
-    finally:
-        os.close(group)
+    return bpf.attached(directory, bpf.CGROUP_DEVICE)

@@ -523,6 +523,7 @@ class Executor:
         want = self.desired[action.machine]
         self.net.start_forwarders(self.layout, want.machine, ipaddress.IPv4Address(record.address))
         self._event(record, f"port forwarders started again ({action.reason})")
+        self.net.sync_rules(self.layout, self.state)
 
     def _stop_machine(self, action: StopMachine) -> None:
         self.supervisor.stop(action.machine)
@@ -668,15 +669,18 @@ def attach_recorded(
     if record.spec:  # again as it starts: a host listener may have come since the apply
         network.check_ports(layout, record.spec)
     network.attach(layout, record.name, spec, address)
-    if forwarders:
-        start_recorded_forwarders(layout, record)
+    if forwarders and record.spec is not None:
+        network.start_forwarders(layout, record.spec, address)
     network.sync_rules(layout, state)
 
 
 def start_recorded_forwarders(layout: Layout, record: MachineRecord) -> None:
-    """Start the IPv6 port forwarders of a machine as it was last applied."""
+    """Start the IPv6 port forwarders of a machine as it was last applied (a
+    unit's step after its machine), then sync the rules: the ``[::1]``
+    redirect points a port at the machine once its relay holds it."""
     if record.address is not None and record.spec is not None:
         network.start_forwarders(layout, record.spec, ipaddress.IPv4Address(record.address))
+        network.sync_rules(layout, StateStore(layout))
 
 
 def detach_recorded(layout: Layout, state: StateStore, record: MachineRecord) -> None:

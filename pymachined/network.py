@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pymachined import files, names, procs, run
-from pymachined.core import netplan, parsers, ports
+from pymachined import files, names, procs, run, sockredirect
+from pymachined.core import netplan, parsers, ports, sockprog
 from pymachined.core.layout import Layout
 from pymachined.core.names import listen_addresses
 from pymachined.core.netplan import MACHINE_IFNAME
-from pymachined.core.records import NetworkRecord
+from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.spec import Machine, Network, Protocol
 from pymachined.errors import PymachineError
 from pymachined.state import StateStore
@@ -390,11 +390,15 @@ def detach(layout: Layout, machine: str) -> None:
 # -- nftables -----------------------------------------------------------------
 
 
-def _forwards(
+# A machine whose network is up: its name, record, bridge and addresses.
+Up = tuple[str, MachineRecord, str, ipaddress.IPv4Address, ipaddress.IPv6Address | None]
+
+
+def _up(
     layout: Layout, state: StateStore, networks: dict[str, tuple[str, Network]]
-) -> Iterator[netplan.Forward]:
-    """The port forwards nft makes for every machine whose network is up: IPv4,
-    and IPv6 for those with an IPv6 address."""
+) -> Iterator[Up]:
+    """Each machine whose network is up: its name, record, bridge and
+    addresses (IPv6 where its network has subnet6)."""
     for name, record in state.all().items():
         if (
             record.address is None
@@ -403,10 +407,18 @@ def _forwards(
         ):
             continue
         bridge, spec = networks[record.network]
-        ports = record.spec.ports if record.spec else []
         address = ipaddress.IPv4Address(record.address)
+        yield name, record, bridge, address, netplan.address6(spec, address)
+
+
+def _forwards(
+    machines: list[Up],
+) -> Iterator[netplan.Forward]:
+    """The port forwards nft makes for every machine whose network is up: IPv4,
+    and IPv6 for those with an IPv6 address."""
+    for name, record, bridge, address, address6 in machines:
+        ports = record.spec.ports if record.spec else []
         yield from netplan.ipv4_forwards(name, bridge, address, ports)
-        address6 = netplan.address6(spec, address)
         if address6 is not None:
             yield from netplan.ipv6_forwards(name, bridge, address6, ports)
 
@@ -435,13 +447,62 @@ def sync_rules(layout: Layout, state: StateStore) -> str:
                 )
             )
             by_name[record.name] = (record.bridge, spec)
-        forwards = list(_forwards(layout, state, by_name))
+        machines = list(_up(layout, state, by_name))
+        forwards = list(_forwards(machines))
         script = netplan.ruleset(netplan.table_name(layout), bridges, forwards)
         path = Path(layout.net_run_dir) / "rules.nft"
         files.atomic_write(path, script, 0o600)
         run.run(netplan.nft_apply_argv(path))
         names.sync_names(layout, state)
+        sync_redirects(layout, machines)
         return script
+
+
+# -- the [::1] connect redirect -----------------------------------------------
+
+REDIRECT_ENV = "PYMACHINE_SOCKREDIRECT_CGROUP"
+_redirect_warned: set[str] = set()
+
+
+def redirect_group() -> Path | None:
+    """Where the ``[::1]`` connect redirect attaches: the root of the unified
+    cgroup tree, unless ``PYMACHINE_SOCKREDIRECT_CGROUP`` names another group
+    (or is ``none``, for none: ``::1`` then goes through the relays alone)."""
+    chosen = os.environ.get(REDIRECT_ENV)
+    if chosen is None:
+        return sockredirect.unified_root()
+    if chosen in ("", "none"):
+        return None
+    return Path(chosen)
+
+
+def sync_redirects(
+    layout: Layout,
+    machines: list[Up],
+) -> None:
+    """Point ``[::1]:PORT`` straight at each machine with an IPv6 address that
+    publishes TCP PORT on ``::1``, while its relay holds the port (the relay
+    carries the rest: UDP, and machines without IPv6). A host where bpf(2)
+    cannot do it gets one warning per process, and the relays carry ``::1``
+    as before: never an error."""
+    group = redirect_group()
+    if group is None:
+        return
+    owner = sockprog.owner_tag(layout.scope)
+    want: dict[int, sockprog.Target] = {}
+    for _name, record, _bridge, _address, address6 in machines:
+        if address6 is not None and record.spec is not None:
+            want |= sockprog.targets(record.spec.ports, address6, owner)
+    try:
+        sockredirect.sync(group, owner, want, sockprog.listening(host_sockets()))
+    except OSError as exc:
+        if want and str(group) not in _redirect_warned:
+            _redirect_warned.add(str(group))
+            print(
+                f"warning: the [::1] connect redirect on {group} is not in use: "
+                f"{exc.strerror or exc}; the port forwarders relay ::1 instead",
+                file=sys.stderr,
+            )
 
 
 # -- IPv6 forwarders ----------------------------------------------------------

@@ -15,10 +15,20 @@ grants all of it (an ``O_RDWR`` open needs a rule with both ``r`` and ``w``).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from pymachined.core import bpfinsn
+from pymachined.core.bpfinsn import (
+    ALU32_AND_K,
+    ALU32_MOV_K,
+    ALU32_MOV_X,
+    ALU32_RSH_K,
+    EXIT,
+    JNE_K,
+    JNE_X,
+    LDX_MEM_W,
+    Insn,
+)
 from pymachined.core.limits import DEVICE_ALLOW, Device
 
 # From <linux/bpf.h>.
@@ -29,16 +39,6 @@ DEVCG_ACC_READ = 2
 DEVCG_ACC_WRITE = 4
 DEVCG_ACC_ALL = DEVCG_ACC_MKNOD | DEVCG_ACC_READ | DEVCG_ACC_WRITE
 
-# Opcodes: class | operation | source (<linux/bpf_common.h>, <linux/bpf.h>).
-LDX_MEM_W = 0x61  # BPF_LDX | BPF_MEM | BPF_W: dst = *(u32 *)(src + off)
-ALU32_AND_K = 0x54  # BPF_ALU | BPF_AND | BPF_K: dst &= imm
-ALU32_RSH_K = 0x74  # BPF_ALU | BPF_RSH | BPF_K: dst >>= imm
-ALU32_MOV_K = 0xB4  # BPF_ALU | BPF_MOV | BPF_K: dst = imm
-ALU32_MOV_X = 0xBC  # BPF_ALU | BPF_MOV | BPF_X: dst = src
-JNE_K = 0x55  # BPF_JMP | BPF_JNE | BPF_K: if dst != imm, skip off instructions
-JNE_X = 0x5D  # BPF_JMP | BPF_JNE | BPF_X: if dst != src, skip off instructions
-EXIT = 0x95  # BPF_JMP | BPF_EXIT: return r0
-
 # The context's fields, by offset.
 CTX_ACCESS_TYPE = 0
 CTX_MAJOR = 4
@@ -46,21 +46,6 @@ CTX_MINOR = 8
 
 KINDS = {"b": DEVCG_DEV_BLOCK, "c": DEVCG_DEV_CHAR}
 ACCESS = {"m": DEVCG_ACC_MKNOD, "r": DEVCG_ACC_READ, "w": DEVCG_ACC_WRITE}
-
-
-@dataclass(frozen=True)
-class Insn:
-    """One ``struct bpf_insn``."""
-
-    code: int
-    dst: int = 0
-    src: int = 0
-    off: int = 0
-    imm: int = 0
-
-    def encode(self) -> bytes:
-        """The instruction's 8 bytes, in the host's (little-endian) order."""
-        return struct.pack("<BBhi", self.code, self.dst | self.src << 4, self.off, self.imm)
 
 
 def access_bits(access: str) -> int:
@@ -120,4 +105,4 @@ def device_insns(allow: Iterable[Device] = DEVICE_ALLOW) -> list[Insn]:
 
 def device_program(allow: Iterable[Device] = DEVICE_ALLOW) -> bytes:
     """The allow-list's program as the bytes BPF_PROG_LOAD takes."""
-    return b"".join(insn.encode() for insn in device_insns(allow))
+    return bpfinsn.program(device_insns(allow))

@@ -30,7 +30,7 @@ from pymachined.cgroups import (
     load_device_program,
     unified,
 )
-from pymachined.core import devprog
+from pymachined.core import bpfinsn
 from pymachined.errors import PymachineError
 from pymachined.files import host_layout
 from tests.waiting import wait_until
@@ -159,7 +159,7 @@ def test_a_program_the_verifier_refuses_is_reported_with_its_log() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: loads a BPF program")
     # r0 = 1 and no exit: the verifier refuses a program that falls off its end.
-    bad = devprog.Insn(devprog.ALU32_MOV_K, dst=0, imm=1).encode()
+    bad = bpfinsn.Insn(bpfinsn.ALU32_MOV_K, dst=0, imm=1).encode()
     with pytest.raises(PymachineError) as caught:
         load_device_program(bad)
     message = str(caught.value)

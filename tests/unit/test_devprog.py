@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from pymachined.core import devprog
+from pymachined.core import bpfinsn, devprog
 from pymachined.core.limits import DEVICE_ALLOW, Device
 
 B, C = devprog.DEVCG_DEV_BLOCK, devprog.DEVCG_DEV_CHAR
@@ -28,28 +28,28 @@ def run(program: bytes, kind: int, major: int, minor: int, access: str) -> int:
         code, registers, off, imm = insns[pc]
         dst, src = registers & 0xF, registers >> 4
         pc += 1
-        if code == devprog.LDX_MEM_W:
+        if code == bpfinsn.LDX_MEM_W:
             assert regs.get(src) == -1, "a load from something not the context"
             assert off in (0, 4, 8)
             regs[dst] = struct.unpack_from("<I", ctx, off)[0]
-        elif code in (devprog.ALU32_AND_K, devprog.ALU32_RSH_K, devprog.JNE_K):
+        elif code in (bpfinsn.ALU32_AND_K, bpfinsn.ALU32_RSH_K, bpfinsn.JNE_K):
             value = regs[dst]
             assert value >= 0, "arithmetic on the context pointer"
-            if code == devprog.ALU32_AND_K:
+            if code == bpfinsn.ALU32_AND_K:
                 regs[dst] = value & imm & 0xFFFFFFFF
-            elif code == devprog.ALU32_RSH_K:
+            elif code == bpfinsn.ALU32_RSH_K:
                 regs[dst] = value >> imm
             elif value != imm & 0xFFFFFFFF:
                 pc += off
-        elif code == devprog.ALU32_MOV_K:
+        elif code == bpfinsn.ALU32_MOV_K:
             regs[dst] = imm & 0xFFFFFFFF
-        elif code == devprog.ALU32_MOV_X:
+        elif code == bpfinsn.ALU32_MOV_X:
             assert regs[src] >= 0
             regs[dst] = regs[src]
-        elif code == devprog.JNE_X:
+        elif code == bpfinsn.JNE_X:
             if regs[dst] != regs[src]:
                 pc += off
-        elif code == devprog.EXIT:
+        elif code == bpfinsn.EXIT:
             assert regs[0] in (0, 1)
             return regs[0]
         else:
@@ -134,13 +134,13 @@ def test_any_allow_list_decides_as_its_v1_lines(allow: tuple[Device, ...]) -> No
 
 def test_instructions_encode_as_struct_bpf_insn() -> None:
     # code, dst_reg:4 | src_reg:4 << 4, s16 off, s32 imm: little-endian.
-    insn = devprog.Insn(devprog.JNE_X, dst=1, src=3, off=-2, imm=-1)
+    insn = bpfinsn.Insn(bpfinsn.JNE_X, dst=1, src=3, off=-2, imm=-1)
     assert insn.encode() == bytes([0x5D, 0x31, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
-    assert devprog.Insn(devprog.EXIT).encode() == b"\x95" + bytes(7)
-    assert PROGRAM[-16:] == devprog.Insn(0xB4).encode() + devprog.Insn(0x95).encode()
+    assert bpfinsn.Insn(bpfinsn.EXIT).encode() == b"\x95" + bytes(7)
+    assert PROGRAM[-16:] == bpfinsn.Insn(0xB4).encode() + bpfinsn.Insn(0x95).encode()
 
 
 def test_a_rule_of_every_access_and_any_number_is_a_test_of_its_type_alone() -> None:
     insns = devprog.rule_insns(Device("all", "c", None, None, "rwm"))
-    assert [i.code for i in insns] == [devprog.JNE_K, devprog.ALU32_MOV_K, devprog.EXIT]
+    assert [i.code for i in insns] == [bpfinsn.JNE_K, bpfinsn.ALU32_MOV_K, bpfinsn.EXIT]
     assert insns[0].off == 2  # past the allow
