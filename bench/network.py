@@ -8,7 +8,8 @@
   (from inside its namespace);
 - teardown per machine with ``network.detach``;
 - throughput of a published port: nginx in a machine's namespace on a declared
-  network (with subnet6), published on 127.0.0.1 (nft DNAT), ::1 (the relay),
+  network (with subnet6), published on 127.0.0.1 (nft DNAT), ::1 (the connect
+  redirect, and beside it a port left to the relay alone),
   and on a non-loopback host IPv4 and IPv6 address (nft DNAT to the machine's
   IPv4 and IPv6 address), beside the same nginx binary and config on the host,
   under wrk with the same arguments, each path right beside its baseline. The
@@ -39,8 +40,8 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from pymachined import network
-from pymachined.core import netplan
+from pymachined import network, sockredirect
+from pymachined.core import netplan, sockprog
 from pymachined.core.layout import Layout
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.spec import Machine, Network
@@ -56,6 +57,7 @@ TP_HOST6 = "fd42:233:ff::1"
 TP_PUBLISHED = 18251  # host ports: the machine's
 TP_HOST_PORT = 18252  # the same nginx on the host
 TP_PROXYD_PORT = 18253  # systemd-socket-proxyd, measured beside the forwarder
+TP_RELAY_PORT = 18257  # [::1] through the forwarder alone (its redirect entry dropped)
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 NGINX_CONF = """\
 user root;
@@ -317,6 +319,25 @@ def reachable(url: str) -> bool:
         return False
 
 
+def relay_only(layout: Layout, machine: Machine, target6: ipaddress.IPv6Address) -> bool:
+    """Leave TP_RELAY_PORT to its relay (drop its entry from the [::1]
+    redirect, which the last sync made); whether the redirect holds
+    TP_PUBLISHED (False where bpf(2) cannot attach it: ::1 is then the
+    relay's on both ports)."""
+    group = network.redirect_group()
+    if group is None:
+        return False
+    owner = sockprog.owner_tag(layout.scope)
+    want = sockprog.targets(machine.ports, target6, owner)
+    del want[TP_RELAY_PORT]
+    try:
+        sockredirect.sync(group, owner, want, sockprog.listening(network.host_sockets()))
+        held = sockredirect.held(group)
+    except OSError:
+        return False
+    return TP_PUBLISHED in held and TP_RELAY_PORT not in held
+
+
 def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
     """nginx published from a machine beside nginx on the host; whether every
     published path reaches TARGET_THROUGHPUT of the host."""
@@ -340,6 +361,7 @@ def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
         f"[::1]:{TP_PUBLISHED}:8080",
         f"{TP_HOST4}:{TP_PUBLISHED}:8080",
         f"[{TP_HOST6}]:{TP_PUBLISHED}:8080",
+        f"[::1]:{TP_RELAY_PORT}:8080",
     ]
     machine = Machine.model_validate(
         {"name": name, "command": ["true"], "network": spec.name, "ports": ports}
@@ -383,8 +405,11 @@ def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
                 ["ip", "-n", ns, "link", "set", "eth0", "mtu", str(args.mtu)],
             ):
                 subprocess.run(argv, check=True)
-        network.sync_rules(layout, state)
         network.start_forwarders(layout, machine, address)
+        network.sync_rules(layout, state)  # with the relays up: the [::1] redirect
+        target6 = netplan.address6(spec, address)
+        assert target6 is not None
+        results["redirect_::1"] = relay_only(layout, machine, target6)
         cpu = 1 if args.pin else None
         servers.append(nginx(root, 8080, netplan.netns_name(layout, name), cpu))
         servers.append(nginx(root, TP_HOST_PORT, None, cpu))
@@ -393,11 +418,11 @@ def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
             "host_::1": f"http://[::1]:{TP_HOST_PORT}",
             "published_127.0.0.1": f"http://127.0.0.1:{TP_PUBLISHED}",
             "published_::1": f"http://[::1]:{TP_PUBLISHED}",
+            "relay_::1": f"http://[::1]:{TP_RELAY_PORT}",
             f"published_{TP_HOST4}": f"http://{TP_HOST4}:{TP_PUBLISHED}",
             f"published_{TP_HOST6}": f"http://[{TP_HOST6}]:{TP_PUBLISHED}",
         }
         if args.proxyd:
-            target6 = netplan.address6(spec, address)
             servers.append(
                 subprocess.Popen(
                     [
@@ -437,7 +462,7 @@ def throughput(args: argparse.Namespace, results: dict[str, object]) -> bool:
                         try:
                             got[name_] = wrk(f"{where}/{size}", args)[0]
                         except RuntimeError as exc:
-                            if not name_.startswith("proxyd_"):
+                            if not name_.startswith(("proxyd_", "relay_")):
                                 raise
                             print(exc, file=sys.stderr)  # a comparison only
                             got[name_] = 0.0

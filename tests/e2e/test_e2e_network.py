@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import MakeHost
-from tests.e2e.harness import BootedHost
+from tests.e2e.harness import VENV, BootedHost
 
 pytestmark = pytest.mark.e2e
 
@@ -67,9 +67,33 @@ def _names(host: BootedHost, when: str) -> None:
     assert _getent(host, "srv", "cli") == "10.217.0.2", when
 
 
+# A client of [::1]:18217 in a unit of the inner host (inside its cgroup tree,
+# as an operator's programs are): where its socket is connected.
+PEER = """\
+import socket
+with socket.create_connection(("::1", 18217), timeout=5) as sock:
+    print(sock.getpeername()[0])
+"""
+# The inner host's [::1] connect redirect: the ports in its map.
+REDIRECTS = (
+    "from pymachined import sockredirect\n"
+    "group = sockredirect.unified_root()\n"
+    "print(sorted(sockredirect.held(group)) if group else 'no unified tree')\n"
+)
+
+
+def _redirected(host: BootedHost, when: str) -> None:
+    """srv's [::1] port is in the inner host's redirect, and a client in a
+    unit is connected to srv's IPv6 address itself, not to its relay."""
+    held = host.run([f"{VENV}/bin/python", "-c", REDIRECTS]).stdout.strip()
+    assert held == "[18217]", f"{when}: {held}"
+    argv = ["systemd-run", "--wait", "--pipe", "--quiet", "python3", "-c", PEER]
+    assert host.run(argv).stdout.strip() == "fd42:217::a", when
+
+
 def _serving(host: BootedHost, when: str) -> None:
     """Both machines' units active, srv's ports answering on 127.0.0.1 and ::1
-    (DNAT and forwarder), and cli reaching srv over the network."""
+    (DNAT and the connect redirect), and cli reaching srv over the network."""
     for unit in ("pymachine-srv.service", "pymachine-cli.service"):
         host.wait_for(f"{unit} active {when}", lambda unit=unit: _active(host, unit), timeout=60)
     for url in ("http://127.0.0.1:18217/", "http://[::1]:18217/"):
@@ -82,6 +106,7 @@ def _serving(host: BootedHost, when: str) -> None:
         )
     probe = "import socket; socket.create_connection(('10.217.0.10', 8080), timeout=3)"
     host.run(["ip", "netns", "exec", "pm-cli", "python3", "-c", probe])
+    _redirected(host, when)
 
 
 def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
@@ -98,7 +123,7 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host.run(["pymachine", "apply", "--yes", SPECS])
     _serving(host, "after apply")
     resolvers = host.run(["pymachine", "exec", "cli", "--", "cat", "/etc/resolv.conf"]).stdout
-    assert resolvers.splitlines()[1:] == ["nameserver 10.217.0.1"], resolvers
+    assert resolvers.splitlines()[1:] == ["nameserver 10.217.0.1", "nameserver fd42:217::1"]
     _names(host, "after apply")
     assert _getent(host, "cli", "outward.example") == "10.217.99.99"
     # A resolver killed: systemd starts it again, and the names come back.
@@ -158,4 +183,5 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host.run(["pymachine", "network", "rm", "lab"])
     assert "pm-" not in host.run(["ip", "netns"]).stdout
     assert "pymachine" not in host.run(["nft", "list", "tables"]).stdout
+    assert host.run([f"{VENV}/bin/python", "-c", REDIRECTS]).stdout.strip() == "[]"
     assert host.show(RESOLVER, "LoadState")["LoadState"] == "not-found"

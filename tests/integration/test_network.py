@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pymachined.core import netplan
+from pymachined import network, sockredirect
+from pymachined.core import netplan, sockprog
 from pymachined.core.layout import Layout
 from pymachined.images import ImageRecord
 from tests.waiting import wait_until
@@ -158,6 +159,10 @@ def net_host(host: Host, slim_image: ImageRecord) -> Iterator[Host]:
         check=False,
         capture_output=True,
     )
+    group = sockredirect.unified_root()
+    if group is not None:  # and its [::1] redirect entries
+        listening = sockprog.listening(network.host_sockets())
+        sockredirect.sync(group, sockprog.owner_tag(layout.scope), {}, listening)
 
 
 def udp_ask(family: socket.AddressFamily, address: str, port: int, data: bytes) -> bytes:

@@ -1,5 +1,6 @@
 """Published ports over IPv6: the kernel's DNAT to a machine's IPv6 address,
-where the machine sees the client's own address, and the forwarder for ::1.
+where the machine sees the client's own address, and ::1 (the redirect for
+TCP, the forwarder for UDP).
 
 The client is a network namespace this test makes, on a veth pair to the host
 (this kernel has no dummy interfaces): nothing leaves the host."""
@@ -125,7 +126,8 @@ def test_a_machine_sees_its_ipv6_clients_and_loopback_goes_through_the_forwarder
     assert f"udp dport 18254 dnat ip6 to [{MACHINE6}]:8080" in rules
     assert "dport 18255 dnat ip6" not in rules  # ::1 only: the forwarder's alone
 
-    # ::1, through the forwarder: the machine sees its gateway.
+    # ::1: TCP through the connect redirect (test_sockredirect), UDP through
+    # the forwarder; either way the host connects from its gateway address.
     answer = wait_until(lambda: tcp_answer("::1", 18255), "the forwarder on [::1]:18255", 60)
     assert answer == GATEWAY6
     assert tcp_answer("::1", 18254) == GATEWAY6  # every host address includes ::1
