@@ -112,7 +112,7 @@ def tcp_answer(address: str, port: int) -> str | None:
         return None
 
 
-def test_a_machine_sees_its_ipv6_clients_and_loopback_goes_through_the_forwarder(
+def test_a_machine_sees_its_ipv6_clients_and_loopback6_reaches_it(
     net_host: Host,  # noqa: F811
     client: str,
 ) -> None:
