@@ -281,6 +281,22 @@ def plan(
     raise typer.Exit(1 if problems else 2 if actions else 0)
 
 
+def _refuse_silent_discards(actions: list[Step]) -> None:
+    """Without a terminal to ask, an apply goes ahead (scripts, units), except
+    where it would throw away what a machine wrote in its root: that takes
+    --yes, never the silence of a pipe or a closed stdin."""
+    from pymachined.core.actions import discards_data
+
+    losing = sorted({step.machine for step in actions if discards_data(step)})
+    if losing:
+        raise PymachineError(
+            f"not applying without confirmation: the plan discards what "
+            f"{', '.join(losing)} wrote in {'its' if len(losing) == 1 else 'their'} "
+            "root (see above), and there is no terminal to ask",
+            hint="run it in a terminal to be asked, or pass --yes to discard it",
+        )
+
+
 def _show_problems(problems: list[str]) -> None:
     """The machines a plan leaves as they are, each as an error line."""
     for problem in problems:
@@ -311,6 +327,8 @@ def apply(
         if actions:
             if not yes and sys.stdin.isatty():
                 typer.confirm("apply these changes?", abort=True)
+            elif not yes:
+                _refuse_silent_discards(actions)
             reconciler.execute(desired, actions, lambda text: typer.echo(f"-> {text}", err=True))
         # Said by the executor before its starts; here for an apply with nothing to do.
         reconciler.supervisor.ready()
@@ -439,8 +457,20 @@ def destroy(name: NameArg, yes: YesOption = False, supervisor: SupervisorOption 
     verbs = _verbs(supervisor)
     verbs.record(name)
     _confirm_dependents(verbs, name, "destroy", yes)
-    if not yes and sys.stdin.isatty():
-        typer.confirm(f"destroy {name} and everything written in it?", abort=True)
+    if not yes:
+        from pymachined.core.actions import discarded
+
+        what = discarded(verbs.written(name))
+        if sys.stdin.isatty():
+            typer.confirm(
+                f"destroy {name}" + (f", discarding {what}?" if what else "?"), abort=True
+            )
+        elif what:
+            raise PymachineError(
+                f"not destroying {name} without confirmation: that discards {what}, "
+                "and there is no terminal to ask",
+                hint="run it in a terminal to be asked, or pass --yes",
+            )
     verbs.destroy(name)
     typer.echo(f"destroyed {name}")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from pymachined import network
-from pymachined.core.actions import Step
+from pymachined import network, rootfs
+from pymachined.core.actions import RemoveMachine, ReplaceRoot, Step
 from pymachined.core.desired import Desired, desire, desire_networks
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, plan, problems
@@ -154,7 +154,19 @@ class Reconciler:
             networks=networks,
             observed_networks=observed_networks,
         )
-        return desired, actions, problems(desired, observed, observed_networks)
+        return (
+            desired,
+            [self._measured(step) for step in actions],
+            problems(desired, observed, observed_networks),
+        )
+
+    def _measured(self, step: Step) -> Step:
+        """A step that throws a machine's root away, with what it discards
+        (measured only for those: walking every root at each plan would cost
+        what it does not need)."""
+        if isinstance(step, ReplaceRoot | RemoveMachine):
+            return replace(step, discards=rootfs.written(self.layout, step.machine))
+        return step
 
     def undeclared(self, desired: dict[str, Desired]) -> list[str]:
         """Recorded machines that no spec declares (what --prune would remove)."""

@@ -87,6 +87,22 @@ def _tree_size(path: Path) -> tuple[bool, int]:
     return found, total
 
 
+def written(layout: Layout, name: str) -> int | None:
+    """The bytes a machine wrote in its root, which making it again or removing
+    it throws away: its overlay's upper directory (metacopy copy-ups, which
+    hold no data, count nothing), 0 for an ephemeral root or none, None for a
+    copied root (all of it is the machine's: what it wrote is not told apart)."""
+    try:
+        root = read(layout, name)
+    except PymachineError:
+        return None  # nothing tells what it holds: take it as all the machine's
+    if root is not None and root.mode is RootfsMode.EPHEMERAL:
+        return 0
+    if root is not None and root.mode is RootfsMode.COPY:
+        return None
+    return _tree_size(_dir(layout, name) / "upper")[1]
+
+
 def kept(layout: Layout, name: str) -> Kept | None:
     """What a machine without a readable root record has written, or None if
     there is nothing to keep: no upper directory, an empty unmounted one (a

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, assert_never
 
 from pymachined.core import wire
+from pymachined.core.sizes import human_size
 from pymachined.core.spec import Network, RootfsMode
 
 
@@ -76,6 +77,10 @@ class ReplaceRoot(Action):
     """Make a machine's root again from a different image (its writes are lost)."""
 
     verb: ClassVar[str] = "replace the root of"
+    discards: int | None = 0  # bytes written in the root; None: a copy, not measured
+
+    def describe(self) -> str:
+        return super().describe() + _discarding(self.discards)
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,32 @@ class RemoveMachine(Action):
     """Stop a machine no spec declares and remove its root, files and record."""
 
     verb: ClassVar[str] = "remove"
+    discards: int | None = 0  # as ReplaceRoot's
+
+    def describe(self) -> str:
+        return super().describe() + _discarding(self.discards)
+
+
+def discarded(discards: int | None) -> str | None:
+    """What a step that makes a machine's root again or removes it throws
+    away, in words: None for nothing, else the bytes written in its overlay,
+    or a whole copied root."""
+    if discards == 0:
+        return None
+    if discards is None:
+        return "its copied root and everything written in it"
+    return f"{human_size(discards)} written in its root"
+
+
+def _discarding(discards: int | None) -> str:
+    what = discarded(discards)
+    return f" (discards {what})" if what else ""
+
+
+def discards_data(step: Step) -> bool:
+    """Whether a step throws away what a machine wrote in its root, so that
+    apply takes no silence for consent to it."""
+    return isinstance(step, ReplaceRoot | RemoveMachine) and step.discards != 0
 
 
 @dataclass(frozen=True)

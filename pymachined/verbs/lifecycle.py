@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pymachined import files
+from pymachined import files, rootfs
 from pymachined.core.layout import Layout
 from pymachined.core.records import MachineRecord
 from pymachined.errors import PymachineError
@@ -83,6 +83,10 @@ class Verbs:
     def record(self, name: str) -> MachineRecord:
         """A machine's record, or an error naming what exists."""
         return known(self.layout, name)
+
+    def written(self, name: str) -> int | None:
+        """The bytes a machine wrote in its root (``rootfs.written``)."""
+        return rootfs.written(self.layout, name)
 
     def running_dependents(self, name: str) -> list[str]:
         """Running machines that need name."""

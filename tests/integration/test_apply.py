@@ -502,6 +502,63 @@ def test_a_stopped_machine_gets_its_new_root_after_a_reboot(host: Host) -> None:
     host.pymachine("image", "rm", f"{host.prefix}img")
 
 
+def _piped(host: Host, *args: str, stdin: str | None) -> subprocess.CompletedProcess[str]:
+    """pymachine with stdin a pipe holding stdin's text, or /dev/null for None:
+    no terminal to ask, as in a script or a careless ``echo n |``."""
+    return subprocess.run(
+        host.argv(*args),
+        input=stdin,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_without_a_terminal_only_yes_discards_what_a_machine_wrote(host: Host) -> None:
+    image = 'kind: image\nname: "@img"\nfrom: debian-bookworm-slim\n'
+    image += 'files: [{path: /etc/test-marker, content: "@one"}]\n---\n'  # a key of its own
+    write = "head -c 3145728 /dev/urandom > /var/data.bin && sync && exec sleep infinity"
+    machine = f'name: "@w"\nimage: "@img"\nnetwork: none\ncommand: [sh, -c, "{write}"]\n'
+    host.declare(image + machine)
+    # A plan that discards nothing applies without a terminal, as before.
+    first = _piped(host, "apply", str(host.specs), stdin=None)
+    assert first.returncode == 0, first.stderr
+    name = f"{host.prefix}w"
+    base = host.root / f"var/lib/pymachine/machines/{name}"
+    data = base / "upper/var/data.bin"
+    wait_until(lambda: data.exists() and data.stat().st_blocks * 512 >= 3 << 20, "the data", 60)
+    pid = host.payload("w")
+    record = (base / "rootfs.json").read_text()
+    digest = subprocess.run(["sha256sum", str(data)], capture_output=True, text=True).stdout
+
+    host.declare(image.replace('"@one"', '"@two"') + machine)
+    planned = host.pymachine("plan", str(host.specs), check=False).stdout
+    line = next(x for x in planned.splitlines() if x.startswith(f"replace the root of {name}"))
+    assert line.endswith("written in its root)"), line
+    assert float(line.split("(discards ")[1].split()[0]) >= 3.0, line  # MiB
+    for stdin in ("n\n", "", None):
+        refused = _piped(host, "apply", str(host.specs), stdin=stdin)
+        assert refused.returncode == 1, refused
+        assert (
+            f"error: not applying without confirmation: the plan discards what {name} wrote "
+            "in its root (see above), and there is no terminal to ask"
+        ) in refused.stderr, refused.stderr
+        assert "pass --yes to discard it" in refused.stderr
+        denied = _piped(host, "destroy", name, stdin=stdin)
+        assert denied.returncode == 1, denied
+        assert f"error: not destroying {name} without confirmation: that discards" in denied.stderr
+    # Nothing changed: the same root, record, payload and data.
+    assert (base / "rootfs.json").read_text() == record
+    assert host.payload("w") == pid
+    assert subprocess.run(["sha256sum", str(data)], capture_output=True, text=True).stdout == digest
+
+    host.apply()  # --yes
+    assert (base / "rootfs.json").read_text() != record
+    host.wait_for(lambda m: m["w"]["state"] == "running", "w running on its new root")
+    assert host.pymachine("plan", str(host.specs), check=False).returncode == 0
+
+
 def test_drift_is_detected_and_repaired(host: Host) -> None:
     host.declare(TWO)
     host.apply()
