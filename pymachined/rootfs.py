@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -57,15 +58,16 @@ def _dir(layout: Layout, name: str) -> Path:
     return Path(layout.machine_dir(name))
 
 
-def _tree_size(path: Path) -> tuple[bool, int]:
-    """Whether a directory holds anything, and the bytes its files take
-    (without following symlinks or crossing into another filesystem)."""
+def _entries(path: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Every entry under a directory but the directories it descends into,
+    with its lstat (never following a symlink, the top one included, or
+    crossing into another filesystem)."""
     try:
-        device = path.lstat().st_dev
+        top = path.lstat()
     except FileNotFoundError:
-        return False, 0
-    found = False
-    total = 0
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        return
     pending = [path]
     while pending:
         directory = pending.pop()
@@ -74,24 +76,33 @@ def _tree_size(path: Path) -> tuple[bool, int]:
         except OSError:
             continue
         for entry in entries:
-            found = True
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if stat.S_ISDIR(info.st_mode):
-                if info.st_dev == device:
-                    pending.append(Path(entry.path))
+            if stat.S_ISDIR(info.st_mode) and info.st_dev == top.st_dev:
+                pending.append(Path(entry.path))
             else:
-                total += info.st_blocks * 512
+                yield entry.path, info
+
+
+def _tree_size(path: Path) -> tuple[bool, int]:
+    """Whether a directory holds anything, and the bytes its files take."""
+    try:
+        found = stat.S_ISDIR(path.lstat().st_mode) and any(True for _ in os.scandir(path))
+    except OSError:
+        found = False
+    total = sum(
+        info.st_blocks * 512 for _, info in _entries(path) if not stat.S_ISDIR(info.st_mode)
+    )
     return found, total
 
 
 def written(layout: Layout, name: str) -> int | None:
     """The bytes a machine wrote in its root, which making it again or removing
-    it throws away: its overlay's upper directory (metacopy copy-ups, which
-    hold no data, count nothing), 0 for an ephemeral root or none, None for a
-    copied root (all of it is the machine's: what it wrote is not told apart)."""
+    it throws away: the data in its overlay's upper directory (``_data_size``),
+    0 for an ephemeral root or none, None for a copied root (all of it is the
+    machine's: what it wrote is not told apart)."""
     try:
         root = read(layout, name)
     except PymachineError:
@@ -100,7 +111,30 @@ def written(layout: Layout, name: str) -> int | None:
         return 0
     if root is not None and root.mode is RootfsMode.COPY:
         return None
-    return _tree_size(_dir(layout, name) / "upper")[1]
+    return _data_size(_dir(layout, name) / "upper")
+
+
+METACOPY = "trusted.overlay.metacopy"
+
+
+def _data_size(upper: Path) -> int:
+    """The bytes on disk of the regular files in an overlay's upper directory
+    that hold data of their own: a metacopy copy-up (an owner or mode change,
+    such as nspawn's shift of a root into a user namespace) holds none, only
+    the xattrs that point at the lower file's data."""
+    return sum(
+        info.st_blocks * 512
+        for path, info in _entries(upper)
+        if stat.S_ISREG(info.st_mode) and not _metacopy(path)
+    )
+
+
+def _metacopy(path: str) -> bool:
+    try:
+        os.getxattr(path, METACOPY, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def kept(layout: Layout, name: str) -> Kept | None:

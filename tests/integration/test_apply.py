@@ -520,6 +520,9 @@ def test_without_a_terminal_only_yes_discards_what_a_machine_wrote(host: Host) -
     image += 'files: [{path: /etc/test-marker, content: "@one"}]\n---\n'  # a key of its own
     write = "head -c 3145728 /dev/urandom > /var/data.bin && sync && exec sleep infinity"
     machine = f'name: "@w"\nimage: "@img"\nnetwork: none\ncommand: [sh, -c, "{write}"]\n'
+    # One that writes nothing: nspawn's shift of its root into its user
+    # namespace copies up every file's owner (metacopy), which is no data.
+    machine += '---\nname: "@idle"\nimage: "@img"\nnetwork: none\ncommand: [sleep, infinity]\n'
     host.declare(image + machine)
     # A plan that discards nothing applies without a terminal, as before.
     first = _piped(host, "apply", str(host.specs), stdin=None)
@@ -529,14 +532,16 @@ def test_without_a_terminal_only_yes_discards_what_a_machine_wrote(host: Host) -
     data = base / "upper/var/data.bin"
     wait_until(lambda: data.exists() and data.stat().st_blocks * 512 >= 3 << 20, "the data", 60)
     pid = host.payload("w")
+    host.payload("idle")  # its root shifted
     record = (base / "rootfs.json").read_text()
     digest = subprocess.run(["sha256sum", str(data)], capture_output=True, text=True).stdout
 
     host.declare(image.replace('"@one"', '"@two"') + machine)
     planned = host.pymachine("plan", str(host.specs), check=False).stdout
-    line = next(x for x in planned.splitlines() if x.startswith(f"replace the root of {name}"))
+    line = next(x for x in planned.splitlines() if f"replace the root of {name}" in x)
     assert line.endswith("written in its root)"), line
     assert float(line.split("(discards ")[1].split()[0]) >= 3.0, line  # MiB
+    assert f"  replace the root of {host.prefix}idle: its image changed\n" in planned, planned
     for stdin in ("n\n", "", None):
         refused = _piped(host, "apply", str(host.specs), stdin=stdin)
         assert refused.returncode == 1, refused
