@@ -764,6 +764,89 @@ def network_rm(name: NetworkArg) -> None:
     typer.echo(f"removed network {name}")
 
 
+# Volumes
+
+volume_app = typer.Typer(help="List, inspect and remove volumes.", no_args_is_help=True)
+app.add_typer(volume_app, name="volume")
+VolumeArg = Annotated[str, typer.Argument(help="The volume.", callback=_name_check("volume"))]
+
+
+@volume_app.command("ls")
+def volume_ls(output: OutputOption = Format.TABLE) -> None:
+    """List volumes: name, size, owner, the machines using them."""
+    from pymachined import output as show
+    from pymachined.verbs import volumes
+
+    rows = [
+        {**doc, "used_by": ", ".join(doc["used_by"])} if output is Format.TABLE else doc
+        for doc in volumes.listing(options.layout)
+    ]
+    show.rows(
+        show.humanized(rows, ["size"], output),
+        ["name", "size", "owner", "used_by", "created"],
+        output,
+    )
+
+
+@volume_app.command("inspect")
+def volume_inspect(name: VolumeArg, output: DocumentOption = Format.JSON) -> None:
+    """One document: the volume's labels, owner, size, path, users and seed."""
+    from pymachined import output as show
+    from pymachined.verbs import volumes
+
+    show.data(volumes.document(options.layout, name), _document_format(output))
+
+
+@volume_app.command("rm")
+def volume_rm(name: VolumeArg, yes: YesOption = False) -> None:
+    """Remove a volume and everything in it; refused while a machine uses it.
+    Asks first in a terminal; without one, only --yes removes it."""
+    from pymachined.core.sizes import human_size
+    from pymachined.verbs import volumes
+
+    with _host_lock(None):
+        doc = volumes.document(options.layout, name)
+        if not yes:
+            question = f"remove volume {name} and the {human_size(doc['size'])} it holds?"
+            if not sys.stdin.isatty():
+                raise PymachineError(
+                    f"not removing volume {name} without confirmation: there is no terminal to ask",
+                    hint="pass --yes",
+                )
+            typer.confirm(question, abort=True)
+        volumes.remove(options.layout, name)
+    typer.echo(f"removed volume {name}")
+
+
+@volume_app.command("prune")
+def volume_prune(
+    paths: Annotated[list[Path], typer.Argument(help="The specs: the volumes they declare stay.")],
+    yes: YesOption = False,
+) -> None:
+    """Remove the volumes PATH does not declare and no machine uses, listing
+    them first; asks, or --yes (without a terminal, only --yes removes)."""
+    from pymachined.verbs import volumes
+
+    declared = _spec_set(paths).volumes
+    with _host_lock(None):
+        doomed = volumes.prunable(options.layout, declared)
+        if not doomed:
+            typer.echo("nothing to prune: every volume is declared or in use")
+            return
+        for name in doomed:
+            typer.echo(f"  remove volume {name}")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise PymachineError(
+                    "not removing volumes without confirmation: there is no terminal to ask",
+                    hint="pass --yes",
+                )
+            typer.confirm(f"remove {len(doomed)} volume(s) and everything in them?", abort=True)
+        for name in doomed:
+            volumes.remove(options.layout, name)
+            typer.echo(f"removed volume {name}")
+
+
 # ---------------------------------------------------------------------------
 # Images
 

@@ -29,13 +29,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol, assert_never
 
-from pymachined import events, files, names, network, rootfs
+from pymachined import events, files, names, network, rootfs, volumes
 from pymachined.core import netplan
 from pymachined.core.actions import (
     AdoptRoot,
     BuildImage,
     CreateMachine,
     CreateNetwork,
+    CreateVolume,
     EnableMachine,
     Phase,
     RemoveMachine,
@@ -57,7 +58,7 @@ from pymachined.core.layout import Layout
 from pymachined.core.names import RESOLV_CONF, resolv_conf_text
 from pymachined.core.plan import starts_at_boot
 from pymachined.core.records import MachineRecord, NetworkRecord
-from pymachined.core.render import MARKER
+from pymachined.core.render import MARKER, all_binds
 from pymachined.core.spec import Machine, Network, RootfsMode
 from pymachined.errors import ApplyError, Failure, PymachineError, host_error
 from pymachined.faults import crash_point
@@ -269,6 +270,9 @@ class Executor:
                 )
             case CreateNetwork() | ReplaceNetwork():
                 self._create_network(action)
+            case CreateVolume():
+                assert action.spec is not None
+                volumes.create(self.layout, self.state, action.spec, _now())
             case RemoveNetwork():
                 self._remove_network(action)
             case _:
@@ -610,7 +614,8 @@ def ready_root(
     spec; None: only mount) needs: its ``files:`` (written at every start, so
     that a changed file, which restarts the machine, reaches the root, and an
     ephemeral root has them after a boot), its bind sources mounted at their
-    staging paths (``files.stage_binds``), and the mount points of its binds
+    staging paths (``files.stage_binds``) with its volumes (seeded from its
+    image at their first use), and the mount points of its binds, volumes
     and tmpfs."""
     root = roots.read(layout, name)
     if root is None:
@@ -623,9 +628,14 @@ def ready_root(
     resolv_conf = machine_resolv_conf(layout, machine)
     if resolv_conf is not None:
         files.write_in_root(mounted, RESOLV_CONF, resolv_conf, 0o644, machine=name)
-    sources = [BindSource(b.source, b.read_only) for b in machine.binds]
+    if machine.volumes:
+        chain = images.chain(root.layers[0])
+        for volume in machine.volumes:
+            volumes.seed(layout, StateStore(layout), volume.name, volume.target, name, chain)
+    binds = all_binds(machine, layout)
+    sources = [BindSource(b.source, b.read_only) for b in binds]
     kinds = files.stage_binds(layout, name, sources)
-    for bind, directory in zip(machine.binds, kinds, strict=True):
+    for bind, directory in zip(binds, kinds, strict=True):
         files.make_mount_point(mounted, bind.target, directory, machine=name)
     for tmpfs in machine.tmpfs:
         files.make_mount_point(mounted, tmpfs.path, directory=True, machine=name)

@@ -153,12 +153,23 @@ class Reconciler:
             prune=prune,
             networks=networks,
             observed_networks=observed_networks,
+            volumes=spec_set.volumes,
+            recorded_volumes=self._recorded_volumes(spec_set),
         )
         return (
             desired,
             [self._measured(step) for step in actions],
             problems(desired, observed, observed_networks),
         )
+
+    def _recorded_volumes(self, spec_set: SpecSet) -> set[str]:
+        """The declared volumes that have a record; one that cannot be read
+        stops the plan (a volume is never made again over data)."""
+        found, bad = self.state.scan_volumes()
+        broken = [bad[name] for name in sorted(bad) if name in spec_set.volumes]
+        if broken:
+            raise broken[0]
+        return set(found)
 
     def _measured(self, step: Step) -> Step:
         """A step that throws a machine's root away, with what it discards

@@ -12,13 +12,16 @@ from pymachined.core.layout import Layout
 from pymachined.core.records import (
     MachineRecord,
     NetworkRecord,
+    VolumeRecord,
     parse_network_record,
     parse_record,
+    parse_volume_record,
     stored,
 )
 from pymachined.errors import StateError
 
 RECORD = "state.json"
+VOLUME_RECORD = "volume.json"
 
 
 class StateStore:
@@ -113,6 +116,37 @@ class StateStore:
     def delete_network(self, name: str) -> None:
         """Forget a network (after its bridge is gone)."""
         self.network_path(name).unlink(missing_ok=True)
+
+    # Volumes: volumes/NAME/volume.json, beside the volume's data.
+
+    def volume_path(self, name: str) -> Path:
+        """Where a volume's record is kept."""
+        return Path(self.layout.volume_dir(name)) / VOLUME_RECORD
+
+    def volume(self, name: str) -> VolumeRecord | None:
+        """A volume's record, None if it has none; StateError if it is unreadable."""
+        path = self.volume_path(name)
+        text = _read(path)
+        return None if text is None else parse_volume_record(text, path)
+
+    def scan_volumes(self) -> tuple[dict[str, VolumeRecord], dict[str, StateError]]:
+        """Every volume record by name, and apart those that cannot be read."""
+        directory = Path(self.layout.volumes_dir)
+        out = {}
+        bad = {}
+        for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+            try:
+                record = self.volume(entry.name)
+            except StateError as exc:
+                bad[entry.name] = exc
+                continue
+            if record is not None:
+                out[entry.name] = record
+        return out, bad
+
+    def put_volume(self, record: VolumeRecord) -> None:
+        """Write a volume's record atomically."""
+        files.atomic_write_json(self.volume_path(record.name), stored(record))
 
 
 def _read(path: Path) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, assert_never
 
 from pymachined.core import wire
 from pymachined.core.sizes import human_size
-from pymachined.core.spec import Network, RootfsMode
+from pymachined.core.spec import Network, RootfsMode, Volume
 
 
 @dataclass(frozen=True)
@@ -221,8 +221,26 @@ class RemoveNetwork(NetworkAction):
     verb: ClassVar[str] = "remove"
 
 
+@dataclass(frozen=True)
+class CreateVolume(Action):
+    """Make a declared volume's directory and record; ``machine`` holds the
+    volume's name. (No plan removes a volume: ``pymachine volume rm`` does.)"""
+
+    verb: ClassVar[str] = "create"
+    hidden: ClassVar[tuple[str, ...]] = ("spec",)
+    spec: Volume | None = None
+
+    def describe(self) -> str:
+        return f"{self.verb} volume {self.machine}: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        data = super().as_json()
+        return {"action": data.pop("action"), "volume": data.pop("machine"), **data}
+
+
 Step = (
-    BuildImage
+    CreateVolume
+    | BuildImage
     | CreateMachine
     | AdoptRoot
     | ReplaceRoot
@@ -246,7 +264,7 @@ out fails mypy (``assert_never``), so a new action cannot lack a handler."""
 class Phase(StrEnum):
     """When apply carries out an action, in this order."""
 
-    NETWORK_FIRST = "network first"  # bridges, before any machine is touched
+    NETWORK_FIRST = "network first"  # bridges and volumes, before any machine is touched
     MAKING = "making"  # builds, roots and files, machines in parallel
     ENABLE = "enable"  # taken in with the written files, in one commit
     RUNNING = "running"  # starts and in-place changes, in dependency order
@@ -257,7 +275,7 @@ class Phase(StrEnum):
 def phase(step: Step) -> Phase:
     """The phase an action belongs to. Pure."""
     match step:
-        case CreateNetwork() | ReplaceNetwork():
+        case CreateNetwork() | ReplaceNetwork() | CreateVolume():
             return Phase.NETWORK_FIRST
         case BuildImage() | CreateMachine() | AdoptRoot() | ReplaceRoot() | WriteFiles():
             return Phase.MAKING

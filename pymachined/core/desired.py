@@ -28,6 +28,7 @@ from pymachined.core.recipes import Layer, Salts, machine_layers
 from pymachined.core.render import (
     PROGRAM,
     RenderedFile,
+    all_binds,
     machine_files,
     nspawn_run_argv,
 )
@@ -111,6 +112,7 @@ def desire(
     for name, machine in spec_set.machines.items():
         joined = networks.get(machine.network)
         layers = tuple(machine_layers(spec_set, machine, salts))
+        binds = all_binds(machine, layout)
         run = RunSpec(
             name=name,
             argv=tuple(nspawn_run_argv(machine, layout)),
@@ -118,7 +120,7 @@ def desire(
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
             limits=Limits(**machine.resources.model_dump()),
-            binds=tuple(BindSource(b.source, b.read_only) for b in machine.binds),
+            binds=tuple(BindSource(b.source, b.read_only) for b in binds),
             log_max=machine.log.max_size,
         )
         config = {
@@ -129,7 +131,11 @@ def desire(
             "rootfs": machine.rootfs.value,
             "files": [f.model_dump(mode="json") for f in machine.files],
             # The command line names binds by their staging paths only.
-            "binds": [b.model_dump(mode="json") for b in machine.binds],
+            # (idmap only when set: binds from before it keep their hash)
+            "binds": [
+                b.model_dump(mode="json", exclude_defaults=True) | {"read_only": b.read_only}
+                for b in binds
+            ],
         }
         if joined is not None:
             # Not its address nor its ports: plan restarts a machine whose

@@ -38,6 +38,19 @@ class Layout:
         return self.state_dir / "machines"
 
     @property
+    def volumes_dir(self) -> PurePosixPath:
+        """One directory per volume: ``data/`` and ``volume.json``."""
+        return self.state_dir / "volumes"
+
+    def volume_dir(self, name: str) -> PurePosixPath:
+        """A volume's own directory."""
+        return self.volumes_dir / name
+
+    def volume_data(self, name: str) -> PurePosixPath:
+        """What a volume holds, bound into the machines that use it."""
+        return self.volume_dir(name) / "data"
+
+    @property
     def networks_dir(self) -> PurePosixPath:
         """One record per network: ``<name>.json``."""
         return self.state_dir / "networks"

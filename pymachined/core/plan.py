@@ -9,7 +9,7 @@ go the other way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pymachined.core.actions import (
@@ -18,6 +18,7 @@ from pymachined.core.actions import (
     BuildImage,
     CreateMachine,
     CreateNetwork,
+    CreateVolume,
     EnableMachine,
     RemoveMachine,
     RemoveNetwork,
@@ -36,7 +37,7 @@ from pymachined.core.desired import Desired, DesiredNetwork, file_hash
 from pymachined.core.limits import Limits, describe_change
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.sizes import human_size
-from pymachined.core.spec import MachineState, Port, RootfsMode
+from pymachined.core.spec import MachineState, Port, RootfsMode, Volume
 from pymachined.supervise.base import LIVE, RunSpec, Status
 
 
@@ -117,6 +118,15 @@ def plan_networks(
                 CreateNetwork(name, seen.resolver, want.network, want.bridge, want.config_hash)
             )
     return actions
+
+
+def plan_volumes(volumes: Mapping[str, Volume], recorded: Collection[str]) -> list[Step]:
+    """The actions that make each declared volume that has no record yet."""
+    return [
+        CreateVolume(name, "new volume", spec=volumes[name])
+        for name in sorted(volumes)
+        if name not in recorded
+    ]
 
 
 def _adopt_reason(seen: Observed, kept: Kept) -> str:
@@ -246,6 +256,8 @@ def plan(
     prune: bool = False,
     networks: Mapping[str, DesiredNetwork] | None = None,
     observed_networks: Mapping[str, ObservedNetwork] | None = None,
+    volumes: Mapping[str, Volume] | None = None,
+    recorded_volumes: Collection[str] = (),
 ) -> list[Step]:
     """The actions that make observed into desired. ``built`` are the image keys
     already in the cache; ``prune`` removes recorded machines and networks no
@@ -254,6 +266,7 @@ def plan(
     networks = networks or {}
     observed_networks = observed_networks or {}
     actions: list[Step] = plan_networks(networks, observed_networks)
+    actions += plan_volumes(volumes or {}, recorded_volumes)
     stopping: list[Step] = []
     queued_builds: set[str] = set()
     # Machines stopped on the way (a root made again): their running dependents

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pymachined.core import wire
-from pymachined.core.spec import Machine, Network
+from pymachined.core.spec import Machine, Network, Volume
 from pymachined.errors import StateError
 from pymachined.supervise.base import RunSpec
 
@@ -58,11 +58,25 @@ class NetworkRecord:
         return replace(self, history=(*self.history, event)[-HISTORY:])
 
 
-def stored(record: MachineRecord | NetworkRecord) -> dict[str, Any]:
+@dataclass(frozen=True)
+class VolumeRecord:
+    """A volume pymachine made: the spec it was made from, when, and what was
+    first copied into it (``seeded``: "MACHINE:/path" of the image content it
+    took at its first use, "" while it has taken none)."""
+
+    name: str
+    spec: Volume
+    created: str = ""
+    seeded: str = ""
+
+
+def stored(record: MachineRecord | NetworkRecord | VolumeRecord) -> dict[str, Any]:
     """A record as it is kept: versioned, owner-marked JSON. Pure."""
     head: dict[str, Any] = {"version": VERSION, "owner": OWNER}
     if isinstance(record, NetworkRecord):
         head["kind"] = "network"
+    elif isinstance(record, VolumeRecord):
+        head["kind"] = "volume"
     return {**head, **wire.dump(record)}
 
 
@@ -102,5 +116,15 @@ def parse_network_record(text: str, where: Path) -> NetworkRecord:
     data = _parse_owned(text, where, hint)
     try:
         return wire.load(NetworkRecord, data)
+    except ValueError as exc:
+        raise StateError(f"state record {where} is broken: {exc}", hint=hint) from exc
+
+
+def parse_volume_record(text: str, where: Path) -> VolumeRecord:
+    """A volume's record from its JSON text. Pure."""
+    hint = f"inspect {where}; pymachine never removes a volume it cannot read"
+    data = _parse_owned(text, where, hint)
+    try:
+        return wire.load(VolumeRecord, data)
     except ValueError as exc:
         raise StateError(f"state record {where} is broken: {exc}", hint=hint) from exc

@@ -20,7 +20,7 @@ import jinja2
 from pymachined.core import units
 from pymachined.core.layout import Layout
 from pymachined.core.limits import DEVICE_ALLOW
-from pymachined.core.spec import Machine, MachineState
+from pymachined.core.spec import Bind, Machine, MachineState
 
 NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
 PROGRAM = ("pymachine",)
@@ -98,6 +98,22 @@ class RenderedFile:
     mode: int = 0o644
 
 
+def all_binds(machine: Machine, layout: Layout) -> list[Bind]:
+    """A machine's binds, then its volumes as binds of their data directories,
+    ID-mapped (so that inside the machine a volume's files have the machine's
+    own IDs, and are stored with them, whatever its range)."""
+    volumes = [
+        Bind(
+            source=str(layout.volume_data(v.name)),
+            target=v.target,
+            read_only=v.read_only,
+            idmap=True,
+        )
+        for v in machine.volumes
+    ]
+    return [*machine.binds, *volumes]
+
+
 def nspawn_context(machine: Machine, layout: Layout) -> dict[str, Any]:
     """The values of a machine's .nspawn file, as plain data.
     Binds are named by their staging paths, where pymachine mounts each source,
@@ -130,10 +146,11 @@ def nspawn_context(machine: Machine, layout: Layout) -> dict[str, Any]:
                 "spec": (
                     f"{units.nspawn_path(str(layout.bind_staging(machine.name, index)))}"
                     f":{units.nspawn_path(b.target)}"
+                    + (":idmap" if b.idmap and security.private_users else "")
                 ),
                 "read_only": b.read_only,
             }
-            for index, b in enumerate(machine.binds)
+            for index, b in enumerate(all_binds(machine, layout))
         ],
         "tmpfs": [
             # Writable by every user, as /tmp is (and as docker mounts a tmpfs).

@@ -1,6 +1,6 @@
 """The spec models: what a user declares, as frozen, strict pydantic models. Pure.
 
-Three kinds: ``machine`` (the default), ``network`` and ``image``. Field names are
+Four kinds: ``machine`` (the default), ``network``, ``image`` and ``volume``. Field names are
 a contract with users and tests. Every string that can reach a unit file or an
 ``.nspawn`` file is checked here, so templates never see an unsafe value.
 """
@@ -331,9 +331,38 @@ class Bind(Model):
     source: MountPath
     target: MountPath
     read_only: StrictBool = False
+    # Mapped into the machine's user namespace (an ID-mapped mount): a file
+    # the host's UID N owns is N's inside, and what the machine writes is
+    # stored with its own IDs, whatever its range. No effect without one.
+    idmap: StrictBool = False
 
 
 BindItem = Annotated[Bind, BeforeValidator(_parse_bind, json_schema_input_type=str | Bind)]
+
+
+def _parse_volume_mount(value: Any) -> Any:
+    """``"NAME:/path[:ro|rw]"`` -> the mapping form; mappings pass through."""
+    if not isinstance(value, str):
+        return value
+    parts = value.split(":")
+    if len(parts) == 2:
+        return {"name": parts[0], "target": parts[1]}
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        return {"name": parts[0], "target": parts[1], "read_only": parts[2] == "ro"}
+    raise ValueError(f"{value!r} is not a volume: use 'NAME:/PATH' or 'NAME:/PATH:ro'")
+
+
+class VolumeMount(Model):
+    """A declared volume mounted in the machine."""
+
+    name: Name
+    target: MountPath
+    read_only: StrictBool = False
+
+
+VolumeItem = Annotated[
+    VolumeMount, BeforeValidator(_parse_volume_mount, json_schema_input_type=str | VolumeMount)
+]
 
 
 def _parse_tmpfs(value: Any) -> Any:
@@ -574,6 +603,7 @@ class Machine(Model):
     read_only: StrictBool = False
     tmpfs: list[TmpfsItem] = Field(default_factory=list)
     binds: list[BindItem] = Field(default_factory=list)
+    volumes: list[VolumeItem] = Field(default_factory=list)
     files: Files = Field(default_factory=list)
     network: NetworkRef = "host"
     address: ipaddress.IPv4Address | None = None
@@ -643,6 +673,21 @@ class Machine(Model):
                     f"{bind.target} is mounted twice (bind and tmpfs targets must differ)"
                 )
             seen.add(bind.target)
+        return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _volume_targets_differ(
+        cls, value: list[VolumeMount], info: ValidationInfo
+    ) -> list[VolumeMount]:
+        seen = {t.path for t in info.data.get("tmpfs", ())}
+        seen |= {b.target for b in info.data.get("binds", ())}
+        for volume in value:
+            if volume.target in seen:
+                raise ValueError(
+                    f"{volume.target} is mounted twice (volume, bind and tmpfs targets must differ)"
+                )
+            seen.add(volume.target)
         return value
 
     @field_validator("address")
@@ -755,6 +800,27 @@ class Network(Model):
         return self.gateway or next(self.subnet.hosts())
 
 
+def _check_owner(value: str) -> str:
+    uid, sep, gid = value.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit() and len(uid) <= 10 and len(gid) <= 10):
+        raise ValueError(f"{value!r} is not an owner: use 'UID:GID', numbers as in the machine")
+    if max(int(uid), int(gid)) > 65534:
+        raise ValueError(f"{value!r} is outside a machine's 65536 IDs (0 to 65534)")
+    return value
+
+
+Owner = Annotated[StrictStr, AfterValidator(_check_owner)]
+
+
+class Volume(Model):
+    """``kind: volume``: data that outlives the roots of the machines using it."""
+
+    kind: Literal["volume"]
+    name: Name
+    labels: dict[LabelKey, SafeText] = Field(default_factory=dict)
+    owner: Owner | None = None  # of its top directory, as seen inside a machine
+
+
 class Bootstrap(Model):
     """What debootstrap makes a base image from."""
 
@@ -797,9 +863,10 @@ class Image(Model):
         return value
 
 
-Declaration = Machine | Network | Image
-KINDS: dict[str, type[Machine] | type[Network] | type[Image]] = {
+Declaration = Machine | Network | Image | Volume
+KINDS: dict[str, type[Machine] | type[Network] | type[Image] | type[Volume]] = {
     "machine": Machine,
     "network": Network,
     "image": Image,
+    "volume": Volume,
 }

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from pymachined.core.load import Located, Path_, collect
 from pymachined.core.records import MachineRecord, NetworkRecord
-from pymachined.core.spec import Image, Machine, MachineState, Network
+from pymachined.core.spec import Image, Machine, MachineState, Network, Volume
 from pymachined.errors import Diagnostic, SpecError
 
 
@@ -27,6 +27,7 @@ class SpecSet:
     machines: dict[str, Machine] = field(default_factory=dict)
     networks: dict[str, Network] = field(default_factory=dict)
     images: dict[str, Image] = field(default_factory=dict)
+    volumes: dict[str, Volume] = field(default_factory=dict)
     sources: dict[tuple[str, str], Located] = field(default_factory=dict)
 
     def where(self, kind: str, name: str) -> str:
@@ -108,6 +109,8 @@ def check(
             spec_set.machines[spec.name] = spec
         elif isinstance(spec, Network):
             spec_set.networks[spec.name] = spec
+        elif isinstance(spec, Volume):
+            spec_set.volumes[spec.name] = spec
         else:
             spec_set.images[spec.name] = spec
 
@@ -234,6 +237,17 @@ def _check_machines(spec_set: SpecSet, state_dirs: Sequence[PurePosixPath]) -> l
             )
         if network is not None and machine.address is not None:
             problems += _check_address(spec_set, located, machine, network, addresses)
+        for index, mount in enumerate(machine.volumes):
+            # A typo must never make a new, empty volume.
+            if mount.name not in spec_set.volumes:
+                problems.append(
+                    _at(
+                        located,
+                        ("volumes", index),
+                        f"unknown volume {mount.name!r}",
+                        _suggest(mount.name, spec_set.volumes) or "declare it with kind: volume",
+                    )
+                )
         for index, port in enumerate(machine.ports):
             bind = "*" if port.host_ip is None or port.host_ip.is_unspecified else str(port.host_ip)
             key = (bind, port.host, port.protocol.value)

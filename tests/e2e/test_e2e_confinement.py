@@ -46,7 +46,8 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
     specs = tmp_path / "specs"
     specs.mkdir()
     machines = [
-        machine("default"),
+        {"kind": "volume", "name": "vol"},
+        machine("default", volumes=["vol:/vol"]),
         machine(
             "declared",
             read_only=True,
@@ -124,6 +125,17 @@ def test_confinement_under_systemd(make_host: MakeHost, tmp_path: Path) -> None:
             assert rules is not None and "a *:* rwm" not in rules, (name, rules)
             assert report["host_console"] in {"EPERM", "EACCES", "ENXIO"}, name
             assert report["mknod_dev_block"] in {"EPERM", "EACCES"}, name
+
+    # A volume under systemd: the .nspawn file's ID-mapped Bind=. What the
+    # machine's 100:102 writes is 100:102 inside and on the host's disk.
+    made = "echo x > /vol/f && chown 100:102 /vol/f && stat -c %u:%g /vol/f"
+    assert host.run(["pymachine", "exec", "default", "--", "sh", "-c", made]).stdout.strip() == (
+        "100:102"
+    )
+    on_disk = host.run(["stat", "-c", "%u:%g", "/var/lib/pymachine/volumes/vol/data/f"])
+    assert on_disk.stdout.strip() == "100:102"
+    nspawn = host.run(["cat", "/etc/systemd/nspawn/default.nspawn"]).stdout
+    assert "Bind=/var/lib/pymachine/machines/default/binds/0:/vol:idmap" in nspawn, nspawn
 
     # exec'd processes are confined as each machine's PID 1 is (the unit's
     # cgroups, its namespaces, bounding set, no_new_privs, seccomp filters).

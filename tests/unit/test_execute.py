@@ -18,6 +18,7 @@ from pymachined.core.actions import (
     BuildImage,
     CreateMachine,
     CreateNetwork,
+    CreateVolume,
     EnableMachine,
     Phase,
     RemoveMachine,
@@ -249,6 +250,7 @@ class FakeNetwork:
 
 
 PHASES = {
+    CreateVolume: Phase.NETWORK_FIRST,
     CreateNetwork: Phase.NETWORK_FIRST,
     ReplaceNetwork: Phase.NETWORK_FIRST,
     BuildImage: Phase.MAKING,

@@ -1,0 +1,180 @@
+"""Volumes on the host: each declared volume is a directory under the state
+root, ``volumes/NAME/`` with its ``data/`` and its record, made once by apply
+and bound into the machines that use it (``render.all_binds``, ID-mapped).
+
+A volume outlives every root: no plan removes one, and neither do
+``destroy``, ``apply --prune`` nor ``pymachine prune``; ``pymachine volume rm``
+does, and only while no machine's record names it. What a volume holds is
+stored with the machine's own IDs (its files as seen inside), so a machine
+moved to another UID range, another image or ``private_users: false`` reads
+the same files as the same owners. The first machine to use a volume seeds
+an empty one from its image's content at the volume's path, as Docker fills
+an empty named volume; a volume that holds data is never written by
+pymachine again.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+from pymachined import files, run
+from pymachined.core import commands
+from pymachined.core.layout import Layout
+from pymachined.core.records import VolumeRecord
+from pymachined.core.spec import Volume
+from pymachined.errors import PymachineError
+from pymachined.images import ImageRecord
+from pymachined.state import StateStore
+
+OWNER = ".pymachine-owner"  # the mark on every directory pymachine may remove
+SEEDING = "data.seeding"  # a first copy from an image, renamed to data/ when whole
+VIEW = "image.view"  # a read-only overlay of the image, for that copy
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _owner(spec: Volume) -> tuple[int, int]:
+    uid, _, gid = (spec.owner or "0:0").partition(":")
+    return int(uid), int(gid)
+
+
+def _lock(layout: Layout, name: str) -> Path:
+    return Path(layout.run_dir) / "volumes" / f"{name}.lock"
+
+
+def create(layout: Layout, state: StateStore, spec: Volume, created: str) -> VolumeRecord:
+    """Make a volume's directory, its empty ``data/`` (owned by the declared
+    owner, 0:0 without one, as seen inside a machine) and its record, written
+    last. The volumes directory is root's alone (0700): a file a machine's
+    root made setuid there is a setuid file of the host's root."""
+    top = Path(layout.volumes_dir)
+    top.mkdir(mode=0o700, parents=True, exist_ok=True)
+    top.chmod(0o700)
+    with files.locked(_lock(layout, spec.name)):
+        found = state.volume(spec.name)
+        if found is not None:
+            return found
+        base = Path(layout.volume_dir(spec.name))
+        base.mkdir(mode=0o700, exist_ok=True)
+        (base / OWNER).write_text("pymachine\n")
+        data = base / "data"
+        data.mkdir(mode=0o755, exist_ok=True)
+        # Again after a create killed before its record: no machine has had it.
+        os.chown(data, *_owner(spec), follow_symlinks=False)
+        record = VolumeRecord(spec.name, spec, created=created)
+        state.put_volume(record)
+        return record
+
+
+def seed(
+    layout: Layout,
+    state: StateStore,
+    name: str,
+    target: str,
+    machine: str,
+    chain: list[ImageRecord],
+) -> None:
+    """At a volume's first use, copy into it what the machine's image holds at
+    the volume's path (owners, modes, links, xattrs). Only an empty volume
+    that has taken nothing yet is seeded; the copy is made beside ``data/``
+    and renamed into place whole, so a crash leaves either nothing or all of
+    it. A path the image does not hold as a directory, or reaches through a
+    symlink, seeds nothing."""
+    with files.locked(_lock(layout, name)):
+        record = state.volume(name)
+        if record is None:
+            raise PymachineError(
+                f"machine {machine} uses volume {name}, which is not on record",
+                hint="run pymachine apply, which makes the declared volumes",
+            )
+        if record.seeded:
+            return
+        base = Path(layout.volume_dir(name))
+        data = base / "data"
+        if any(os.scandir(data)):
+            state.put_volume(_seeded(record, machine, target))
+            return
+        staging = base / SEEDING
+        files.remove_tree(staging)
+        if _copy_from_image(base, chain, target, staging):
+            owner = data.stat()
+            if record.spec.owner is not None:  # the declared owner wins
+                os.chown(staging, owner.st_uid, owner.st_gid)
+            data.rmdir()
+            staging.rename(data)
+            files.fsync_dir(base)
+        state.put_volume(_seeded(record, machine, target))
+
+
+def _seeded(record: VolumeRecord, machine: str, target: str) -> VolumeRecord:
+    return VolumeRecord(record.name, record.spec, record.created, f"{machine}:{target}")
+
+
+def _copy_from_image(base: Path, chain: list[ImageRecord], target: str, staging: Path) -> bool:
+    """Copy the image's directory at target to staging; whether there was one."""
+    view = base / VIEW
+    if len(chain) == 1:
+        tree = Path(chain[0].tree)
+    else:
+        files.unmount_under(view)
+        view.mkdir(exist_ok=True)
+        run.run(
+            commands.overlay_mount_argv([PurePosixPath(r.tree) for r in chain], PurePosixPath(view))
+        )
+        tree = view
+    try:
+        if not _real_directory(tree, target):
+            return False
+        staging.mkdir(mode=0o755)
+        source = tree / target.lstrip("/")
+        run.run(commands.copy_tree_argv(PurePosixPath(source), PurePosixPath(staging)))
+        # The top of the copy takes the source directory's owner and mode.
+        info = source.lstat()
+        os.chown(staging, info.st_uid, info.st_gid)
+        staging.chmod(stat.S_IMODE(info.st_mode))
+        return True
+    finally:
+        if tree == view:
+            files.unmount_under(view)
+            view.rmdir()
+
+
+def _real_directory(tree: Path, target: str) -> bool:
+    """Whether target names a directory in tree through directories alone."""
+    fd = os.open(tree, _DIRECTORY)
+    try:
+        for part in PurePosixPath(target).parts[1:]:
+            try:
+                child = os.open(part, _DIRECTORY, dir_fd=fd)
+            except OSError:
+                return False  # missing, a symlink, or not a directory
+            os.close(fd)
+            fd = child
+        return True
+    finally:
+        os.close(fd)
+
+
+def size(layout: Layout, name: str) -> int:
+    """The bytes on disk a volume's data takes (never following a symlink)."""
+    return files.tree_usage(Path(layout.volume_data(name)))
+
+
+def remove(layout: Layout, name: str) -> None:
+    """Remove a volume and what it holds: its record first, so that a removal
+    killed half-way leaves no volume that looks whole."""
+    base = Path(layout.volume_dir(name))
+    if not (base / OWNER).exists():
+        raise PymachineError(
+            f"{base} is not marked as pymachine's; not removing it",
+            hint="remove it by hand if it is really a volume",
+        )
+    with files.locked(_lock(layout, name)):
+        StateStore(layout).volume_path(name).unlink(missing_ok=True)
+        files.unmount_under(base)
+        for entry in sorted(base.iterdir()):
+            if entry.name != OWNER:
+                files.remove_tree(entry)
+        (base / OWNER).unlink()
+        base.rmdir()

@@ -1,0 +1,169 @@
+"""Volumes with real nspawn and the default user namespace: data written as
+root and as another user keeps its bytes and its owners, as seen inside,
+across a root made again, a destroy and apply, and a move out of the user
+namespace; an empty volume is seeded from the image once and never again;
+volumes outlive destroy and prune, and go only by ``volume rm``; an image
+that plants a symlink at a volume's path seeds nothing from the host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.waiting import wait_until
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import Host
+
+pytestmark = pytest.mark.integration
+
+WRITE = (
+    "test -e /v/by-root || { echo root > /v/by-root; mkdir /v/u; "
+    "head -c 100000 /dev/urandom > /v/u/blob; chown -R 100:102 /v/u; chmod 0640 /v/u/blob; }; "
+    "exec sleep infinity"
+)
+
+SPECS = """\
+kind: volume
+name: "@data"
+owner: "100:102"
+---
+kind: volume
+name: "@seeded"
+---
+kind: image
+name: "@img"
+from: debian-bookworm-slim
+files:
+  - {path: /srv/seed/hello, content: "@first\\n", mode: "0600"}
+  - {path: /etc/marker, content: "@one"}
+---
+name: "@vm"
+image: "@img"
+network: none
+volumes: ["@data:/v", {name: "@seeded", target: /srv/seed}]
+command: [sh, -c, "WRITE"]
+""".replace("WRITE", WRITE)
+
+
+def manifest(host: Host, name: str, path: str) -> list[str]:
+    """Each file under path as the machine sees it: path, mode, owner, size, hash."""
+    listing = host.pymachine(
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        f"cd {path} && find . -printf '%p %m %U:%G %s\\n' | sort && "
+        "find . -type f -print0 | sort -z | xargs -0 sha256sum",
+    )
+    return listing.stdout.splitlines()
+
+
+def written(host: Host, name: str) -> list[str]:
+    """The manifest of /v once the machine's command has written it."""
+
+    def done() -> list[str] | None:
+        found = manifest(host, name, "/v")
+        return found if any("./u/blob" in line for line in found) else None
+
+    return wait_until(done, "the machine's writes in its volume", 60)
+
+
+def test_volume_data_keeps_its_bytes_and_owners_and_outlives_its_machine(host: Host) -> None:
+    p = host.prefix
+    name = f"{p}vm"
+    host.declare(SPECS)
+    planned = host.pymachine("plan", str(host.specs), check=False).stdout
+    assert f"create volume {p}data: new volume" in planned, planned
+    host.apply()
+    before = written(host, name)
+    assert "./by-root 644 0:0 5" in before, before
+    assert "./u/blob 640 100:102 100000" in before, before
+    assert any(line.startswith("./u 755 100:102 ") for line in before), before
+    assert any(line.startswith(". 755 100:102 ") for line in before), before  # its owner
+    # Seeded from the image at its first use, owned as in the image.
+    seeded = manifest(host, name, "/srv/seed")
+    assert "./hello 600 0:0 " + str(len(f"{p}first\n")) in seeded, seeded
+    host.pymachine("exec", name, "--", "sh", "-c", "echo mine >> /srv/seed/hello")
+    # On disk: the machine's own IDs, whatever its range.
+    data = host.root / f"var/lib/pymachine/volumes/{p}data/data"
+    assert (data / "u/blob").stat().st_uid == 100
+    assert oct((host.root / "var/lib/pymachine/volumes").stat().st_mode & 0o777) == "0o700"
+
+    # A root made again (its image changed), a new seed in the image: the
+    # data as it was, the seeded volume not written again.
+    changed = SPECS.replace('"@one"', '"@two"').replace('"@first\\n"', '"@second\\n"')
+    host.declare(changed)
+    host.apply()
+    assert written(host, name) == before
+    again = host.pymachine("exec", name, "--", "cat", "/srv/seed/hello").stdout
+    assert again == f"{p}first\nmine\n", again
+
+    # destroy and apply: a new root, the same data.
+    host.pymachine("destroy", "--yes", name)
+    docs = {d["name"]: d for d in json.loads(host.pymachine("volume", "ls", "-o", "json").stdout)}
+    assert docs[f"{p}data"]["used_by"] == [] and docs[f"{p}data"]["size"] > 100000
+    host.apply()
+    assert written(host, name) == before
+
+    # Out of the user namespace: the same files, the same owners.
+    host.declare(
+        changed.replace("network: none\n", "network: none\nsecurity: {private_users: false}\n")
+    )
+    host.apply()
+    assert written(host, name) == before
+
+    # Removal: refused while used; kept by apply --prune; volume prune takes
+    # only what no spec declares and no machine uses, and asks first.
+    used = host.pymachine("volume", "rm", "--yes", f"{p}data", check=False)
+    assert used.returncode == 1 and f"volume {p}data is used by {name}" in used.stderr
+    host.declare(
+        'kind: volume\nname: "@kept"\n---\nkind: volume\nname: "@used"\n---\n'
+        'name: "@other"\nimage: debian-bookworm-slim\nnetwork: none\n'
+        'volumes: ["@used:/u"]\ncommand: [sleep, "1d"]\n'
+    )
+    pruned = host.apply("--prune").stdout
+    assert f"remove {name}" in pruned, pruned
+    assert f"{p}data" in host.pymachine("volume", "ls").stdout
+    for argv in (("volume", "rm", f"{p}data"), ("volume", "prune", str(host.specs))):
+        asked = subprocess.run(
+            host.argv(*argv), stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
+        assert asked.returncode == 1 and "no terminal to ask" in asked.stderr, asked
+    assert data.is_dir()
+    listed = host.pymachine("volume", "prune", str(host.specs), "--yes").stdout
+    assert f"remove volume {p}data" in listed and f"remove volume {p}seeded" in listed, listed
+    assert not data.exists()
+    left = json.loads(host.pymachine("volume", "ls", "-o", "json").stdout)
+    assert sorted((d["name"], d["used_by"]) for d in left) == [
+        (f"{p}kept", []),
+        (f"{p}used", [f"{p}other"]),
+    ]
+    again = host.pymachine("volume", "prune", str(host.specs)).stdout
+    assert again.startswith("nothing to prune"), again
+    host.pymachine("destroy", "--yes", f"{p}other")
+    host.pymachine("volume", "rm", "--yes", f"{p}used")
+    host.pymachine("volume", "rm", "--yes", f"{p}kept")
+
+
+def test_a_symlink_at_a_volumes_path_in_the_image_seeds_nothing_from_the_host(host: Host) -> None:
+    p = host.prefix
+    image = (
+        f'kind: image\nname: "{p}bad"\nfrom: debian-bookworm-slim\nscript: ln -s /etc /srv/link\n'
+    )
+    host.declare(
+        image
+        + f'---\nkind: volume\nname: "@v"\n---\nname: "@bad"\nimage: "{p}bad"\nnetwork: none\n'
+        + 'volumes: ["@v:/srv/link"]\ncommand: [sleep, infinity]\n'
+    )
+    done = host.apply(check=False)
+    assert done.returncode == 1, done
+    assert f"machine {p}bad: cannot make /srv/link in its root" in done.stderr, done.stderr
+    data = host.root / f"var/lib/pymachine/volumes/{p}v/data"
+    assert list(data.iterdir()) == []  # nothing of the host's /etc
+    host.pymachine("destroy", "--yes", f"{p}bad", check=False)
+    host.pymachine("volume", "rm", "--yes", f"{p}v")
