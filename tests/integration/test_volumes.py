@@ -8,7 +8,9 @@ that plants a symlink at a volume's path seeds nothing from the host."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -167,3 +169,23 @@ def test_a_symlink_at_a_volumes_path_in_the_image_seeds_nothing_from_the_host(ho
     assert list(data.iterdir()) == []  # nothing of the host's /etc
     host.pymachine("destroy", "--yes", f"{p}bad", check=False)
     host.pymachine("volume", "rm", "--yes", f"{p}v")
+
+
+def test_a_bind_with_idmap_shows_the_hosts_owners_inside(host: Host, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_text("host\n")
+    os.chown(shared / "f", 100, 102)
+    binds = f'binds: ["{shared}:/plain", {{source: "{shared}", target: /mapped, idmap: true}}]\n'
+    host.declare(
+        f'name: "@b"\nimage: debian-bookworm-slim\nnetwork: none\n{binds}command: [sleep, "1d"]\n'
+    )
+    host.apply()
+    host.payload("b")
+    shown = host.pymachine(
+        "exec", f"{host.prefix}b", "--", "stat", "-c", "%u:%g", "/plain/f", "/mapped/f"
+    )
+    # Without idmap the host's 100 is outside the machine's range: nobody.
+    assert shown.stdout.split() == ["65534:65534", "100:102"]
+    host.pymachine("exec", f"{host.prefix}b", "--", "touch", "/mapped/made")
+    assert ((shared / "made").stat().st_uid, (shared / "made").stat().st_gid) == (0, 0)
