@@ -5,7 +5,9 @@ written atomically. Only a machine with a readable record that says
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from pymachined import files
 from pymachined.core.layout import Layout
@@ -22,6 +24,7 @@ from pymachined.errors import StateError
 
 RECORD = "state.json"
 VOLUME_RECORD = "volume.json"
+R = TypeVar("R")
 
 
 class StateStore:
@@ -58,17 +61,7 @@ class StateStore:
     def scan(self) -> tuple[dict[str, MachineRecord], dict[str, StateError]]:
         """Every record by machine name, and apart the records that cannot be
         read: one bad record is its machine's problem, not every machine's."""
-        out = {}
-        bad = {}
-        for name in self.names():
-            try:
-                record = self.get(name)
-            except StateError as exc:
-                bad[name] = exc
-                continue
-            if record is not None:
-                out[name] = record
-        return out, bad
+        return _scan(self.names(), self.get)
 
     def put(self, record: MachineRecord, *, durable: bool = True) -> None:
         """Write a record atomically (and durably, unless the caller syncs later)."""
@@ -97,17 +90,8 @@ class StateStore:
     def scan_networks(self) -> tuple[dict[str, NetworkRecord], dict[str, StateError]]:
         """Every network record by name, and apart those that cannot be read."""
         directory = Path(self.layout.networks_dir)
-        out = {}
-        bad = {}
-        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-            try:
-                record = self.network(path.stem)
-            except StateError as exc:
-                bad[path.stem] = exc
-                continue
-            if record is not None:
-                out[record.name] = record
-        return out, bad
+        names = [p.stem for p in sorted(directory.glob("*.json"))] if directory.is_dir() else []
+        return _scan(names, self.network)
 
     def put_network(self, record: NetworkRecord) -> None:
         """Write a network's record atomically."""
@@ -132,21 +116,30 @@ class StateStore:
     def scan_volumes(self) -> tuple[dict[str, VolumeRecord], dict[str, StateError]]:
         """Every volume record by name, and apart those that cannot be read."""
         directory = Path(self.layout.volumes_dir)
-        out = {}
-        bad = {}
-        for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
-            try:
-                record = self.volume(entry.name)
-            except StateError as exc:
-                bad[entry.name] = exc
-                continue
-            if record is not None:
-                out[entry.name] = record
-        return out, bad
+        names = [p.name for p in sorted(directory.iterdir())] if directory.is_dir() else []
+        return _scan(names, self.volume)
 
     def put_volume(self, record: VolumeRecord) -> None:
         """Write a volume's record atomically."""
         files.atomic_write_json(self.volume_path(record.name), stored(record))
+
+
+def _scan(
+    names: Iterable[str], read: Callable[[str], R | None]
+) -> tuple[dict[str, R], dict[str, StateError]]:
+    """The records read by name, and apart the names whose record cannot be
+    read (a name with no record is left out)."""
+    out: dict[str, R] = {}
+    bad: dict[str, StateError] = {}
+    for name in names:
+        try:
+            record = read(name)
+        except StateError as exc:
+            bad[name] = exc
+            continue
+        if record is not None:
+            out[name] = record
+    return out, bad
 
 
 def _read(path: Path) -> str | None:

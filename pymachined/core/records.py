@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pymachined.core import wire
 from pymachined.core.spec import Machine, Network, Volume
@@ -19,6 +19,7 @@ from pymachined.supervise.base import RunSpec
 VERSION = 1
 OWNER = "pymachine"
 HISTORY = 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,31 +101,27 @@ def _parse_owned(text: str, where: Path, hint: str) -> dict[str, Any]:
     return data
 
 
+def _parse_as(kind: type[T], text: str, where: Path, hint: str) -> T:
+    data = _parse_owned(text, where, hint)
+    try:
+        return wire.load(kind, data)
+    except ValueError as exc:
+        raise StateError(f"state record {where} is broken: {exc}", hint=hint) from exc
+
+
 def parse_record(text: str, where: Path) -> MachineRecord:
     """A machine's record from its JSON text. Pure."""
     hint = f"inspect {where}; if the machine is gone, remove the file, then apply again"
-    data = _parse_owned(text, where, hint)
-    try:
-        return wire.load(MachineRecord, data)
-    except ValueError as exc:
-        raise StateError(f"state record {where} is broken: {exc}", hint=hint) from exc
+    return _parse_as(MachineRecord, text, where, hint)
 
 
 def parse_network_record(text: str, where: Path) -> NetworkRecord:
     """A network's record from its JSON text. Pure."""
     hint = f"inspect {where}; if the network is gone, remove the file, then apply again"
-    data = _parse_owned(text, where, hint)
-    try:
-        return wire.load(NetworkRecord, data)
-    except ValueError as exc:
-        raise StateError(f"state record {where} is broken: {exc}", hint=hint) from exc
+    return _parse_as(NetworkRecord, text, where, hint)
 
 
 def parse_volume_record(text: str, where: Path) -> VolumeRecord:
     """A volume's record from its JSON text. Pure."""
     hint = f"inspect {where}; pymachine never removes a volume it cannot read"
-    data = _parse_owned(text, where, hint)
-    try:
-        return wire.load(VolumeRecord, data)
-    except ValueError as exc:
-        raise StateError(f"state record {where} is broken: {exc}", hint=hint) from exc
+    return _parse_as(VolumeRecord, text, where, hint)
