@@ -10,7 +10,8 @@ import pytest
 
 from pymachined import events
 from pymachined.core.layout import Layout
-from pymachined.core.records import MachineRecord
+from pymachined.core.records import MachineRecord, NetworkRecord, VolumeRecord
+from pymachined.core.spec import Network, Volume
 from pymachined.errors import StateError
 from pymachined.state import StateStore
 
@@ -74,3 +75,23 @@ def test_one_unreadable_record_is_set_apart(tmp_path: Path) -> None:
     assert list(store.all()) == ["good"]
     with pytest.raises(StateError, match="not valid UTF-8"):
         store.get("utf")
+
+
+def test_unreadable_network_and_volume_records_are_set_apart(tmp_path: Path) -> None:
+    layout = Layout(PurePosixPath(tmp_path))
+    store = StateStore(layout)
+    net = Network.model_validate({"kind": "network", "name": "lan", "subnet": "10.9.0.0/24"})
+    store.put_network(NetworkRecord("lan", "pmbr-lan", "h", net))
+    store.network_path("bad").write_text('{"version": 1, "owner": "pymachine", "name": 5}')
+    store.put_volume(VolumeRecord("data", Volume(kind="volume", name="data")))
+    store.volume_path("old").parent.mkdir(parents=True)
+    store.volume_path("old").write_text('{"version": 0, "owner": "pymachine"}')
+    (Path(layout.volumes_dir) / "empty").mkdir()  # a directory without a record: no volume
+    networks, bad_networks = store.scan_networks()
+    assert list(networks) == ["lan"] and list(bad_networks) == ["bad"]
+    assert "is broken" in str(bad_networks["bad"])
+    volumes, bad_volumes = store.scan_volumes()
+    assert volumes == {"data": VolumeRecord("data", Volume(kind="volume", name="data"))}
+    assert list(bad_volumes) == ["old"]
+    assert "has version 0; this pymachine reads version 1" in str(bad_volumes["old"])
+    assert "pymachine never removes a volume it cannot read" in str(bad_volumes["old"].hint)
