@@ -235,9 +235,11 @@ def console_output(
             yield LogLine(stamp, text)
 
     def read(source: Path) -> Iterator[str]:
+        # The stamper writes whole lines: one without its newline at the end
+        # is being written now, and is read whole next time.
         try:
             with source.open(errors="replace") as handle:
-                yield from handle
+                yield from (line for line in handle if line.endswith("\n"))
         except FileNotFoundError:
             return
 
@@ -252,23 +254,45 @@ def console_output(
     return generate()
 
 
+def _last_line_end(path: Path, size: int, window: int = 1 << 16) -> int:
+    """The offset just past the last newline in a log's first ``size`` bytes
+    (``size`` itself when the last ``window`` bytes hold none)."""
+    start = max(0, size - window)
+    with path.open("rb") as raw:
+        raw.seek(start)
+        data = raw.read(size - start)
+    found = data.rfind(b"\n")
+    if found >= 0:
+        return start + found + 1
+    return 0 if start == 0 else size
+
+
 def _follow(path: Path, kept: Callable[[str], Iterator[LogLine]]) -> Iterator[LogLine]:
     """The lines written to a console log from now on, across its rotations."""
     handle = path.open(errors="replace")
-    handle.seek(0, os.SEEK_END)
+    # From the end of the last whole line: one being written is read whole.
+    handle.seek(_last_line_end(path, os.fstat(handle.fileno()).st_size))
+    pending = ""  # a line being written: shown once it is whole
     try:
         while True:
             line = handle.readline()
             if line:
-                yield from kept(line)
-                continue
+                pending += line
+                if pending.endswith("\n"):
+                    yield from kept(pending)
+                    pending = ""
+                    continue
             try:
                 renamed = path.stat().st_ino != os.fstat(handle.fileno()).st_ino
             except FileNotFoundError:
                 renamed = False  # between the rename and the next line
             if renamed:  # rotated: the rest of the old file, then on to the new one
                 for rest in handle:
-                    yield from kept(rest)
+                    pending += rest
+                    if pending.endswith("\n"):
+                        yield from kept(pending)
+                        pending = ""
+                pending = ""  # a rotated file is whole: what is left is no line
                 handle.close()
                 handle = path.open(errors="replace")
             else:

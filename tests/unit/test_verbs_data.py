@@ -16,7 +16,7 @@ from pymachined.core import wire
 from pymachined.errors import PymachineError, UsageError
 from pymachined.images import ImageRecord
 from pymachined.supervise.base import LogLine
-from pymachined.supervise.builtin import console_output
+from pymachined.supervise.builtin import _last_line_end, console_output
 from pymachined.verbs import disk, inspect, logs, stats
 
 
@@ -127,19 +127,35 @@ def test_console_output_from_the_rotated_part_on_with_tail_and_since(tmp_path: P
     log = tmp_path / "console.log"
     assert console_output(log, None, None, follow=False) is None
     (tmp_path / "console.log.1").write_text("2020-01-01T00:00:00Z first\n")
-    log.write_text("2026-11-28T11:00:00Z second\nunstamped\n2026-11-28T12:00:00Z last")
+    log.write_text("2026-11-28T11:00:00Z second\nunstamped\n2026-11-28T12:00:00Z last\n")
     found = console_output(log, None, None, follow=False)
     assert found is not None and list(found) == [
         LogLine("2020-01-01T00:00:00Z", "first\n"),
         LogLine("2026-11-28T11:00:00Z", "second\n"),
         LogLine(None, "unstamped\n"),
-        LogLine("2026-11-28T12:00:00Z", "last"),
+        LogLine("2026-11-28T12:00:00Z", "last\n"),
     ]
     tail = console_output(log, 2, None, follow=False)
-    assert tail is not None and [line.text for line in tail] == ["unstamped\n", "last"]
+    assert tail is not None and [line.text for line in tail] == ["unstamped\n", "last\n"]
     # An unstamped line has no time to be within the window.
     since = console_output(log, None, NOW.timestamp() - 3600, follow=False)
-    assert since is not None and [line.text for line in since] == ["second\n", "last"]
+    assert since is not None and [line.text for line in since] == ["second\n", "last\n"]
+
+
+def test_a_line_still_being_written_is_shown_once_whole(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_text("2026-11-28T11:00:00Z one\n2026-11-2")  # the stamper mid-write
+    tail = console_output(log, 1, None, follow=False)
+    assert tail is not None and list(tail) == [LogLine("2026-11-28T11:00:00Z", "one\n")]
+    with log.open("a") as more:
+        more.write("8T11:00:01Z two\n")
+    tail = console_output(log, 1, None, follow=False)
+    assert tail is not None and list(tail) == [LogLine("2026-11-28T11:00:01Z", "two\n")]
+    # Following starts after the last whole line, so the one being written
+    # comes whole, never as its second half.
+    assert _last_line_end(log, len(b"2026-11-28T11:00:00Z one\n2026-11-2")) == 25
+    assert _last_line_end(log, 10) == 0
+    assert _last_line_end(log, log.stat().st_size, window=4) == log.stat().st_size
 
 
 def test_log_lines_print_with_their_stamp_only_if_asked(
