@@ -313,16 +313,22 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _parse_bind(value: Any) -> Any:
-    """``"src:dst[:ro|rw]"`` -> the mapping form; mappings pass through."""
+def _parse_pair(value: Any, first: str, what: str, usage: str) -> Any:
+    """``"A:B[:ro|rw]"`` -> ``{first: A, "target": B, "read_only": ...}``;
+    mappings pass through."""
     if not isinstance(value, str):
         return value
     parts = value.split(":")
     if len(parts) == 2:
-        return {"source": parts[0], "target": parts[1]}
+        return {first: parts[0], "target": parts[1]}
     if len(parts) == 3 and parts[2] in ("ro", "rw"):
-        return {"source": parts[0], "target": parts[1], "read_only": parts[2] == "ro"}
-    raise ValueError(f"{value!r} is not a bind: use 'SOURCE:TARGET' or 'SOURCE:TARGET:ro'")
+        return {first: parts[0], "target": parts[1], "read_only": parts[2] == "ro"}
+    raise ValueError(f"{value!r} is not {what}: use {usage}")
+
+
+def _parse_bind(value: Any) -> Any:
+    """``"src:dst[:ro|rw]"`` -> the mapping form."""
+    return _parse_pair(value, "source", "a bind", "'SOURCE:TARGET' or 'SOURCE:TARGET:ro'")
 
 
 class Bind(Model):
@@ -341,15 +347,8 @@ BindItem = Annotated[Bind, BeforeValidator(_parse_bind, json_schema_input_type=s
 
 
 def _parse_volume_mount(value: Any) -> Any:
-    """``"NAME:/path[:ro|rw]"`` -> the mapping form; mappings pass through."""
-    if not isinstance(value, str):
-        return value
-    parts = value.split(":")
-    if len(parts) == 2:
-        return {"name": parts[0], "target": parts[1]}
-    if len(parts) == 3 and parts[2] in ("ro", "rw"):
-        return {"name": parts[0], "target": parts[1], "read_only": parts[2] == "ro"}
-    raise ValueError(f"{value!r} is not a volume: use 'NAME:/PATH' or 'NAME:/PATH:ro'")
+    """``"NAME:/path[:ro|rw]"`` -> the mapping form."""
+    return _parse_pair(value, "name", "a volume", "'NAME:/PATH' or 'NAME:/PATH:ro'")
 
 
 class VolumeMount(Model):
