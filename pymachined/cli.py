@@ -766,7 +766,9 @@ def network_rm(name: NetworkArg) -> None:
 
 # Volumes
 
-volume_app = typer.Typer(help="List, inspect and remove volumes.", no_args_is_help=True)
+volume_app = typer.Typer(
+    help="List, inspect, remove, export and import volumes.", no_args_is_help=True
+)
 app.add_typer(volume_app, name="volume")
 VolumeArg = Annotated[str, typer.Argument(help="The volume.", callback=_name_check("volume"))]
 
@@ -816,6 +818,44 @@ def volume_rm(name: VolumeArg, yes: YesOption = False) -> None:
             typer.confirm(question, abort=True)
         volumes.remove(options.layout, name)
     typer.echo(f"removed volume {name}")
+
+
+ArchiveArg = Annotated[str, typer.Argument(help="The tar file; - for standard input or output.")]
+
+
+@volume_app.command("export")
+def volume_export(name: VolumeArg, file: ArchiveArg) -> None:
+    """Write a volume's data to a tar file: owners as its machines see them,
+    modes, xattrs and ACLs, hard links, holes. Stop the machines writing to
+    it first for a copy of one moment."""
+    from pymachined.verbs import volumes
+
+    if file == "-" and sys.stdout.isatty():
+        raise PymachineError(
+            "not writing an archive to a terminal",
+            hint=f"redirect it (pymachine volume export {name} - > {name}.tar) or name a file",
+        )
+    volumes.export(options.layout, name, file)
+    if file != "-":
+        typer.echo(f"exported volume {name} to {file}", err=True)
+
+
+@volume_app.command("import")
+def volume_import(name: VolumeArg, file: ArchiveArg, supervisor: SupervisorOption = "auto") -> None:
+    """Fill an empty volume from a tar file (as volume export writes), making
+    the volume if it has none; a volume that holds data is never written over."""
+    from pymachined.verbs import volumes
+
+    if file == "-" and sys.stdin.isatty():
+        raise PymachineError(
+            "not reading an archive from a terminal",
+            hint=f"redirect one in (pymachine volume import {name} - < {name}.tar) or name a file",
+        )
+    with _host_lock(None):
+        statuses = _reconciler(supervisor).supervisor.status()
+        running = [n for n, status in statuses.items() if status.pid is not None]
+        volumes.import_archive(options.layout, name, file, running)
+    typer.echo(f"imported {'standard input' if file == '-' else file} into volume {name}")
 
 
 @volume_app.command("prune")
@@ -964,20 +1004,29 @@ def prune(
 
 
 @app.command()
-def df(output: OutputOption = Format.TABLE) -> None:
-    """Disk used by images and by machines' own layers, shared and unique."""
+def df(
+    output: OutputOption = Format.TABLE,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also a row for each volume.")
+    ] = False,
+) -> None:
+    """Disk used by images, by machines' own layers and by volumes."""
     from pymachined import output as show
     from pymachined.verbs import disk
 
     rows = disk.usage(options.layout, _store())
     if output is Format.TABLE:
         totals = disk.totals(rows)
+        count = sum(1 for r in rows if r["type"] == "volume")
         show.line(
             f"images: {show.human(totals.images)} ({show.human(totals.shared)} in use, "
             f"{show.human(totals.reclaimable)} reclaimable by image prune)"
         )
         show.line(f"machines' own layers: {show.human(totals.own)}")
+        show.line(f"volumes: {show.human(totals.volumes)} in {show.plural(count, 'volume')}")
         show.line()
+    if not verbose:
+        rows = [r for r in rows if r["type"] != "volume"]
     show.rows(
         show.humanized(rows, ["size"], output), ["type", "name", "key", "size", "users"], output
     )

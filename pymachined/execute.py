@@ -67,7 +67,8 @@ from pymachined.state import StateStore
 from pymachined.supervise.base import BindSource, RunSpec, Supervisor
 
 
-def _now() -> str:
+def now() -> str:
+    """The time now in UTC, to the second, as records keep it."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -272,7 +273,7 @@ class Executor:
                 self._create_network(action)
             case CreateVolume():
                 assert action.spec is not None
-                volumes.create(self.layout, self.state, action.spec, _now())
+                volumes.create(self.layout, self.state, action.spec, now())
             case RemoveNetwork():
                 self._remove_network(action)
             case _:
@@ -350,7 +351,7 @@ class Executor:
         return record
 
     def _event(self, record: MachineRecord, event: str) -> MachineRecord:
-        updated = record.with_event(f"{_now()} {event}")
+        updated = record.with_event(f"{now()} {event}")
         self.state.put(updated, durable=False)
         return updated
 
@@ -401,7 +402,7 @@ class Executor:
         self._make_root(want)
         crash_point("create")
         record = self.state.get(want.name) or MachineRecord(
-            name=want.name, config_hash="", layers=want.layer_keys, created=_now()
+            name=want.name, config_hash="", layers=want.layer_keys, created=now()
         )
         self._event(replace(record, layers=want.layer_keys), "created")
         events.record(self.layout, want.name, "create")
@@ -413,7 +414,7 @@ class Executor:
         root = self.roots.adopt(self.layout, want.name, action.mode, want.layer_keys)
         self.roots.mount(self.layout, self.images, root)
         record = self.state.get(want.name) or MachineRecord(
-            name=want.name, config_hash="", layers=want.layer_keys, created=_now()
+            name=want.name, config_hash="", layers=want.layer_keys, created=now()
         )
         self._event(replace(record, layers=want.layer_keys), "root record made again, writes kept")
 
@@ -543,13 +544,13 @@ class Executor:
         members = [n for n, r in self.state.all().items() if r.network == action.network]
         self.net.reconnect(self.layout, bridge, members)
         if record is None:
-            record = NetworkRecord(action.network, bridge, "", action.spec, created=_now())
+            record = NetworkRecord(action.network, bridge, "", action.spec, created=now())
         record = replace(
             record,
             bridge=bridge,
             spec=action.spec,
             config_hash=action.config_hash,
-        ).with_event(f"{_now()} {action.verb}d ({action.reason})")
+        ).with_event(f"{now()} {action.verb}d ({action.reason})")
         self.state.put_network(record)
         self.net.sync_rules(self.layout, self.state)
         if self.net is network and (problem := names.resolver_problem(self.layout, record)):

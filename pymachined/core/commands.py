@@ -172,6 +172,43 @@ def copy_tree_argv(source: PurePosixPath, target: PurePosixPath) -> list[str]:
     return ["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(target)]
 
 
+# A volume's archive: numeric owners (a volume holds the IDs its machines see,
+# so they are relative to the volume, never the host's names), every xattr
+# (POSIX ACLs are xattrs too), hard links within it, holes kept.
+_ARCHIVE = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
+
+
+def archive_create_argv(directory: PurePosixPath, file: str) -> list[str]:
+    """A POSIX tar of directory's content into file ("-": stdout)."""
+    return [
+        "tar",
+        "--create",
+        f"--file={file}",
+        f"--directory={directory}",
+        *_ARCHIVE,
+        "--sparse",
+        "--format=posix",
+        "--one-file-system",
+        ".",
+    ]
+
+
+def archive_extract_argv(file: str, directory: PurePosixPath) -> list[str]:
+    """Extract the tar file ("-": stdin) into directory with its owners and
+    modes. GNU tar refuses members that climb out with ``..``, strips leading
+    slashes and never writes through a symlink the archive made."""
+    return [
+        "tar",
+        "--extract",
+        f"--file={file}",
+        f"--directory={directory}",
+        *_ARCHIVE,
+        "--same-owner",
+        "--same-permissions",
+        "--warning=no-timestamp",
+    ]
+
+
 def enter_argv(
     python: str,
     pid: int,

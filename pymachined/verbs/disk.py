@@ -1,5 +1,5 @@
-"""``df``, ``image ls``, ``image rm`` and ``prune``: the disk images and
-machines' own layers use, and removing what nothing uses. Edge; ``totals``,
+"""``df``, ``image ls``, ``image rm`` and ``prune``: the disk images,
+machines' own layers and volumes use, and removing what nothing uses. Edge; ``totals``,
 ``resolve`` and ``refusal`` are pure."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pymachined.files import tree_usage
 from pymachined.images import ImageRecord, ImageStore
 from pymachined.state import StateStore
 from pymachined.supervise.base import LIVE, Status, Supervisor
+from pymachined.verbs import volumes
 from pymachined.verbs.lifecycle import host_lock
 
 Say = Callable[[str], None]
@@ -41,11 +42,13 @@ def images(layout: Layout, store: ImageStore) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Totals:
-    """Bytes of images (all; those some machine uses) and of machines' own layers."""
+    """Bytes of images (all; those some machine uses), of machines' own
+    layers and of volumes."""
 
     images: int
     shared: int
     own: int
+    volumes: int = 0
 
     @property
     def reclaimable(self) -> int:
@@ -59,12 +62,14 @@ def totals(rows: Sequence[Mapping[str, Any]]) -> Totals:
         images=sum(r["size"] for r in rows if r["type"] == "image"),
         shared=sum(r["size"] for r in rows if r["type"] == "image" and r["users"]),
         own=sum(r["size"] for r in rows if r["type"] == "machine"),
+        volumes=sum(r["size"] or 0 for r in rows if r["type"] == "volume"),
     )
 
 
 def usage(layout: Layout, store: ImageStore) -> list[dict[str, Any]]:
     """df's rows: each image with its size and number of users, then each
-    machine's own layer (its upper directory, or its copied root)."""
+    machine's own layer (its upper directory, or its copied root), then each
+    volume with the number of machines whose records name it."""
     users = rootfs.users(layout)
     rows: list[dict[str, Any]] = [
         {
@@ -91,6 +96,16 @@ def usage(layout: Layout, store: ImageStore) -> list[dict[str, Any]]:
                 "users": 1,
             }
         )
+    rows += [
+        {
+            "type": "volume",
+            "name": doc["name"],
+            "key": None,
+            "size": doc["size"],
+            "users": len(doc["used_by"]),
+        }
+        for doc in volumes.listing(layout)
+    ]
     return rows
 
 

@@ -83,8 +83,8 @@ def machines(layout: Layout, images: ImageStore, supervisor: Supervisor) -> List
 
 def machine(layout: Layout, supervisor: Supervisor, name: str) -> dict[str, Any]:
     """One machine's document: the spec as applied, the command line it runs
-    with, its state, root layers, address, files, history, limits and user
-    namespace."""
+    with, its state, root layers, address, volumes, files, history, limits
+    and user namespace."""
     record = known(layout, name)
     status = supervisor.status().get(name)
     root = rootfs.read(layout, name)
@@ -100,6 +100,15 @@ def machine(layout: Layout, supervisor: Supervisor, name: str) -> dict[str, Any]
         },
         "network": record.network or (record.spec.network if record.spec else None),
         "address": record.address,
+        "volumes": [
+            {
+                "name": v.name,
+                "target": v.target,
+                "read_only": v.read_only,
+                "source": str(layout.volume_data(v.name)),
+            }
+            for v in (record.spec.volumes if record.spec else [])
+        ],
         "files": sorted(record.files),
         "created": record.created,
         "history": list(record.history),

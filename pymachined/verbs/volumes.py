@@ -1,4 +1,5 @@
-"""The library behind ``pymachine volume``: list, inspect and remove volumes.
+"""The library behind ``pymachine volume``: list, inspect, remove, export
+and import volumes.
 
 A volume is used by every machine whose record names it (what was last
 applied, running or not); it cannot be removed while one does.
@@ -12,6 +13,7 @@ from typing import Any
 from pymachined import volumes
 from pymachined.core.layout import Layout
 from pymachined.errors import PymachineError
+from pymachined.execute import now
 from pymachined.state import StateStore
 
 
@@ -84,3 +86,28 @@ def remove(layout: Layout, name: str) -> None:
             hint="remove it from their specs and apply, or destroy them, first",
         )
     volumes.remove(layout, name)
+
+
+def _known(state: StateStore, name: str) -> None:
+    if state.volume(name) is None:
+        raise PymachineError(f"no volume named {name!r}", hint="see pymachine volume ls")
+
+
+def export(layout: Layout, name: str, file: str) -> None:
+    """Write a volume's data as a tar to file ("-": stdout). A machine using
+    it may write meanwhile; stop it first for a copy of one moment."""
+    _known(StateStore(layout), name)
+    volumes.export(layout, name, file)
+
+
+def import_archive(layout: Layout, name: str, file: str, running: Collection[str]) -> None:
+    """Fill an empty volume (made if it has no record) from a tar file
+    ("-": stdin); refused while a machine in running uses it."""
+    state = StateStore(layout)
+    busy = sorted(set(users(state, name)) & set(running))
+    if busy:
+        raise PymachineError(
+            f"volume {name} is used by running machines: {', '.join(busy)}",
+            hint=f"stop them first (pymachine stop {busy[0]})",
+        )
+    volumes.import_archive(layout, state, name, file, now())

@@ -7,9 +7,12 @@ that plants a symlink at a volume's path seeds nothing from the host."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,3 +192,111 @@ def test_a_bind_with_idmap_shows_the_hosts_owners_inside(host: Host, tmp_path: P
     assert shown.stdout.split() == ["65534:65534", "100:102"]
     host.pymachine("exec", f"{host.prefix}b", "--", "touch", "/mapped/made")
     assert ((shared / "made").stat().st_uid, (shared / "made").stat().st_gid) == (0, 0)
+
+
+def tree_manifest(root: Path) -> list[tuple[object, ...]]:
+    """Every entry under root, as stored: path, type and mode, owner, size,
+    blocks used (holes), hash, xattrs (POSIX ACLs among them) and which
+    entries are one file (hard links)."""
+    out: list[tuple[object, ...]] = []
+    inodes: dict[int, str] = {}
+    for entry in sorted([root, *root.rglob("*")]):
+        info = entry.lstat()
+        where = str(entry.relative_to(root))
+        digest = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else None
+        if entry.is_symlink():
+            digest = os.readlink(entry)
+            xattrs: dict[str, bytes] = {}
+        else:
+            xattrs = {k: os.getxattr(entry, k) for k in sorted(os.listxattr(entry))}
+        first = inodes.setdefault(info.st_ino, where) if info.st_nlink > 1 else where
+        out.append(
+            (where, info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_blocks > 0,
+             digest, xattrs, first)
+        )  # fmt: skip
+    return out
+
+
+def test_an_exported_volume_imports_into_a_new_one_whole(host: Host, tmp_path: Path) -> None:
+    p = host.prefix
+    host.declare(SPECS)
+    host.apply()
+    before = written(host, f"{p}vm")
+    volumes = host.root / "var/lib/pymachine/volumes"
+    data = volumes / f"{p}data/data"
+    # What a machine's tools can leave: an xattr, an ACL, a hard link, a hole.
+    os.setxattr(data / "by-root", "user.origin", b"test")
+    subprocess.run(["setfacl", "-m", "u:1234:r,g:77:rw", str(data / "u/blob")], check=True)
+    os.link(data / "u/blob", data / "u/again")
+    with (data / "sparse").open("wb") as sparse:
+        sparse.truncate(64 << 20)
+        sparse.write(b"head")
+    archive = tmp_path / "data.tar"
+    host.pymachine("volume", "export", f"{p}data", str(archive))
+    assert not list(tmp_path.glob(".data.tar.partial-*"))
+
+    # Into a volume no spec declares yet: import makes it; then a spec uses it.
+    copy = volumes / f"{p}copy/data"
+    host.pymachine("volume", "import", f"{p}copy", str(archive))
+    assert tree_manifest(copy) == tree_manifest(data)
+    assert (copy / "sparse").stat().st_blocks * 512 < 1 << 20  # the hole stayed a hole
+    acl = subprocess.run(["getfacl", "-cn", str(copy / "u/blob")], capture_output=True, text=True)
+    assert "user:1234:r--" in acl.stdout and "group:77:rw-" in acl.stdout, acl
+    host.declare(
+        SPECS
+        + f'---\nkind: volume\nname: "@copy"\n---\nname: "@vm2"\nimage: "{p}img"\n'
+        + 'network: none\nvolumes: ["@copy:/v"]\ncommand: [sleep, infinity]\n'
+    )
+    host.apply()
+    host.payload("vm2")
+    # As its machines see it, the same files, the same owners.
+    seen = [line for line in manifest(host, f"{p}vm2", "/v") if "sparse" not in line]
+    assert seen == [line for line in manifest(host, f"{p}vm", "/v") if "sparse" not in line]
+    assert "./u/again 660 100:102 100000" in seen, seen  # the ACL's mask is the group's bits
+    assert {line for line in before if "blob" not in line} <= set(seen), before
+
+    # Never while a running machine uses it; never over data.
+    busy = host.pymachine("volume", "import", f"{p}copy", str(archive), check=False)
+    assert busy.returncode == 1, busy
+    assert f"volume {p}copy is used by running machines: {p}vm2" in busy.stderr, busy.stderr
+    host.pymachine("stop", f"{p}vm2")
+    full = host.pymachine("volume", "import", f"{p}copy", str(archive), check=False)
+    assert full.returncode == 1 and f"volume {p}copy holds data" in full.stderr, full.stderr
+
+    # A hostile archive: members that climb out, absolute paths, a symlink
+    # then a file through it, a hard link to a host file. Nothing lands
+    # outside, the volume stays empty, and nothing half-made is left.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = tmp_path / "evil.tar"
+    members = [
+        ("ok", tarfile.REGTYPE, ""),
+        ("out", tarfile.SYMTYPE, str(outside)),
+        ("out/planted", tarfile.REGTYPE, ""),
+        ("../climbed", tarfile.REGTYPE, ""),
+        (f"{outside}/absolute", tarfile.REGTYPE, ""),
+        ("up", tarfile.SYMTYPE, "../../../../../../.."),
+        (f"up{outside}/through", tarfile.REGTYPE, ""),
+        ("shadow", tarfile.LNKTYPE, "/etc/shadow"),
+    ]
+    with tarfile.open(evil, "w") as tar:
+        for name, kind, link in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.size = kind, link, 0 if link else 5
+            tar.addfile(info, None if link else io.BytesIO(b"owned"))
+    bad = host.pymachine("volume", "import", f"{p}evil", str(evil), check=False)
+    assert bad.returncode == 1, bad
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "climbed").exists()
+    assert list((volumes / f"{p}evil/data").iterdir()) == []
+    assert not (volumes / f"{p}evil/data.importing").exists()
+    # A second try with a whole archive then works: the failed one left nothing.
+    piped = subprocess.run(
+        host.argv("volume", "import", f"{p}evil", "-"), input=archive.read_bytes(), check=False
+    )
+    assert piped.returncode == 0
+    assert tree_manifest(volumes / f"{p}evil/data") == tree_manifest(data)
+    for name in ("vm", "vm2"):
+        host.pymachine("destroy", "--yes", f"{p}{name}")
+    for name in ("data", "seeded", "copy", "evil"):
+        host.pymachine("volume", "rm", "--yes", f"{p}{name}")
