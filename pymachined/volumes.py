@@ -15,6 +15,7 @@ pymachine again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import replace
@@ -191,9 +192,9 @@ def _copy_from_image(
         except CommandError as exc:
             if not record.project:
                 raise
+            said = (exc.stderr.strip().splitlines() or [f"exit code {exc.returncode}"])[-1]
             raise PymachineError(
-                f"volume {record.name} could not take what the image holds at {target}: "
-                f"{exc.message}",
+                f"volume {record.name} cannot take what the image holds at {target}: {said}",
                 hint=f"raise its size (now {format_size(record.spec.size or 0)}), or seed it "
                 "another way",
             ) from exc
@@ -246,7 +247,8 @@ def remove(layout: Layout, name: str) -> None:
             if entry.name != OWNER:
                 files.remove_tree(entry)
         if record is not None and record.project:  # its id free for another volume
-            quota.set_limit(base, record.project, 0)
+            with contextlib.suppress(OSError):  # a filesystem without quotas now
+                quota.set_limit(base, record.project, 0)
         (base / OWNER).unlink()
         base.rmdir()
 

@@ -61,14 +61,17 @@ class NetworkRecord:
 
 @dataclass(frozen=True)
 class VolumeRecord:
-    """A volume pymachine made: the spec it was made from, when, and what was
-    first copied into it (``seeded``: "MACHINE:/path" of the image content it
-    took at its first use, "" while it has taken none)."""
+    """A volume pymachine made: the spec it was made from (its ``size`` as
+    last applied), when, what was first copied into it (``seeded``:
+    "MACHINE:/path" of the image content it took at its first use, "" while
+    it has taken none) and the project id its data carries for a quota (0:
+    none; records written before quotas read as 0)."""
 
     name: str
     spec: Volume
     created: str = ""
     seeded: str = ""
+    project: int = 0
 
 
 def stored(record: MachineRecord | NetworkRecord | VolumeRecord) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from pymachined.core.limits import DEFAULT_LOG_MAX
-from pymachined.core.sizes import parse_duration, parse_size
+from pymachined.core.sizes import format_size, parse_duration, parse_size
 
 # ---------------------------------------------------------------------------
 # Scalar types
@@ -810,6 +810,19 @@ def _check_owner(value: str) -> str:
 
 Owner = Annotated[StrictStr, AfterValidator(_check_owner)]
 
+MIN_VOLUME_SIZE = 1024 * 1024
+"""The smallest quota of a volume: below it an empty directory and a few
+files fill it."""
+
+
+def _check_volume_size(value: int) -> int:
+    if value < MIN_VOLUME_SIZE:
+        raise ValueError(f"size {format_size(value)} is below 1M, the smallest size of a volume")
+    return value
+
+
+VolumeSize = Annotated[Size, AfterValidator(_check_volume_size)]
+
 
 class Volume(Model):
     """``kind: volume``: data that outlives the roots of the machines using it."""
@@ -818,6 +831,9 @@ class Volume(Model):
     name: Name
     labels: dict[LabelKey, SafeText] = Field(default_factory=dict)
     owner: Owner | None = None  # of its top directory, as seen inside a machine
+    # A project quota's hard limit on the blocks the volume takes; where the
+    # filesystem of the volumes has none enforced, the plan refuses it.
+    size: VolumeSize | None = None
 
 
 class Bootstrap(Model):
