@@ -43,6 +43,7 @@ from pymachined.core.actions import (
     RemoveNetwork,
     ReplaceNetwork,
     ReplaceRoot,
+    ResizeVolume,
     RestartMachine,
     StartForwarders,
     StartMachine,
@@ -274,6 +275,9 @@ class Executor:
             case CreateVolume():
                 assert action.spec is not None
                 volumes.create(self.layout, self.state, action.spec, now())
+            case ResizeVolume():
+                assert action.spec is not None
+                volumes.resize(self.layout, self.state, action.spec)
             case RemoveNetwork():
                 self._remove_network(action)
             case _:

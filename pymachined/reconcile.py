@@ -12,17 +12,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
-from pymachined import network, rootfs
+from pymachined import network, quota, rootfs
 from pymachined.core.actions import RemoveMachine, ReplaceRoot, Step
 from pymachined.core.desired import Desired, desire, desire_networks
 from pymachined.core.layout import Layout
-from pymachined.core.plan import Observed, plan, problems
+from pymachined.core.plan import Observed, ObservedVolume, plan, problems
 from pymachined.core.spec import MachineState
 from pymachined.core.validate import SpecSet, check_recorded_addresses, check_recorded_networks
 from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
 from pymachined.images import ImageStore
-from pymachined.observe import observe, observe_networks
+from pymachined.observe import observe, observe_networks, observe_volumes
 from pymachined.state import StateStore
 from pymachined.supervise.base import Supervisor
 
@@ -102,6 +102,29 @@ def check_ports(layout: Layout, spec_set: SpecSet) -> None:
         raise SpecError(problems)
 
 
+QUOTA_HINT = (
+    "keep the volumes on ext4 made with -O quota,project and mounted with prjquota, "
+    "or on XFS mounted with pquota; or drop size"
+)
+
+
+def check_quotas(layout: Layout, spec_set: SpecSet) -> None:
+    """Check that each volume with a size lives on a filesystem that enforces
+    project quotas, before anything changes: a size that cannot hold is
+    refused, as Docker and Podman refuse one without pquota."""
+    problems: list[Diagnostic] = []
+    for name, volume in sorted(spec_set.volumes.items()):
+        located = spec_set.sources.get(("volume", name))
+        if volume.size is None or located is None:
+            continue
+        trouble = quota.problem(Path(layout.volume_data(name)))
+        if trouble is not None:
+            message = f"volume {name} cannot be limited: {trouble}"
+            problems.append(located.document.diagnostic(("size",), message, QUOTA_HINT))
+    if problems:
+        raise SpecError(problems)
+
+
 @dataclass
 class Reconciler:
     """One host's reconciliation."""
@@ -137,6 +160,7 @@ class Reconciler:
         machines out of the plan (records that cannot be read), one line each."""
         check_host(spec_set)
         check_ports(self.layout, spec_set)
+        check_quotas(self.layout, spec_set)
         desired = self.desired(spec_set)
         clashes = check_recorded_addresses(spec_set, self.state.all().values())
         clashes += check_recorded_networks(spec_set, self.state.networks().values(), prune=prune)
@@ -162,14 +186,15 @@ class Reconciler:
             problems(desired, observed, observed_networks),
         )
 
-    def _recorded_volumes(self, spec_set: SpecSet) -> set[str]:
-        """The declared volumes that have a record; one that cannot be read
-        stops the plan (a volume is never made again over data)."""
+    def _recorded_volumes(self, spec_set: SpecSet) -> dict[str, ObservedVolume]:
+        """The declared volumes that have a record, as found; one whose record
+        cannot be read stops the plan (a volume is never made again over data)."""
         found, bad = self.state.scan_volumes()
         broken = [bad[name] for name in sorted(bad) if name in spec_set.volumes]
         if broken:
             raise broken[0]
-        return set(found)
+        declared = {name: record for name, record in found.items() if name in spec_set.volumes}
+        return observe_volumes(self.layout, declared)
 
     def _measured(self, step: Step) -> Step:
         """A step that throws a machine's root away, with what it discards

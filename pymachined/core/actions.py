@@ -238,8 +238,26 @@ class CreateVolume(Action):
         return {"action": data.pop("action"), "volume": data.pop("machine"), **data}
 
 
+@dataclass(frozen=True)
+class ResizeVolume(Action):
+    """Make a recorded volume's quota its declared ``size`` (or drop its
+    limit); ``machine`` holds the volume's name."""
+
+    verb: ClassVar[str] = "resize"
+    hidden: ClassVar[tuple[str, ...]] = ("spec",)
+    spec: Volume | None = None
+
+    def describe(self) -> str:
+        return f"{self.verb} volume {self.machine}: {self.reason}"
+
+    def as_json(self) -> dict[str, Any]:
+        data = super().as_json()
+        return {"action": data.pop("action"), "volume": data.pop("machine"), **data}
+
+
 Step = (
     CreateVolume
+    | ResizeVolume
     | BuildImage
     | CreateMachine
     | AdoptRoot
@@ -275,7 +293,7 @@ class Phase(StrEnum):
 def phase(step: Step) -> Phase:
     """The phase an action belongs to. Pure."""
     match step:
-        case CreateNetwork() | ReplaceNetwork() | CreateVolume():
+        case CreateNetwork() | ReplaceNetwork() | CreateVolume() | ResizeVolume():
             return Phase.NETWORK_FIRST
         case BuildImage() | CreateMachine() | AdoptRoot() | ReplaceRoot() | WriteFiles():
             return Phase.MAKING

@@ -9,7 +9,7 @@ go the other way.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pymachined.core.actions import (
@@ -24,6 +24,7 @@ from pymachined.core.actions import (
     RemoveNetwork,
     ReplaceNetwork,
     ReplaceRoot,
+    ResizeVolume,
     RestartMachine,
     StartForwarders,
     StartMachine,
@@ -35,8 +36,8 @@ from pymachined.core.actions import (
 )
 from pymachined.core.desired import Desired, DesiredNetwork, file_hash
 from pymachined.core.limits import Limits, describe_change
-from pymachined.core.records import MachineRecord, NetworkRecord
-from pymachined.core.sizes import human_size
+from pymachined.core.records import MachineRecord, NetworkRecord, VolumeRecord
+from pymachined.core.sizes import format_size, human_size
 from pymachined.core.spec import MachineState, Port, RootfsMode, Volume
 from pymachined.supervise.base import LIVE, RunSpec, Status
 
@@ -120,13 +121,38 @@ def plan_networks(
     return actions
 
 
-def plan_volumes(volumes: Mapping[str, Volume], recorded: Collection[str]) -> list[Step]:
-    """The actions that make each declared volume that has no record yet."""
-    return [
-        CreateVolume(name, "new volume", spec=volumes[name])
-        for name in sorted(volumes)
-        if name not in recorded
-    ]
+@dataclass(frozen=True)
+class ObservedVolume:
+    """What is on the host for one recorded volume."""
+
+    record: VolumeRecord
+    quota: str | None = None  # what is not as recorded about its project quota on disk
+
+
+def _size_text(size: int | None) -> str:
+    return "none" if size is None else format_size(size)
+
+
+def plan_volumes(
+    volumes: Mapping[str, Volume], recorded: Mapping[str, ObservedVolume]
+) -> list[Step]:
+    """The actions that make each declared volume that has no record yet, and
+    give a recorded one the declared size (a quota on disk that is not as
+    recorded is set again). Nothing else of a recorded volume changes."""
+    actions: list[Step] = []
+    for name in sorted(volumes):
+        spec = volumes[name]
+        seen = recorded.get(name)
+        if seen is None:
+            actions.append(CreateVolume(name, "new volume", spec=spec))
+            continue
+        had = seen.record.spec.size
+        if had != spec.size:
+            change = f"size: {_size_text(had)} -> {_size_text(spec.size)}"
+            actions.append(ResizeVolume(name, change, spec=spec))
+        elif seen.quota is not None:
+            actions.append(ResizeVolume(name, seen.quota, spec=spec))
+    return actions
 
 
 def _adopt_reason(seen: Observed, kept: Kept) -> str:
@@ -257,7 +283,7 @@ def plan(
     networks: Mapping[str, DesiredNetwork] | None = None,
     observed_networks: Mapping[str, ObservedNetwork] | None = None,
     volumes: Mapping[str, Volume] | None = None,
-    recorded_volumes: Collection[str] = (),
+    recorded_volumes: Mapping[str, ObservedVolume] | None = None,
 ) -> list[Step]:
     """The actions that make observed into desired. ``built`` are the image keys
     already in the cache; ``prune`` removes recorded machines and networks no
@@ -266,7 +292,7 @@ def plan(
     networks = networks or {}
     observed_networks = observed_networks or {}
     actions: list[Step] = plan_networks(networks, observed_networks)
-    actions += plan_volumes(volumes or {}, recorded_volumes)
+    actions += plan_volumes(volumes or {}, recorded_volumes or {})
     stopping: list[Step] = []
     queued_builds: set[str] = set()
     # Machines stopped on the way (a root made again): their running dependents

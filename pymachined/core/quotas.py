@@ -70,6 +70,11 @@ def limit_blocks(size: int) -> int:
     return -(-size // QIF_DQBLKSIZE)
 
 
+def limit_bytes(size: int) -> int:
+    """The limit a size sets, in bytes: the size rounded up to KiB."""
+    return limit_blocks(size) * QIF_DQBLKSIZE
+
+
 def pack_fsxattr(xflags: int, projid: int, rest: tuple[int, int, int] = (0, 0, 0)) -> bytes:
     """A struct fsxattr; rest is (extsize, nextents, cowextsize) as read."""
     extsize, nextents, cowextsize = rest

@@ -25,6 +25,7 @@ from pymachined.core.actions import (
     RemoveNetwork,
     ReplaceNetwork,
     ReplaceRoot,
+    ResizeVolume,
     RestartMachine,
     StartForwarders,
     StartMachine,
@@ -251,6 +252,7 @@ class FakeNetwork:
 
 PHASES = {
     CreateVolume: Phase.NETWORK_FIRST,
+    ResizeVolume: Phase.NETWORK_FIRST,
     CreateNetwork: Phase.NETWORK_FIRST,
     ReplaceNetwork: Phase.NETWORK_FIRST,
     BuildImage: Phase.MAKING,

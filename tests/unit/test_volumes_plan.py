@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from pymachined.core.desired import desire
 from pymachined.core.layout import Layout
-from pymachined.core.plan import plan
+from pymachined.core.plan import ObservedVolume, plan
 from pymachined.core.records import VolumeRecord, parse_volume_record, stored
 from pymachined.core.render import all_binds, nspawn_run_argv
 from pymachined.core.validate import SpecSet, load_set
@@ -50,12 +50,11 @@ def test_declared_volumes_are_made_once_before_any_machine(repo: Path, tmp_path:
         "reason": "new volume",
     }
     observed, built = converged(desired)
-    again = plan(
-        desired, observed, built, volumes=spec_set.volumes, recorded_volumes={"pgdata", "spare"}
-    )
+    recorded = {n: ObservedVolume(VolumeRecord(n, v)) for n, v in spec_set.volumes.items()}
+    again = plan(desired, observed, built, volumes=spec_set.volumes, recorded_volumes=recorded)
     assert again == []
     # Undeclared, recorded volumes stay, with or without prune.
-    assert plan({}, {}, set(), prune=True, volumes={}, recorded_volumes={"pgdata"}) == []
+    assert plan({}, {}, set(), prune=True, volumes={}, recorded_volumes=recorded) == []
 
 
 def test_volumes_are_id_mapped_binds_of_their_data(repo: Path, tmp_path: Path) -> None:
