@@ -27,7 +27,7 @@ def users(state: StateStore, name: str) -> list[str]:
 
 
 def listing(layout: Layout) -> list[dict[str, Any]]:
-    """Every recorded volume, as plain data: its spec, size, users and seed."""
+    """Every recorded volume, as plain data: its spec, size, limit, users and seed."""
     state = StateStore(layout)
     found, bad = state.scan_volumes()
     out = []
@@ -39,6 +39,7 @@ def listing(layout: Layout) -> list[dict[str, Any]]:
                 "labels": dict(spec.labels),
                 "owner": spec.owner or "0:0",
                 "size": volumes.size(layout, name),
+                "limit": spec.size,  # its quota (bytes), None without one
                 "used_by": users(state, name),
                 "created": record.created,
                 "seeded": record.seeded or None,
