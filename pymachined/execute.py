@@ -628,6 +628,8 @@ def ready_root(
     mounted = roots.mount(layout, images, root)
     if machine is None:
         return mounted
+    if not machine.security.private_users:
+        rootfs.unshift(mounted)  # shifted while it ran with a user namespace
     for file in machine.files:
         files.write_in_root(mounted, file.path, file.content, int(file.mode, 8), machine=name)
     resolv_conf = machine_resolv_conf(layout, machine)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pymachined import files, run
-from pymachined.core import commands
+from pymachined.core import commands, idshift
 from pymachined.core.layout import Layout
 from pymachined.core.parsers import parse_mountinfo
 from pymachined.core.plan import Kept
@@ -332,3 +332,55 @@ def user_namespace(layout: Layout, name: str) -> dict[str, int] | None:
     if owner.st_uid == 0:
         return None
     return {"uid_base": owner.st_uid, "gid_base": owner.st_gid, "size": 65536}
+
+
+def unshift(root: Path) -> int:
+    """Give a root nspawn shifted to a user namespace's range back the host's
+    IDs, for a machine that now runs without one (``private_users: false``):
+    every owner and every named ACL entry of the range moves to the range at
+    0, as nspawn's own shift does the other way. A root whose top is owned by
+    the host's 0 is left alone. The walk opens each directory by descriptor,
+    follows no symlink and stays on the root's filesystem; setuid and setgid
+    bits and file capabilities, which chown(2) drops, are set again. How many
+    entries it moved."""
+    top = root.lstat()
+    base = top.st_uid
+    if base == 0 or base % idshift.RANGE:
+        return 0
+    moved = 0
+    for _, dirs, names, fd in os.fwalk(root, follow_symlinks=False):
+        device = os.fstat(fd).st_dev
+        dirs[:] = [d for d in dirs if os.lstat(d, dir_fd=fd).st_dev == device]
+        for name in [*dirs, *names]:
+            moved += _unshift_entry(fd, name, base)
+    moved += _unshift_entry(None, str(root), base)
+    return moved
+
+
+def _unshift_entry(fd: int | None, name: str, base: int) -> int:
+    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    uid, gid = idshift.shifted(info.st_uid, base, 0), idshift.shifted(info.st_gid, base, 0)
+    if (uid, gid) == (info.st_uid, info.st_gid):
+        return 0
+    if stat.S_ISLNK(info.st_mode):
+        os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+        return 1
+    path = name if fd is None else f"/proc/self/fd/{fd}/{name}"
+    caps = _xattr(path, idshift.CAPABILITY_XATTR) if stat.S_ISREG(info.st_mode) else None
+    os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+    if info.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(name, stat.S_IMODE(info.st_mode), dir_fd=fd)  # not a symlink: lstat said
+    if caps is not None:
+        os.setxattr(path, idshift.CAPABILITY_XATTR, idshift.shift_caps(caps, base, 0))
+    for key in idshift.ACL_XATTRS:
+        acl = _xattr(path, key)
+        if acl is not None:
+            os.setxattr(path, key, idshift.shift_acl(acl, base, 0))
+    return 1
+
+
+def _xattr(path: str, key: str) -> bytes | None:
+    try:
+        return os.getxattr(path, key)
+    except OSError:
+        return None  # none, or none on this kind of file

@@ -115,11 +115,31 @@ def test_volume_data_keeps_its_bytes_and_owners_and_outlives_its_machine(host: H
     host.apply()
     assert written(host, name) == before
 
-    # Out of the user namespace: the same files, the same owners.
+    # Out of the user namespace: the same files, the same owners, in the
+    # volume and in the root (which nspawn had shifted to the machine's range).
+    own = "echo x > /root/own && mkdir -p /home/u && touch /home/u/f && chown -R 100:102 /home/u"
+    host.pymachine("exec", name, "--", "sh", "-c", own)
+    owners = ["stat", "-c", "%n %u:%g %A", "/", "/root/own", "/home/u/f", "/usr/bin/su"]
+    inside = host.pymachine("exec", name, "--", *owners).stdout
+    assert "/home/u/f 100:102 -rw-r--r--" in inside and "/usr/bin/su 0:0 -rwsr-xr-x" in inside
+    rootfs = host.root / f"var/lib/pymachine/machines/{name}/rootfs"
+    base = rootfs.lstat().st_uid
+    assert base >= 65536  # shifted to the machine's range
+    acl = ["setfacl", "-m", f"u:{base + 1234}:r", str(rootfs / "root/own")]
+    subprocess.run(acl, check=True)  # an ACL naming a user of the machine's range
     host.declare(
         changed.replace("network: none\n", "network: none\nsecurity: {private_users: false}\n")
     )
     host.apply()
+    assert written(host, name) == before
+    assert host.pymachine("exec", name, "--", *owners).stdout == inside
+    assert rootfs.lstat().st_uid == 0
+    named = subprocess.run(["getfacl", "-cn", str(rootfs / "root/own")], capture_output=True)
+    assert b"user:1234:r--" in named.stdout, named
+    # And back into one: nspawn shifts the root again, the owners inside stay.
+    host.declare(changed)
+    host.apply()
+    assert host.pymachine("exec", name, "--", *owners).stdout == inside
     assert written(host, name) == before
 
     # Removal: refused while used; kept by apply --prune; volume prune takes
