@@ -299,6 +299,8 @@ def import_archive(
         staging = base / IMPORTING
         files.remove_tree(staging)
         staging.mkdir(mode=0o755)
+        if record.project:  # what is unpacked counts against its size
+            quota.assign(staging, record.project)
         try:
             argv = commands.archive_extract_argv(file, PurePosixPath(staging))
             if file == "-":
@@ -312,7 +314,7 @@ def import_archive(
         finally:
             files.remove_tree(staging)
         source = "standard input" if file == "-" else str(Path(file).resolve())
-        imported = VolumeRecord(record.name, record.spec, record.created, f"import of {source}")
+        imported = replace(record, seeded=f"import of {source}")
         state.put_volume(imported)
         return imported
 
