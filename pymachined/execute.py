@@ -60,7 +60,7 @@ from pymachined.core.names import RESOLV_CONF, resolv_conf_text
 from pymachined.core.plan import starts_at_boot
 from pymachined.core.records import MachineRecord, NetworkRecord
 from pymachined.core.render import MARKER, all_binds
-from pymachined.core.spec import Machine, Network, RootfsMode
+from pymachined.core.spec import Bind, Machine, Network, RootfsMode
 from pymachined.errors import ApplyError, Failure, PymachineError, host_error
 from pymachined.faults import crash_point
 from pymachined.images import ImageRecord, ImageStore
@@ -640,6 +640,8 @@ def ready_root(
         for volume in machine.volumes:
             volumes.seed(layout, StateStore(layout), volume.name, volume.target, name, chain)
     binds = all_binds(machine, layout)
+    if machine.security.private_users:
+        _check_idmap(layout, name, [b for b in binds if b.idmap])
     sources = [BindSource(b.source, b.read_only) for b in binds]
     kinds = files.stage_binds(layout, name, sources)
     for bind, directory in zip(binds, kinds, strict=True):
@@ -647,6 +649,24 @@ def ready_root(
     for tmpfs in machine.tmpfs:
         files.make_mount_point(mounted, tmpfs.path, directory=True, machine=name)
     return mounted
+
+
+def _check_idmap(layout: Layout, name: str, binds: list[Bind]) -> None:
+    """Refuse a start whose ID-mapped binds (its volumes among them) sit on a
+    filesystem the kernel cannot mount ID-mapped: nspawn would fail on it
+    with no word of why. A one-time chown of the data to the machine's range
+    instead would tie it to that range, and no two machines of other ranges
+    could share it."""
+    for bind in binds:
+        problem = files.idmap_problem_cached(Path(layout.run_dir) / "idmap", Path(bind.source))
+        if problem is not None:
+            what = "its volume data" if bind.source.startswith(str(layout.volumes_dir)) else "bind"
+            raise PymachineError(
+                f"machine {name}: {what} {bind.source} cannot be mounted ID-mapped on "
+                f"its filesystem ({problem})",
+                hint="keep it on a filesystem with ID-mapped mounts (ext4, xfs, btrfs, "
+                "tmpfs since Linux 6.3), or run the machine with security.private_users: false",
+            )
 
 
 def machine_resolv_conf(layout: Layout, machine: Machine) -> str | None:

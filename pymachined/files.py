@@ -467,6 +467,87 @@ def bind_descriptor(fd: int, target: Path, *, read_only: bool) -> None:
         raise
 
 
+_SYS_OPEN_TREE = 428
+_OPEN_TREE_CLONE = 0x1
+_AT_EMPTY_PATH = 0x1000
+_MOUNT_ATTR_IDMAP = 0x00100000
+_CLONE_NEWUSER = 0x10000000
+
+
+def idmap_problem(path: Path) -> str | None:
+    """Why the filesystem holding path cannot be mounted ID-mapped (as nspawn's
+    ``:idmap`` binds and ID-mapped layers are), or None if it can: a detached
+    copy of its mount is given a throwaway user namespace's mapping
+    (open_tree(2), mount_setattr(2) with MOUNT_ATTR_IDMAP) and dropped."""
+    libc = _libc()
+    tree = libc.syscall(
+        ctypes.c_long(_SYS_OPEN_TREE),
+        ctypes.c_long(_AT_FDCWD),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
+    )
+    if tree < 0:
+        return f"open_tree: {os.strerror(ctypes.get_errno())}"
+    try:
+        userns = _throwaway_userns(libc)
+        try:
+            attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, userns_fd=userns)
+            result = libc.syscall(
+                ctypes.c_long(_SYS_MOUNT_SETATTR),
+                ctypes.c_long(tree),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(_AT_EMPTY_PATH),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            )
+            return None if result == 0 else os.strerror(ctypes.get_errno())
+        finally:
+            os.close(userns)
+    finally:
+        os.close(tree)
+
+
+def idmap_problem_cached(cache: Path, path: Path) -> str | None:
+    """idmap_problem of path's filesystem, probed once per device and boot:
+    the answer is kept under cache (a directory on the run tmpfs)."""
+    kept = cache / str(path.stat().st_dev)
+    try:
+        answer = kept.read_text()
+    except FileNotFoundError:
+        answer = idmap_problem(path) or ""
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(kept, answer, durable=False)
+    return answer or None
+
+
+def _throwaway_userns(libc: ctypes.CDLL) -> int:
+    """A descriptor of a new user namespace mapping a range far from any
+    machine's: a forked child unshares it, the parent maps and opens it, and
+    the child exits (the descriptor keeps the namespace)."""
+    ready, told = os.pipe()
+    hold, release = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child runs only syscalls, then leaves
+        os.close(ready)
+        os.close(release)
+        code = 0 if libc.unshare(_CLONE_NEWUSER) == 0 else 1
+        os.write(told, b"x" if code == 0 else b"-")
+        os.read(hold, 1)
+        os._exit(code)
+    os.close(told)
+    os.close(hold)
+    try:
+        if os.read(ready, 1) != b"x":
+            raise OSError(errno.EPERM, "cannot make a user namespace")
+        for kind in ("uid_map", "gid_map"):
+            Path(f"/proc/{pid}/{kind}").write_text("0 4293918720 65536\n")
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(release)
+        os.close(ready)
+        os.waitpid(pid, 0)
+
+
 def stage_binds(layout: Layout, machine: str, binds: Sequence[BindSource]) -> list[bool]:
     """Mount each bind source of a machine afresh at its staging path
     (``Layout.bind_staging``), where nspawn binds it from, under the lock its

@@ -320,3 +320,36 @@ def test_an_exported_volume_imports_into_a_new_one_whole(host: Host, tmp_path: P
         host.pymachine("destroy", "--yes", f"{p}{name}")
     for name in ("data", "seeded", "copy", "evil"):
         host.pymachine("volume", "rm", "--yes", f"{p}{name}")
+
+
+def test_an_idmap_bind_on_a_filesystem_that_cannot_map_is_refused_with_why(
+    host: Host, tmp_path: Path
+) -> None:
+    # ramfs has no ID-mapped mounts: nspawn would fail at the start unexplained.
+    ramfs = tmp_path / "ramfs"
+    ramfs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ramfs)], check=True)
+    try:
+        spec = (
+            'name: "@s"\nimage: debian-bookworm-slim\nnetwork: none\n'
+            f"binds: [{{source: {ramfs}, target: /r, idmap: true}}]\n"
+            "command: [sleep, infinity]\n"
+        )
+        host.declare(spec)
+        done = host.apply(check=False)
+        assert done.returncode == 1, done
+        assert (
+            f"machine {host.prefix}s: bind {ramfs} cannot be mounted ID-mapped on its "
+            "filesystem (Invalid argument)" in done.stderr
+        ), done.stderr
+        assert "security.private_users: false" in done.stderr
+        assert host.machines().get(f"{host.prefix}s", {}).get("state") != "running"
+        # Without a user namespace there is nothing to map: the same bind starts.
+        host.declare(
+            spec.replace("network: none\n", "network: none\nsecurity: {private_users: false}\n")
+        )
+        host.apply()
+        host.payload("s")
+        host.pymachine("destroy", "--yes", f"{host.prefix}s")
+    finally:
+        subprocess.run(["umount", "--lazy", str(ramfs)], check=False)
