@@ -73,8 +73,12 @@ def problem(path: Path) -> str | None:
     where = nearest(path)
     buffer = ctypes.create_string_buffer(quotas.pack_statv_request(), quotas.STATV.size)
     try:
-        with _opened(where) as fd:
+        # Only asked of: a symlinked state directory is followed, as mkdir will.
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
             _quotactl(fd, quotas.Q_XGETQSTATV, 0, buffer)
+        finally:
+            os.close(fd)
     except OSError as exc:
         if exc.errno in (errno.ENOSYS, errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
             return f"the filesystem of {where} has no quota support"

@@ -312,7 +312,7 @@ def test_a_machine_cannot_take_its_files_out_of_its_volumes_project(quota_host: 
 
     # A hard link from its root into the volume crosses a mount: EXDEV, as it
     # would be for another project's file on the same mount.
-    linked = in_machine(host, "ln /etc/hostname /v/hostname")
+    linked = in_machine(host, "ln /etc/passwd /v/passwd")
     assert linked.returncode != 0 and "Invalid cross-device link" in linked.stderr, linked
     # A move from its root is a copy, and counts.
     moved = in_machine(host, "dd if=/dev/zero of=/root/big bs=1M count=16 && mv /root/big /v/")
