@@ -155,8 +155,7 @@ def seed(
             owner = data.stat()
             if record.spec.owner is not None:  # the declared owner wins
                 os.chown(staging, owner.st_uid, owner.st_gid)
-            data.rmdir()
-            staging.rename(data)
+            staging.rename(data)  # over the empty data/ in one step; refused if not empty
             files.fsync_dir(base)
         state.put_volume(_seeded(record, machine, target))
 
@@ -308,8 +307,7 @@ def import_archive(
             else:
                 run.run(argv)
             files.sync_filesystem(staging)
-            data.rmdir()
-            staging.rename(data)
+            staging.rename(data)  # over the empty data/ in one step; refused if not empty
             files.fsync_dir(base)
         finally:
             files.remove_tree(staging)
