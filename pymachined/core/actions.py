@@ -222,11 +222,9 @@ class RemoveNetwork(NetworkAction):
 
 
 @dataclass(frozen=True)
-class CreateVolume(Action):
-    """Make a declared volume's directory and record; ``machine`` holds the
-    volume's name. (No plan removes a volume: ``pymachine volume rm`` does.)"""
+class VolumeAction(Action):
+    """A step on a volume; ``machine`` holds the volume's name."""
 
-    verb: ClassVar[str] = "create"
     hidden: ClassVar[tuple[str, ...]] = ("spec",)
     spec: Volume | None = None
 
@@ -239,20 +237,18 @@ class CreateVolume(Action):
 
 
 @dataclass(frozen=True)
-class ResizeVolume(Action):
-    """Make a recorded volume's quota its declared ``size`` (or drop its
-    limit); ``machine`` holds the volume's name."""
+class CreateVolume(VolumeAction):
+    """Make a declared volume's directory and record. (No plan removes a
+    volume: ``pymachine volume rm`` does.)"""
+
+    verb: ClassVar[str] = "create"
+
+
+@dataclass(frozen=True)
+class ResizeVolume(VolumeAction):
+    """Make a recorded volume's quota its declared ``size`` (or drop its limit)."""
 
     verb: ClassVar[str] = "resize"
-    hidden: ClassVar[tuple[str, ...]] = ("spec",)
-    spec: Volume | None = None
-
-    def describe(self) -> str:
-        return f"{self.verb} volume {self.machine}: {self.reason}"
-
-    def as_json(self) -> dict[str, Any]:
-        data = super().as_json()
-        return {"action": data.pop("action"), "volume": data.pop("machine"), **data}
 
 
 Step = (
