@@ -49,6 +49,14 @@ PODMAN_IMAGE = "localhost/pymachine-bench-slim"
 PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"]
 
 
+def podman_run_argv(name: str, *options: str) -> list[str]:
+    """``podman run -d`` of a container as every bench runs one here: runc
+    (crun refuses hybrid cgroups), no network, this host's limits; the image
+    and command follow the options."""
+    return ["run", "-d", "--name", name, "--runtime", "runc", "--network", "none",
+            *PODMAN_LIMITS, *options]  # fmt: skip
+
+
 def pymachine(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """One pymachine command against the bench root."""
     return subprocess.run(
@@ -211,21 +219,7 @@ def bench_podman(store: ImageStore, runs: int) -> dict[str, list[float]] | None:
     tar.wait()
     name = "pymachine-bench-life"
     podman("rm", "-f", name, check=False)
-    podman(
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--runtime",
-        "runc",
-        "--network",
-        "none",
-        *PODMAN_LIMITS,
-        PODMAN_IMAGE,
-        "sh",
-        "-c",
-        PAYLOAD,
-    )
+    podman(*podman_run_argv(name, PODMAN_IMAGE, "sh", "-c", PAYLOAD))
     out: dict[str, list[float]] = {"stop": [], "restart": [], "exec": [], "graceful": []}
     try:
         for _ in range(runs):

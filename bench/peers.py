@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.lifecycle import PODMAN_LIMITS, REPO, podman, pymachine
+from bench.lifecycle import REPO, podman, podman_run_argv, pymachine
 from pymachined.core import commands
 from pymachined.core.layout import Layout
 from pymachined.core.recipes import layers
@@ -332,23 +332,11 @@ def pymachine_remove(bench: Bench) -> None:
 
 def podman_start(bench: Bench, row: Row) -> None:
     for name in bench.machines:
+        volume = f"{bench.out}:/out"
         podman(
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--runtime",
-            "runc",
-            "--network",
-            "none",
-            *PODMAN_LIMITS,
-            *row.options,
-            "--volume",
-            f"{bench.out}:/out",
-            PODMAN_IMAGE,
-            "sh",
-            "-c",
-            payload(name),
+            *podman_run_argv(
+                name, *row.options, "--volume", volume, PODMAN_IMAGE, "sh", "-c", payload(name)
+            )
         )
 
 
