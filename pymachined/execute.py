@@ -128,19 +128,35 @@ class RootfsEdge(Protocol):
         chain: list[ImageRecord],
         /,
         *,
+        uid_base: int | None = None,
         durable: bool = True,
     ) -> rootfs.Root:
         """Make a machine's root from an image chain."""
         ...
 
     def adopt(
-        self, layout: Layout, name: str, mode: RootfsMode, layers: tuple[str, ...], /
+        self,
+        layout: Layout,
+        name: str,
+        mode: RootfsMode,
+        layers: tuple[str, ...],
+        /,
+        *,
+        uid_base: int | None = None,
     ) -> rootfs.Root:
         """Write a root record for the writes a machine kept."""
         ...
 
-    def mount(self, layout: Layout, store: ImageStore, root: rootfs.Root, /) -> Path:
-        """Assemble a machine's root; its path."""
+    def claim_range(self, layout: Layout, root: rootfs.Root, uid_base: int, /) -> rootfs.Root:
+        """The root, its record naming the range at uid_base."""
+        ...
+
+    def mount(self, layout: Layout, store: ImageStore, root: rootfs.Root, ids: int = 0, /) -> Path:
+        """Assemble a machine's root, its layers shown in the range at ids; its path."""
+        ...
+
+    def mounted_ids(self, layout: Layout, name: str, /) -> int | None:
+        """The range a machine's mounted overlay shows its layers in, or None."""
         ...
 
     def remove(self, layout: Layout, name: str, /) -> None:
@@ -393,10 +409,15 @@ class Executor:
     def _make_root(self, want: Desired) -> None:
         # ensure, not chain: another machine's thread may still be building it.
         chain = self._ensure(want)
-        self.roots.create(self.layout, want.name, want.machine.rootfs, chain, durable=False)
-        self.roots.mount(
-            self.layout, self.images, rootfs.Root(want.name, want.machine.rootfs, want.layer_keys)
+        root = self.roots.create(
+            self.layout,
+            want.name,
+            want.machine.rootfs,
+            chain,
+            uid_base=want.uid_base,
+            durable=False,
         )
+        self.roots.mount(self.layout, self.images, root, rootfs.shown_ids(root, want.machine))
 
     # -- actions -------------------------------------------------------------
 
@@ -415,8 +436,10 @@ class Executor:
         want = self.desired[action.machine]
         self._claim_directory(want.name)
         self.images.ensure(want.layers)
-        root = self.roots.adopt(self.layout, want.name, action.mode, want.layer_keys)
-        self.roots.mount(self.layout, self.images, root)
+        root = self.roots.adopt(
+            self.layout, want.name, action.mode, want.layer_keys, uid_base=want.uid_base
+        )
+        self.roots.mount(self.layout, self.images, root, rootfs.shown_ids(root, want.machine))
         record = self.state.get(want.name) or MachineRecord(
             name=want.name, config_hash="", layers=want.layer_keys, created=now()
         )
@@ -480,6 +503,20 @@ class Executor:
             self.net.sync_rules(self.layout, self.state)
 
     def _start(self, want: Desired, event: str, *, restart: bool = False) -> None:
+        root = self.roots.read(self.layout, want.name)
+        if root is not None and want.uid_base is not None:
+            # A root recorded before ranges were gets the one its files are
+            # rendered with.
+            root = self.roots.claim_range(self.layout, root, want.uid_base)
+        mounted = self.roots.mounted_ids(self.layout, want.name)
+        if (
+            restart
+            and root is not None
+            and mounted not in (None, rootfs.shown_ids(root, want.machine))
+        ):
+            # Its layers are shown in another range now: mounted again, once
+            # the machine is down.
+            self.supervisor.stop(want.name)
         ready_root(self.layout, self.images, want.name, want.machine, roots=self.roots)
         try:
             self._attach(want)
@@ -625,11 +662,15 @@ def ready_root(
     root = roots.read(layout, name)
     if root is None:
         raise PymachineError(f"machine {name} has no root", hint="run pymachine apply")
-    mounted = roots.mount(layout, images, root)
+    ids = rootfs.shown_ids(root, machine)
+    mounted = roots.mount(layout, images, root, ids)
     if machine is None:
         return mounted
-    if not machine.security.private_users:
-        rootfs.unshift(mounted)  # shifted while it ran with a user namespace
+    if root.mode is RootfsMode.COPY:
+        if not machine.security.private_users:
+            rootfs.reown(mounted, 0, 0)  # nspawn shifted it while it had a user namespace
+    elif root.uid_base is not None or not machine.security.private_users:
+        rootfs.reown(mounted, ids, roots.mounted_ids(layout, name) or 0)
     for file in machine.files:
         files.write_in_root(mounted, file.path, file.content, int(file.mode, 8), machine=name)
     resolv_conf = machine_resolv_conf(layout, machine)

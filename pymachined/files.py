@@ -474,37 +474,83 @@ _MOUNT_ATTR_IDMAP = 0x00100000
 _CLONE_NEWUSER = 0x10000000
 
 
+_SYS_MOVE_MOUNT = 429
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_PROBE_BASE = 4293918720  # far from any machine's range
+
+
+def _idmapped_tree(libc: ctypes.CDLL, path: Path, userns: int) -> int:
+    """A descriptor of a detached copy of the mount at path (open_tree(2)),
+    ID-mapped through userns's mapping (mount_setattr(2), MOUNT_ATTR_IDMAP)."""
+    tree = _check(
+        libc.syscall(
+            ctypes.c_long(_SYS_OPEN_TREE),
+            ctypes.c_long(_AT_FDCWD),
+            ctypes.c_char_p(os.fsencode(path)),
+            ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
+        ),
+        f"open_tree {path}",
+    )
+    attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, userns_fd=userns)
+    result = libc.syscall(
+        ctypes.c_long(_SYS_MOUNT_SETATTR),
+        ctypes.c_long(tree),
+        ctypes.c_char_p(b""),
+        ctypes.c_uint(_AT_EMPTY_PATH),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if result < 0:
+        code = ctypes.get_errno()
+        os.close(tree)
+        raise OSError(code, os.strerror(code), str(path))
+    return tree
+
+
 def idmap_problem(path: Path) -> str | None:
     """Why the filesystem holding path cannot be mounted ID-mapped (as nspawn's
     ``:idmap`` binds and ID-mapped layers are), or None if it can: a detached
-    copy of its mount is given a throwaway user namespace's mapping
-    (open_tree(2), mount_setattr(2) with MOUNT_ATTR_IDMAP) and dropped."""
+    copy of its mount is given a throwaway user namespace's mapping and dropped."""
     libc = _libc()
-    tree = libc.syscall(
-        ctypes.c_long(_SYS_OPEN_TREE),
-        ctypes.c_long(_AT_FDCWD),
-        ctypes.c_char_p(os.fsencode(path)),
-        ctypes.c_uint(_OPEN_TREE_CLONE | os.O_CLOEXEC),
-    )
-    if tree < 0:
-        return f"open_tree: {os.strerror(ctypes.get_errno())}"
     try:
-        userns = _throwaway_userns(libc)
-        try:
-            attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, userns_fd=userns)
-            result = libc.syscall(
-                ctypes.c_long(_SYS_MOUNT_SETATTR),
-                ctypes.c_long(tree),
-                ctypes.c_char_p(b""),
-                ctypes.c_uint(_AT_EMPTY_PATH),
-                ctypes.byref(attr),
-                ctypes.c_size_t(ctypes.sizeof(attr)),
-            )
-            return None if result == 0 else os.strerror(ctypes.get_errno())
-        finally:
-            os.close(userns)
+        userns = _userns(libc, _PROBE_BASE)
+    except OSError as exc:
+        return exc.strerror
+    try:
+        os.close(_idmapped_tree(libc, path, userns))
+    except OSError as exc:
+        return exc.strerror if exc.filename == str(path) else f"open_tree: {exc.strerror}"
     finally:
-        os.close(tree)
+        os.close(userns)
+    return None
+
+
+def mount_idmapped(sources: Sequence[Path], targets: Sequence[Path], base: int) -> None:
+    """Mount each source directory (a copy of its mount, so never the host's
+    own mount) at the matching target, with its IDs shown moved up by base:
+    owner 0 on disk is base, as in a user namespace mapping ``0 base 65536``,
+    and a file created through it with base's IDs is stored with 0's. One user
+    namespace serves all; a mount made before a failure is left for the
+    caller's unmount."""
+    libc = _libc()
+    userns = _userns(libc, base)
+    try:
+        for source, target in zip(sources, targets, strict=True):
+            tree = _idmapped_tree(libc, source, userns)
+            try:
+                result = libc.syscall(
+                    ctypes.c_long(_SYS_MOVE_MOUNT),
+                    ctypes.c_long(tree),
+                    ctypes.c_char_p(b""),
+                    ctypes.c_long(_AT_FDCWD),
+                    ctypes.c_char_p(os.fsencode(target)),
+                    ctypes.c_uint(_MOVE_MOUNT_F_EMPTY_PATH),
+                )
+                _check(result, str(target))
+            finally:
+                os.close(tree)
+    finally:
+        os.close(userns)
 
 
 def idmap_problem_cached(cache: Path, path: Path) -> str | None:
@@ -520,10 +566,10 @@ def idmap_problem_cached(cache: Path, path: Path) -> str | None:
     return answer or None
 
 
-def _throwaway_userns(libc: ctypes.CDLL) -> int:
-    """A descriptor of a new user namespace mapping a range far from any
-    machine's: a forked child unshares it, the parent maps and opens it, and
-    the child exits (the descriptor keeps the namespace)."""
+def _userns(libc: ctypes.CDLL, base: int) -> int:
+    """A descriptor of a new user namespace mapping IDs 0 to 65535 to base's range: a
+    forked child unshares it, the parent maps and opens it, and the child
+    exits (the descriptor keeps the namespace)."""
     ready, told = os.pipe()
     hold, release = os.pipe()
     pid = os.fork()
@@ -540,7 +586,7 @@ def _throwaway_userns(libc: ctypes.CDLL) -> int:
         if os.read(ready, 1) != b"x":
             raise OSError(errno.EPERM, "cannot make a user namespace")
         for kind in ("uid_map", "gid_map"):
-            Path(f"/proc/{pid}/{kind}").write_text("0 4293918720 65536\n")
+            Path(f"/proc/{pid}/{kind}").write_text(f"0 {base} 65536\n")
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(release)

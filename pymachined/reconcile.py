@@ -147,6 +147,7 @@ class Reconciler:
             self.template_dir,
             self.images.salts(),
             program(),
+            rootfs.ranges(self.layout, sorted(spec_set.machines)),
         )
 
     def observed(self, desired: dict[str, Desired]) -> dict[str, Observed]:

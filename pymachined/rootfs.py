@@ -4,8 +4,16 @@ Overlay: the image layers are read-only lower directories; the machine writes
 to its own upper directory, so deletions are whiteouts and the image never
 changes. Copy: a full copy (reflinks where the filesystem has them). Ephemeral:
 an overlay whose upper directory lives on a tmpfs and is gone at unmount.
-Overlays are mounted with metacopy, so that systemd-nspawn's shift of a root to
-a user namespace's ids (``private_users``) copies up inodes, not file data.
+A machine with a user namespace (``private_users``) has a range of 65536 IDs
+of its own, chosen once and kept in its root record. Its overlay's image
+layers are mounted ID-mapped to that range (an owner 0 on disk shows as the
+range's base) and its upper directory holds the range's IDs as they are, so
+its root is already owned by its range with nothing copied or chowned, and
+nspawn is told to leave ownership alone. Where layers cannot be mounted
+ID-mapped, pymachine shifts the root's owners itself, as nspawn's own
+``PrivateUsersOwnership=chown`` would: overlays are mounted with metacopy, so
+that this copies up inodes, not file data. The same walk moves a root between
+ranges, and back to the host's IDs for ``private_users: false``.
 A root is removed only after everything mounted under it is unmounted, and the
 removal never crosses into another filesystem. Every root is mounted nodev
 (a copy is bound onto itself with nodev), so a device node an image holds
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,7 +35,7 @@ from pymachined.core import commands, idshift
 from pymachined.core.layout import Layout
 from pymachined.core.parsers import parse_mountinfo
 from pymachined.core.plan import Kept
-from pymachined.core.spec import RootfsMode
+from pymachined.core.spec import Machine, RootfsMode
 from pymachined.errors import PymachineError
 from pymachined.images import ImageRecord, ImageStore
 
@@ -41,7 +50,7 @@ REMOVING = ".pymachine-removing"
 last: a directory with it holds what a removal killed half-way left, which is
 cleared, never kept."""
 
-PARTS = ("rootfs", "upper", "work", "ephemeral", "rootfs.partial", "rootfs.view")
+PARTS = ("rootfs", "upper", "work", "ephemeral", "lower", "rootfs.partial", "rootfs.view")
 """What a root is made of in a machine's directory, besides its record."""
 
 
@@ -52,6 +61,9 @@ class Root:
     name: str
     mode: RootfsMode
     layers: tuple[str, ...]
+    uid_base: int | None = None
+    """The base of the machine's user-namespace range (None: a record from
+    before pymachine chose ranges, whose machine nspawn gives one)."""
 
 
 def _dir(layout: Layout, name: str) -> Path:
@@ -164,7 +176,10 @@ def read(layout: Layout, name: str) -> Root | None:
     path = _dir(layout, name) / RECORD
     try:
         data = json.loads(path.read_text())
-        return Root(name, RootfsMode(data["mode"]), tuple(data["layers"]))
+        base = data.get("uid_base")
+        if base is not None and not isinstance(base, int):
+            raise TypeError(f"uid_base is {base!r}")
+        return Root(name, RootfsMode(data["mode"]), tuple(data["layers"]), base)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -180,11 +195,13 @@ def create(
     mode: RootfsMode,
     chain: list[ImageRecord],
     *,
+    uid_base: int | None = None,
     durable: bool = True,
 ) -> Root:
-    """Make a machine's root directories from an image chain (topmost first); the
-    record is written last, so a root without one is never taken as complete
-    (durably, unless the caller syncs the filesystem later)."""
+    """Make a machine's root directories from an image chain (topmost first),
+    for the user-namespace range at uid_base; the record is written last, so
+    a root without one is never taken as complete (durably, unless the caller
+    syncs the filesystem later)."""
     base = _dir(layout, name)
     base.mkdir(parents=True, exist_ok=True)
     (base / OWNER).write_text("pymachine\n")
@@ -209,13 +226,26 @@ def create(
         if mode is RootfsMode.OVERLAY:
             (base / "upper").mkdir(exist_ok=True)
             (base / "work").mkdir(exist_ok=True)
-    root = Root(name, mode, tuple(r.key for r in chain))
-    record = {"mode": mode.value, "layers": list(root.layers)}
-    files.atomic_write_json(base / RECORD, record, durable=durable)
+    root = Root(name, mode, tuple(r.key for r in chain), uid_base)
+    _write_record(base, root, durable=durable)
     return root
 
 
-def adopt(layout: Layout, name: str, mode: RootfsMode, layers: tuple[str, ...]) -> Root:
+def _write_record(base: Path, root: Root, *, durable: bool = True) -> None:
+    record: dict[str, object] = {"mode": root.mode.value, "layers": list(root.layers)}
+    if root.uid_base is not None:
+        record["uid_base"] = root.uid_base
+    files.atomic_write_json(base / RECORD, record, durable=durable)
+
+
+def adopt(
+    layout: Layout,
+    name: str,
+    mode: RootfsMode,
+    layers: tuple[str, ...],
+    *,
+    uid_base: int | None = None,
+) -> Root:
     """Write a root record for the writes a machine kept (see ``kept``), so
     that they are its root again, over ``layers``."""
     base = _dir(layout, name)
@@ -223,8 +253,68 @@ def adopt(layout: Layout, name: str, mode: RootfsMode, layers: tuple[str, ...]) 
     if mode is RootfsMode.OVERLAY:
         (base / "rootfs").mkdir(exist_ok=True)
         (base / "work").mkdir(exist_ok=True)
-    files.atomic_write_json(base / RECORD, {"mode": mode.value, "layers": list(layers)})
-    return Root(name, mode, layers)
+    root = Root(name, mode, layers, uid_base)
+    _write_record(base, root)
+    return root
+
+
+def claim_range(layout: Layout, root: Root, uid_base: int) -> Root:
+    """The root with its record naming the range at uid_base (a record from
+    before ranges were recorded gets the one chosen for it)."""
+    if root.uid_base == uid_base:
+        return root
+    claimed = Root(root.name, root.mode, root.layers, uid_base)
+    _write_record(_dir(layout, root.name), claimed)
+    return claimed
+
+
+def ranges(layout: Layout, names: list[str]) -> dict[str, int]:
+    """The user-namespace range base of each named machine: the one its root
+    record keeps; for a root from before ranges were recorded, the range
+    nspawn shifted it to (its top's owner); otherwise a new one
+    (``idshift.pick``), never one another of this host's machines holds, nor
+    one a running systemd-nspawn picked (its lock files)."""
+    held: dict[str, int] = {}
+    machines = Path(layout.machines_dir)
+    for entry in sorted(machines.iterdir()) if machines.is_dir() else []:
+        found = _recorded_range(layout, entry.name) if entry.is_dir() else None
+        if found is not None:
+            held[entry.name] = found
+    taken = set(held.values()) | _nspawn_picks()
+    out: dict[str, int] = {}
+    for name in names:
+        if name in held:
+            out[name] = held[name]
+        else:
+            out[name] = idshift.pick(f"{layout.root}\0{name}", taken)
+            taken.add(out[name])
+    return out
+
+
+NSPAWN_PICKS = Path("/run/systemd/nspawn-uid")
+
+
+def _nspawn_picks() -> set[int]:
+    try:
+        return {int(entry.name) for entry in NSPAWN_PICKS.iterdir() if entry.name.isdigit()}
+    except OSError:
+        return set()
+
+
+def _recorded_range(layout: Layout, name: str) -> int | None:
+    try:
+        root = read(layout, name)
+    except PymachineError:
+        return None
+    if root is None:
+        return None
+    if root.uid_base is not None:
+        return root.uid_base
+    top = _dir(layout, name) / ("rootfs" if root.mode is RootfsMode.COPY else "upper")
+    try:
+        return idshift.range_of(top.lstat().st_uid)
+    except OSError:
+        return None
 
 
 def _copy(base: Path, chain: list[ImageRecord]) -> None:
@@ -254,23 +344,67 @@ def is_mounted(path: Path) -> bool:
     return any(m.target == target for m in parse_mountinfo(text))
 
 
-def mount(layout: Layout, store: ImageStore, root: Root) -> Path:
-    """Assemble the root at machines/NAME/rootfs (idempotent); return that path.
-    A lock per machine keeps two mounters (apply, and a unit's ExecStartPre at
-    boot) from stacking two overlays."""
+def mount(layout: Layout, store: ImageStore, root: Root, ids: int = 0) -> Path:
+    """Assemble the root at machines/NAME/rootfs (idempotent), its image layers
+    shown in the range at ``ids`` (0: the host's IDs); return that path. A
+    root mounted for another range is mounted again (its machine is stopped).
+    A lock per machine keeps two mounters (apply, and a unit's ExecStartPre
+    at boot) from stacking two overlays."""
     with files.locked(Path(layout.mount_lock(root.name))):
-        return _mount(layout, store, root)
+        return _mount(layout, store, root, ids)
 
 
-def _mount(layout: Layout, store: ImageStore, root: Root) -> Path:
+def shown_ids(root: Root, machine: Machine | None) -> int:
+    """The range a machine's overlay shows its image layers in: its own, with
+    a user namespace (a copied root is nspawn's to map, and a root from
+    before ranges were recorded is nspawn's to shift); the host's without.
+    ``machine`` None (its spec is not on record): as the default, with one."""
+    if root.mode is RootfsMode.COPY or root.uid_base is None:
+        return 0
+    if machine is not None and not machine.security.private_users:
+        return 0
+    return root.uid_base
+
+
+def _lower_dir(base: Path, ids: int, index: int) -> Path:
+    """Where an image layer is mounted ID-mapped to the range at ids, for the
+    overlay to take it (named so that the overlay's options tell the range)."""
+    return base / "lower" / f"{ids}.{index}"
+
+
+def mounted_ids(layout: Layout, name: str) -> int | None:
+    """The range a machine's mounted overlay shows its image layers in (0: the
+    host's IDs), or None if its root is not mounted as an overlay."""
+    target = PurePosixPath(Path(layout.rootfs(name)).resolve())
+    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    found = [m for m in mounts if m.target == target]
+    if not found or found[-1].fstype != "overlay":
+        return None
+    lower = PurePosixPath(Path(layout.machine_dir(name)).resolve()) / "lower"
+    for option in found[-1].options.split(","):
+        if option.startswith("lowerdir="):
+            first = PurePosixPath(option.removeprefix("lowerdir=").split(":")[0])
+            if first.parent == lower:
+                return int(first.name.split(".")[0])
+    return 0
+
+
+_fallback_warned: set[str] = set()
+
+
+def _mount(layout: Layout, store: ImageStore, root: Root, ids: int) -> Path:
     base = _dir(layout, root.name)
     rootfs = base / "rootfs"
-    if is_mounted(rootfs):
-        return rootfs
     if root.mode is RootfsMode.COPY:
-        run.run(commands.nodev_bind_argv(PurePosixPath(rootfs)))
+        if not is_mounted(rootfs):
+            run.run(commands.nodev_bind_argv(PurePosixPath(rootfs)))
         return rootfs
-    lowers = [PurePosixPath(r.tree) for r in store.chain(root.layers[0])]
+    current = mounted_ids(layout, root.name)
+    if current == ids:
+        return rootfs
+    if current is not None or is_mounted(rootfs):
+        files.unmount_under(rootfs)
+    trees = [Path(r.tree) for r in store.chain(root.layers[0])]
     if root.mode is RootfsMode.EPHEMERAL:
         scratch = base / "ephemeral"
         scratch.mkdir(exist_ok=True)
@@ -281,12 +415,53 @@ def _mount(layout: Layout, store: ImageStore, root: Root) -> Path:
         upper, work = base / "upper", base / "work"
     upper.mkdir(exist_ok=True)
     work.mkdir(exist_ok=True)
-    run.run(
-        commands.overlay_mount_argv(
-            lowers, PurePosixPath(rootfs), PurePosixPath(upper), PurePosixPath(work), metacopy=True
+    lowers = _map_layers(base, trees, ids) if ids else trees
+    try:
+        if lowers is not trees and not any(os.scandir(upper)):
+            # A fresh upper directory: the root's top, owned by the range.
+            os.chown(upper, ids, ids)
+        run.run(
+            commands.overlay_mount_argv(
+                [PurePosixPath(p) for p in lowers],
+                PurePosixPath(rootfs),
+                PurePosixPath(upper),
+                PurePosixPath(work),
+                metacopy=True,
+            )
         )
-    )
+    finally:
+        if lowers is not trees:  # the overlay holds its own references to them
+            files.unmount_under(base / "lower")
+            files.remove_tree(base / "lower")
     return rootfs
+
+
+def _map_layers(base: Path, trees: list[Path], ids: int) -> list[Path]:
+    """The image layers mounted ID-mapped to the range at ids, at their
+    ``_lower_dir`` paths; the trees themselves (with a one-line notice, once
+    per process) where the kernel or their filesystem cannot, so that the
+    root is shifted by a walk instead (``reown``)."""
+    files.unmount_under(base / "lower")
+    files.remove_tree(base / "lower")
+    staged = [_lower_dir(base, ids, index) for index in range(len(trees))]
+    for path in staged:
+        path.mkdir(parents=True)
+    try:
+        files.mount_idmapped(trees, staged, ids)
+    except OSError as exc:
+        files.unmount_under(base / "lower")
+        files.remove_tree(base / "lower")
+        where = str(trees[0].parent.parent)
+        if where not in _fallback_warned:
+            _fallback_warned.add(where)
+            print(
+                f"notice: image layers in {where} cannot be mounted ID-mapped "
+                f"({exc.strerror or exc}); machines' roots are shifted to their ranges "
+                "instead (a copy-up of every inode at a first start)",
+                file=sys.stderr,
+            )
+        return trees
+    return staged
 
 
 def unmount(layout: Layout, name: str) -> None:
@@ -323,43 +498,45 @@ def users(layout: Layout) -> dict[str, list[str]]:
 
 
 def user_namespace(layout: Layout, name: str) -> dict[str, int] | None:
-    """The ID range a machine's root is shifted to (nspawn keeps it in the
-    root's ownership), or None if its ids are the host's."""
+    """The ID range a machine's root is owned by (kept in its top's owner),
+    or None if its IDs are the host's."""
     try:
         owner = Path(layout.rootfs(name)).lstat()
     except FileNotFoundError:
         return None
-    if owner.st_uid == 0:
+    base = idshift.range_of(owner.st_uid)
+    if base is None:
         return None
-    return {"uid_base": owner.st_uid, "gid_base": owner.st_gid, "size": 65536}
+    return {"uid_base": base, "gid_base": base, "size": idshift.RANGE}
 
 
-def unshift(root: Path) -> int:
-    """Give a root nspawn shifted to a user namespace's range back the host's
-    IDs, for a machine that now runs without one (``private_users: false``):
-    every owner and every named ACL entry of the range moves to the range at
-    0, as nspawn's own shift does the other way. A root whose top is owned by
-    the host's 0 is left alone. The walk opens each directory by descriptor,
-    follows no symlink and stays on the root's filesystem; setuid and setgid
-    bits and file capabilities, which chown(2) drops, are set again. How many
-    entries it moved."""
-    top = root.lstat()
-    base = top.st_uid
-    if base == 0 or base % idshift.RANGE:
+def reown(root: Path, target: int, lowers: int) -> int:
+    """Move the owners of a mounted root to the range at ``target`` (0: the
+    host's IDs) from the ranges ``idshift.sources`` names: where its last walk
+    (or nspawn's shift) left it, and the range its image layers show in
+    (``lowers``). A root already in target is left alone: nothing is walked.
+    Every owner, named ACL entry and file capability's root ID of those ranges
+    moves, as nspawn's own shift does. The walk opens each directory by
+    descriptor, follows no symlink and stays on the root's filesystem;
+    setuid and setgid bits and file capabilities, which chown(2) drops, are
+    set again; the top goes last, so a walk cut short is walked again. How
+    many entries it moved."""
+    moves = idshift.sources(root.lstat().st_uid, lowers, target)
+    if not moves:
         return 0
     moved = 0
     for _, dirs, names, fd in os.fwalk(root, follow_symlinks=False):
         device = os.fstat(fd).st_dev
         dirs[:] = [d for d in dirs if os.lstat(d, dir_fd=fd).st_dev == device]
         for name in [*dirs, *names]:
-            moved += _unshift_entry(fd, name, base)
-    moved += _unshift_entry(None, str(root), base)
+            moved += _reown_entry(fd, name, moves, target)
+    moved += _reown_entry(None, str(root), moves, target)
     return moved
 
 
-def _unshift_entry(fd: int | None, name: str, base: int) -> int:
+def _reown_entry(fd: int | None, name: str, moves: tuple[int, ...], target: int) -> int:
     info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-    uid, gid = idshift.shifted(info.st_uid, base, 0), idshift.shifted(info.st_gid, base, 0)
+    uid, gid = (_moved(value, moves, target) for value in (info.st_uid, info.st_gid))
     if (uid, gid) == (info.st_uid, info.st_gid):
         return 0
     if stat.S_ISLNK(info.st_mode):
@@ -371,12 +548,22 @@ def _unshift_entry(fd: int | None, name: str, base: int) -> int:
     if info.st_mode & (stat.S_ISUID | stat.S_ISGID):
         os.chmod(name, stat.S_IMODE(info.st_mode), dir_fd=fd)  # not a symlink: lstat said
     if caps is not None:
-        os.setxattr(path, idshift.CAPABILITY_XATTR, idshift.shift_caps(caps, base, 0))
+        for source in moves:  # each moves only its own range's IDs, never target's
+            caps = idshift.shift_caps(caps, source, target)
+        os.setxattr(path, idshift.CAPABILITY_XATTR, caps)
     for key in idshift.ACL_XATTRS:
         acl = _xattr(path, key)
         if acl is not None:
-            os.setxattr(path, key, idshift.shift_acl(acl, base, 0))
+            for source in moves:
+                acl = idshift.shift_acl(acl, source, target)
+            os.setxattr(path, key, acl)
     return 1
+
+
+def _moved(value: int, moves: tuple[int, ...], target: int) -> int:
+    base = idshift.range_of(value)
+    source = 0 if base is None else base
+    return idshift.shifted(value, source, target) if source in moves else value
 
 
 def _xattr(path: str, key: str) -> bytes | None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class Desired:
     run: RunSpec
     config_hash: str
     network: Network | None = None  # the declared network it joins, if any
+    uid_base: int | None = None  # its user-namespace range (None: nspawn picks)
 
     @property
     def name(self) -> str:
@@ -104,18 +105,21 @@ def desire(
     template_dir: Path,
     salts: Salts,
     program: Sequence[str] = PROGRAM,
+    bases: Mapping[str, int] | None = None,
 ) -> dict[str, Desired]:
     """The desired state of every declared machine, by name. ``program`` is how
-    units run pymachine."""
+    units run pymachine; ``bases`` the user-namespace range of each machine
+    (``rootfs.ranges``: kept in its root record, or chosen anew)."""
     out = {}
     networks = desire_networks(spec_set, layout)
     for name, machine in spec_set.machines.items():
         joined = networks.get(machine.network)
         layers = tuple(machine_layers(spec_set, machine, salts))
         binds = all_binds(machine, layout)
+        uid_base = (bases or {}).get(name)
         run = RunSpec(
             name=name,
-            argv=tuple(nspawn_run_argv(machine, layout)),
+            argv=tuple(nspawn_run_argv(machine, layout, uid_base)),
             restart=machine.restart.value,
             log=str(console_log(layout, name)),
             stop_timeout=machine.stop_timeout,
@@ -146,9 +150,10 @@ def desire(
         out[name] = Desired(
             machine=machine,
             layers=layers,
-            files=tuple(machine_files(machine, layout, template_dir, program)),
+            files=tuple(machine_files(machine, layout, template_dir, program, uid_base)),
             run=run,
             config_hash=digest,
             network=joined.network if joined else None,
+            uid_base=uid_base,
         )
     return out

@@ -1,12 +1,20 @@
-"""Moving a root's owners from one user-namespace range to another: the
-arithmetic of IDs and of POSIX ACLs as the kernel stores them in the
-``system.posix_acl_access`` and ``system.posix_acl_default`` xattrs. Pure."""
+"""User-namespace ranges: choosing a machine's, and moving a root's owners
+from one range to another (the arithmetic of IDs, of POSIX ACLs as the kernel
+stores them in the ``system.posix_acl_access`` and ``system.posix_acl_default``
+xattrs, and of file capabilities). Pure."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
+from collections.abc import Collection
 
 RANGE = 65536  # the IDs a machine's user namespace maps (nspawn's pick)
+BASE_MIN = 0x00080000
+BASE_MAX = 0x6FFF0000
+"""The bases systemd gives containers (its CONTAINER_UID_BASE_MIN and _MAX,
+which nspawn's ``pick`` draws from): far above any user of the host."""
+_SLOTS = (BASE_MAX - BASE_MIN) // RANGE + 1
 ACL_XATTRS = ("system.posix_acl_access", "system.posix_acl_default")
 _HEADER = struct.Struct("<I")
 _ENTRY = struct.Struct("<HHI")
@@ -48,3 +56,37 @@ def shift_caps(blob: bytes, base: int, to: int) -> bytes:
         return blob
     rootid = _HEADER.unpack_from(blob, _CAPS_V3_SIZE - 4)[0]
     return blob[:-4] + _HEADER.pack(shifted(rootid, base, to))
+
+
+def pick(seed: str, taken: Collection[int]) -> int:
+    """The range base for a machine: the slot a hash of seed (the state root
+    and the machine's name) falls on, or the next one no other machine holds
+    (``taken``), as nspawn's ``pick`` does with its lock files."""
+    start = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") % _SLOTS
+    for step in range(_SLOTS):
+        base = BASE_MIN + (start + step) % _SLOTS * RANGE
+        if base not in taken:
+            return base
+    raise ValueError("every user-namespace range is taken")
+
+
+def range_of(value: int) -> int | None:
+    """The base of the machine range an owner falls in (a multiple of RANGE in
+    systemd's container bases), or None for the host's own IDs and others."""
+    base = value - value % RANGE
+    return base if BASE_MIN <= base <= BASE_MAX else None
+
+
+def sources(top: int, lowers: int, target: int) -> tuple[int, ...]:
+    """The ranges whose owners a walk of a root moves to ``target``: the range
+    its top directory is owned by (where its last walk, or nspawn's shift,
+    left it; 0 for the host's), and the range its image layers show in
+    (``lowers``: the base they are mounted ID-mapped to, 0 when they are
+    not). None when the top already is in ``target``: the top is moved last,
+    so a root whose top is in a range was moved whole (nspawn's own shift
+    takes a root's top as its word the same way)."""
+    found = range_of(top)
+    here = 0 if found is None else found
+    if here == target:
+        return ()
+    return tuple(sorted({here, lowers} - {target}))

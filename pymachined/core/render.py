@@ -18,9 +18,10 @@ from typing import Any
 import jinja2
 
 from pymachined.core import units
+from pymachined.core.idshift import RANGE
 from pymachined.core.layout import Layout
 from pymachined.core.limits import DEVICE_ALLOW
-from pymachined.core.spec import Bind, Machine, MachineState
+from pymachined.core.spec import Bind, Machine, MachineState, RootfsMode
 
 NSPAWN_BINARY = "/usr/bin/systemd-nspawn"
 PROGRAM = ("pymachine",)
@@ -114,11 +115,27 @@ def all_binds(machine: Machine, layout: Layout) -> list[Bind]:
     return [*machine.binds, *volumes]
 
 
-def nspawn_context(machine: Machine, layout: Layout) -> dict[str, Any]:
-    """The values of a machine's .nspawn file, as plain data.
+def user_namespace(machine: Machine, uid_base: int | None) -> tuple[str, str]:
+    """nspawn's PrivateUsers= and PrivateUsersOwnership= for a machine whose
+    range is at uid_base: its own range, ownership left alone, since
+    pymachine hands nspawn an overlay root already owned by it (a copied root
+    nspawn maps or shifts itself: ``auto``). Without a range chosen (a
+    preview), nspawn picks one."""
+    if not machine.security.private_users:
+        return "no", "off"
+    if uid_base is None:
+        return "pick", "auto"
+    ownership = "auto" if machine.rootfs is RootfsMode.COPY else "off"
+    return f"{uid_base}:{RANGE}", ownership
+
+
+def nspawn_context(machine: Machine, layout: Layout, uid_base: int | None = None) -> dict[str, Any]:
+    """The values of a machine's .nspawn file, as plain data, for its
+    user-namespace range at uid_base.
     Binds are named by their staging paths, where pymachine mounts each source,
     opened without following a symlink, before every start."""
     security = machine.security
+    private_users, users_ownership = user_namespace(machine, uid_base)
     filters = []
     if security.seccomp.allow:
         filters.append(" ".join(security.seccomp.allow))
@@ -134,8 +151,8 @@ def nspawn_context(machine: Machine, layout: Layout) -> dict[str, Any]:
         "user": machine.user,
         "workdir": machine.workdir,
         "hostname": machine.hostname,
-        "private_users": "pick" if security.private_users else "no",
-        "users_ownership": "auto" if security.private_users else "off",
+        "private_users": private_users,
+        "users_ownership": users_ownership,
         "capability_add": " ".join(sorted(set(security.capabilities.add))),
         "capability_drop": " ".join(sorted(set(security.capabilities.drop))),
         "no_new_privileges": security.no_new_privileges,
@@ -167,11 +184,11 @@ def nspawn_context(machine: Machine, layout: Layout) -> dict[str, Any]:
     }
 
 
-def nspawn_run_argv(machine: Machine, layout: Layout) -> list[str]:
+def nspawn_run_argv(machine: Machine, layout: Layout, uid_base: int | None = None) -> list[str]:
     """The systemd-nspawn command line pymachined runs a machine with: the same
     settings as its .nspawn file (from the same context), as options, since a
     file under --root is not where nspawn looks for settings."""
-    context = nspawn_context(machine, layout)
+    context = nspawn_context(machine, layout, uid_base)
     argv = [
         NSPAWN_BINARY,
         "--quiet",
@@ -300,9 +317,10 @@ def machine_files(
     layout: Layout,
     template_dir: Path,
     program: Sequence[str] = PROGRAM,
+    uid_base: int | None = None,
 ) -> list[RenderedFile]:
     """Every file a machine gets on the host, rendered: its .nspawn file and unit."""
-    context = nspawn_context(machine, layout)
+    context = nspawn_context(machine, layout, uid_base)
     nspawn = render_template(template_dir, "machine.nspawn.j2", context)
     service = render_template(
         template_dir, "machine.service.j2", service_context(machine, layout, program)

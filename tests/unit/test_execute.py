@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any, get_args
 
@@ -186,23 +187,38 @@ class FakeRoots:
         chain: list[ImageRecord],
         /,
         *,
+        uid_base: int | None = None,
         durable: bool = True,
     ) -> Root:
         self.calls.append(("create", name))
-        self.made[name] = Root(name, mode, tuple(r.key for r in chain))
+        self.made[name] = Root(name, mode, tuple(r.key for r in chain), uid_base)
         return self.made[name]
 
     def adopt(
-        self, layout: Layout, name: str, mode: RootfsMode, layers: tuple[str, ...], /
+        self,
+        layout: Layout,
+        name: str,
+        mode: RootfsMode,
+        layers: tuple[str, ...],
+        /,
+        *,
+        uid_base: int | None = None,
     ) -> Root:
         self.calls.append(("adopt", name))
-        self.made[name] = Root(name, mode, layers)
+        self.made[name] = Root(name, mode, layers, uid_base)
         return self.made[name]
 
-    def mount(self, layout: Layout, store: ImageStore, root: Root, /) -> Path:
+    def claim_range(self, layout: Layout, root: Root, uid_base: int, /) -> Root:
+        self.made[root.name] = replace(root, uid_base=uid_base)
+        return self.made[root.name]
+
+    def mount(self, layout: Layout, store: ImageStore, root: Root, ids: int = 0, /) -> Path:
         path = self.base / root.name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def mounted_ids(self, layout: Layout, name: str, /) -> int | None:
+        return None
 
     def remove(self, layout: Layout, name: str, /) -> None:
         self.calls.append(("remove root", name))
