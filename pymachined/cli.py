@@ -161,8 +161,7 @@ def render(
     ],
 ) -> None:
     """Print the files a machine would get on this host."""
-    from pymachined.core.render import machine_files
-    from pymachined.reconcile import program
+    from pymachined.reconcile import rendered_files
     from pymachined.resources import data_dir
 
     spec_set = _spec_set([path])
@@ -172,7 +171,7 @@ def render(
         raise PymachineError(
             f"no machine named {name!r} in {path}", hint=f"machines declared: {known}"
         )
-    files = machine_files(machine, options.layout, data_dir("templates"), program())
+    files = rendered_files(options.layout, spec_set, machine, data_dir("templates"))
     for index, rendered in enumerate(files):
         if index:
             typer.echo()

@@ -17,7 +17,8 @@ from pymachined.core.actions import RemoveMachine, ReplaceRoot, Step
 from pymachined.core.desired import Desired, desire, desire_networks
 from pymachined.core.layout import Layout
 from pymachined.core.plan import Observed, ObservedVolume, plan, problems
-from pymachined.core.spec import MachineState
+from pymachined.core.render import RenderedFile, machine_files
+from pymachined.core.spec import Machine, MachineState
 from pymachined.core.validate import SpecSet, check_recorded_addresses, check_recorded_networks
 from pymachined.errors import Diagnostic, PymachineError, SpecError
 from pymachined.execute import Executor
@@ -123,6 +124,15 @@ def check_quotas(layout: Layout, spec_set: SpecSet) -> None:
             problems.append(located.document.diagnostic(("size",), message, QUOTA_HINT))
     if problems:
         raise SpecError(problems)
+
+
+def rendered_files(
+    layout: Layout, spec_set: SpecSet, machine: Machine, template_dir: Path
+) -> list[RenderedFile]:
+    """The files a declared machine gets on this host, as an apply renders
+    them (with the range it has, or the one an apply would choose)."""
+    base = rootfs.ranges(layout, sorted(spec_set.machines))[machine.name]
+    return machine_files(machine, layout, template_dir, program(), base)
 
 
 @dataclass

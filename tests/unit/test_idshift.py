@@ -6,7 +6,17 @@ import struct
 
 import pytest
 
-from pymachined.core.idshift import RANGE, shift_acl, shift_caps, shifted
+from pymachined.core.idshift import (
+    BASE_MAX,
+    BASE_MIN,
+    RANGE,
+    pick,
+    range_of,
+    shift_acl,
+    shift_caps,
+    shifted,
+    sources,
+)
 
 BASE = 325386240
 
@@ -75,3 +85,58 @@ def test_file_capabilities_keep_their_sets_and_move_their_root_id() -> None:
     v2 = caps(0x02000001, 1 << 13, 0, 0, 0)  # no root ID: anyone's
     assert shift_caps(v2, BASE, 0) == v2
     assert shift_caps(b"\x03", BASE, 0) == b"\x03"
+
+
+def test_a_pick_is_stable_in_systemds_container_bases_and_skips_taken_ranges() -> None:
+    first = pick("/var/lib\0web", set())
+    assert first == pick("/var/lib\0web", set())
+    assert BASE_MIN <= first <= BASE_MAX and first % RANGE == 0
+    assert pick("/var/lib\0web", {first}) == first + RANGE or first == BASE_MAX
+    others = {pick(f"/var/lib\0m{i}", set()) for i in range(50)}
+    assert len(others) > 45  # a hash spreads names over the ranges
+
+
+def test_the_last_range_wraps_to_the_first() -> None:
+    seed = next(s for s in (f"s{i}" for i in range(200000)) if pick(s, set()) == BASE_MAX)
+    assert pick(seed, {BASE_MAX}) == BASE_MIN
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, None),
+        (1000, None),
+        (65534, None),
+        (BASE, BASE),
+        (BASE + 65535, BASE),
+        (BASE_MIN, BASE_MIN),
+    ],
+)
+def test_the_range_an_owner_is_in(value: int, expected: int | None) -> None:
+    assert range_of(value) == expected
+
+
+OTHER_BASE = BASE + 7 * RANGE
+
+
+@pytest.mark.parametrize(
+    ("top", "lowers", "target", "expected"),
+    [
+        # ID-mapped layers, a fresh upper directory already given to the range.
+        (BASE, BASE, BASE, ()),
+        # ID-mapped layers over an upper the host's IDs own (back from
+        # private_users: false): only what the machine wrote moves.
+        (0, BASE, BASE, (0,)),
+        # Out of the user namespace: layers as they are, the writes move back.
+        (BASE, 0, 0, (BASE,)),
+        (0, 0, 0, ()),
+        # Moved to another range: the writes of the old one move.
+        (BASE, OTHER_BASE, OTHER_BASE, (BASE,)),
+        # Layers that cannot be mapped: the whole root moves, once.
+        (0, 0, BASE, (0,)),
+        (BASE, 0, BASE, ()),
+        (BASE, 0, OTHER_BASE, (0, BASE)),
+    ],
+)
+def test_what_a_walk_moves(top: int, lowers: int, target: int, expected: tuple[int, ...]) -> None:
+    assert sources(top, lowers, target) == expected

@@ -9,7 +9,7 @@ import pytest
 
 from pymachined.core import units
 from pymachined.core.layout import Layout
-from pymachined.core.render import RenderedFile, environment, machine_files
+from pymachined.core.render import RenderedFile, environment, machine_files, nspawn_run_argv
 from pymachined.core.validate import SpecSet, load_set
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -195,3 +195,27 @@ def test_render_respects_root(repo: Path, tmp_path: Path) -> None:
         PurePosixPath(tmp_path) / "etc/systemd/system/pymachine-minimal.service",
     ]
     assert f"--directory={tmp_path}/var/lib/pymachine/machines/minimal/rootfs" in files[1].content
+
+
+@pytest.mark.parametrize(
+    ("security", "rootfs", "users", "ownership"),
+    [
+        ("{}", "overlay", "524288:65536", "off"),  # its layers are mapped to its range
+        ("{}", "ephemeral", "524288:65536", "off"),
+        ("{}", "copy", "524288:65536", "auto"),  # nspawn maps or shifts a copy
+        ("{private_users: false}", "overlay", "no", "off"),
+    ],
+)
+def test_a_machines_range_reaches_nspawn(
+    repo: Path, tmp_path: Path, security: str, rootfs: str, users: str, ownership: str
+) -> None:
+    spec = tmp_path / "m.yaml"
+    spec.write_text(f'name: m\ncommand: ["true"]\nrootfs: {rootfs}\nsecurity: {security}\n')
+    machine = _load(repo, spec).machines["m"]
+    nspawn, _ = machine_files(machine, Layout(), repo / "templates", uid_base=524288)
+    found = _triples(nspawn.content, exec_keys=False)
+    assert ("Exec", "PrivateUsers", users) in found
+    assert ("Files", "PrivateUsersOwnership", ownership) in found
+    argv = nspawn_run_argv(machine, Layout(), 524288)
+    assert f"--private-users={users}" in argv
+    assert f"--private-users-ownership={ownership}" in argv
