@@ -23,6 +23,7 @@ import pytest
 
 from pymachined.core.parsers import parse_log_line
 from pymachined.faults import STEPS
+from pymachined.procs import leader_pid, payload_running
 from tests.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -291,10 +292,12 @@ def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
     assert f"exit code {128 + signal.SIGKILL}" in killed.stdout
 
 
-def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
-    # A first start shifts a whole debian-bookworm root to the machine's user
-    # namespace (seconds): ls says starting meanwhile, and apply returns once
-    # the payload runs, as systemctl start waits for nspawn's READY=1.
+def test_a_machine_is_running_only_once_its_payload_runs(host: Host) -> None:
+    # ls says running only once nspawn has exec'd the payload in the machine
+    # (starting before: its first child is nspawn's own while it sets up),
+    # and apply returns once the payload runs, as systemctl start waits for
+    # nspawn's READY=1. With ID-mapped layers nspawn is quick, so each look
+    # checks the payload at the moment ls says running.
     host.declare(
         'name: "@s"\nimage: debian-bookworm\nnetwork: none\n'
         'command: [sh, -c, "echo up; exec sleep infinity"]\n'
@@ -305,20 +308,23 @@ def test_a_machine_is_starting_until_its_payload_runs(host: Host) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    seen: list[str] = []
+    seen: list[tuple[str, bool]] = []
 
     def applied() -> bool:
         if applying.poll() is not None:
             return True
-        state = host.machines().get("s", {}).get("state")
-        if state and (not seen or seen[-1] != state):
-            seen.append(state)
+        row = host.machines().get("s", {})
+        if row.get("state") == "running":
+            leader = leader_pid(row["pid"])
+            seen.append(("running", leader is not None and payload_running(row["pid"], leader)))
+        elif row.get("state"):
+            seen.append((row["state"], False))
         return False
 
-    # No pause between looks: "starting" may last only a moment.
     wait_until(applied, "the apply to end", 120, interval=0, detail=lambda: seen)
     assert applying.returncode == 0, applying.stderr.read() if applying.stderr else ""
-    assert "starting" in seen, seen
+    assert all(up for state, up in seen if state == "running"), seen
+    assert {state for state, _ in seen} <= {"starting", "running"}, seen
     assert host.machines()["s"]["state"] == "running"
     assert "up" in host.wait_for_output("s", "up")
 
