@@ -19,6 +19,7 @@ import pytest
 from pymachined import rootfs
 from pymachined.core import idshift
 from pymachined.core.layout import Layout
+from pymachined.images import ImageRecord
 from tests.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -192,3 +193,36 @@ def test_a_root_nspawn_shifted_before_ranges_were_recorded_keeps_its_range(
     host.payload("m")
     assert record(host)["uid_base"] == picked
     assert owners(host) == before
+
+
+def test_layers_that_cannot_be_mapped_are_shifted_once_with_a_notice(
+    host: Host, slim_image: ImageRecord, tmp_path: Path
+) -> None:
+    """Image layers on ramfs, which has no ID-mapped mounts: the start says
+    so once and shifts the root (metacopy copy-ups, no file data), and the
+    machine sees what it sees with mapped layers."""
+    images = host.root / "var/lib/pymachine/images"
+    images.unlink()  # the shared cache, as the fixture links it
+    images.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(images)], check=True)
+    try:
+        source = slim_image.tree.parent
+        subprocess.run(["cp", "-a", str(source), str(images / source.name)], check=True)
+        host.declare(SPECS.replace("PRIVATE", "").replace('[sh, -c, "WRITE"]', "[sleep, infinity]"))
+        done = host.apply()
+        assert "cannot be mounted ID-mapped" in done.stderr, done.stderr
+        host.payload("m")
+        seen = inside(host, "stat", "-c", "%u:%g", "/etc/passwd", "/usr/bin/su", "/")
+        assert seen.split() == ["0:0", "0:0", "0:0"]
+        base = record(host)["uid_base"]
+        assert inside(host, "cat", "/proc/self/uid_map").split() == ["0", str(base), "65536"]
+        upper = machine_dir(host) / "upper"
+        assert (upper / "etc/passwd").stat().st_uid == base  # copied up, shifted
+        assert rootfs.written(Layout(PurePosixPath(host.root)), f"{host.prefix}m") == 0
+        # A second start walks nothing: the root's top says it is shifted.
+        host.pymachine("restart", f"{host.prefix}m")
+        host.payload("m")
+        assert inside(host, "stat", "-c", "%u:%g", "/usr/bin/su").split() == ["0:0"]
+        host.pymachine("destroy", "--yes", f"{host.prefix}m")
+    finally:
+        subprocess.run(["umount", "--lazy", str(images)], check=False)
