@@ -181,7 +181,9 @@ class BuiltinSupervisor:
         """The machine's status once done(status), or when timeout passes."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status().get(name, Status(name, RunState.EXITED))
+            reply = self.request(messages.ListStatus(names=(name,)), messages.Statuses)
+            found = {status.name: status for status in reply.machines}
+            status = found.get(name, Status(name, RunState.EXITED))
             if done(status) or time.monotonic() > deadline:
                 return status
             time.sleep(0.05)

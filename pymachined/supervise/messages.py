@@ -30,9 +30,12 @@ class Ping:
 
 @dataclass(frozen=True)
 class ListStatus:
-    """Every supervised machine's status."""
+    """Every supervised machine's status, or only those of ``names`` (a start
+    waiting for its machine asks for one: the reply stays small however many
+    machines run; a pymachined from before ignores the field and sends all)."""
 
     op: Literal["status"] = "status"
+    names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

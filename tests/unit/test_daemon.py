@@ -158,6 +158,16 @@ def test_a_machine_is_starting_until_its_payload_runs(
     assert status["state"] == "running"
 
 
+def test_a_status_request_may_name_the_machines_it_wants(daemon: Daemon) -> None:
+    start(daemon)
+    start(daemon, name="db")
+    every = ask(daemon, {"op": "status"})["machines"]
+    assert sorted(s["name"] for s in every) == ["db", "web"]
+    [one] = ask(daemon, {"op": "status", "names": ["db"]})["machines"]
+    assert one["name"] == "db"
+    assert ask(daemon, {"op": "status", "names": ["nope"]})["machines"] == []
+
+
 def test_a_second_start_is_refused_while_it_runs(daemon: Daemon, launcher: FakeLauncher) -> None:
     start(daemon)
     assert start(daemon) == {"error": "web is running; stop it first", "hint": None}

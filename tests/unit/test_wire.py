@@ -101,6 +101,7 @@ def test_a_field_of_the_wrong_type_is_named_by_its_path() -> None:
     [
         messages.Ping(),
         messages.ListStatus(),
+        messages.ListStatus(names=("web",)),
         messages.Start(RUN),
         messages.Stop("web"),
         messages.Stop("web", "forget"),

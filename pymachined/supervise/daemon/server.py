@@ -246,14 +246,20 @@ class Daemon:
         match request:
             case messages.Ping():
                 return messages.Pong(os.getpid())
-            case messages.ListStatus():
+            case messages.ListStatus(names=names):
+                wanted = None if names is None else set(names)
                 broken = [
                     Status(name, RunState.UNKNOWN, detail=why)
                     for name, why in sorted(self.broken.items())
-                    if name not in self.machines
+                    if name not in self.machines and (wanted is None or name in wanted)
                 ]
                 return messages.Statuses(
-                    tuple(self.status(m) for m in self.machines.values()) + tuple(broken)
+                    tuple(
+                        self.status(m)
+                        for name, m in self.machines.items()
+                        if wanted is None or name in wanted
+                    )
+                    + tuple(broken)
                 )
             case messages.Start(spec=spec):
                 return self._start(spec)
