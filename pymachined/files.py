@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -566,32 +567,38 @@ def idmap_problem_cached(cache: Path, path: Path) -> str | None:
     return answer or None
 
 
+_forking = threading.Lock()
+
+
 def _userns(libc: ctypes.CDLL, base: int) -> int:
-    """A descriptor of a new user namespace mapping IDs 0 to 65535 to base's range: a
-    forked child unshares it, the parent maps and opens it, and the child
-    exits (the descriptor keeps the namespace)."""
-    ready, told = os.pipe()
-    hold, release = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child runs only syscalls, then leaves
-        os.close(ready)
-        os.close(release)
-        code = 0 if libc.unshare(_CLONE_NEWUSER) == 0 else 1
-        os.write(told, b"x" if code == 0 else b"-")
-        os.read(hold, 1)
-        os._exit(code)
-    os.close(told)
-    os.close(hold)
-    try:
-        if os.read(ready, 1) != b"x":
-            raise OSError(errno.EPERM, "cannot make a user namespace")
-        for kind in ("uid_map", "gid_map"):
-            Path(f"/proc/{pid}/{kind}").write_text(f"0 {base} 65536\n")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(release)
-        os.close(ready)
-        os.waitpid(pid, 0)
+    """A descriptor of a new user namespace mapping IDs 0 to 65535 to base's
+    range: a forked child unshares it, the parent maps and opens it, and the
+    child exits (the descriptor keeps the namespace). The child is told to
+    go by a byte, not by the end of a pipe: a child another thread forked
+    meanwhile holds copies of every descriptor, those pipes' ends among them,
+    so an end-of-file may never come. One thread forks at a time."""
+    with _forking:
+        ready, told = os.pipe()
+        hold, release = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child runs only syscalls, then leaves
+            code = 0 if libc.unshare(_CLONE_NEWUSER) == 0 else 1
+            os.write(told, b"x" if code == 0 else b"-")
+            os.read(hold, 1)
+            os._exit(code)
+        os.close(told)
+        os.close(hold)
+        try:
+            if os.read(ready, 1) != b"x":
+                raise OSError(errno.EPERM, "cannot make a user namespace")
+            for kind in ("uid_map", "gid_map"):
+                Path(f"/proc/{pid}/{kind}").write_text(f"0 {base} 65536\n")
+            return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.write(release, b"x")
+            os.close(release)
+            os.close(ready)
+            os.waitpid(pid, 0)
 
 
 def stage_binds(layout: Layout, machine: str, binds: Sequence[BindSource]) -> list[bool]:

@@ -7,6 +7,7 @@ shifted before ranges were recorded keeps its range and its files."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import stat
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pymachined import rootfs
+from pymachined import files, rootfs
 from pymachined.core import idshift
 from pymachined.core.layout import Layout
 from pymachined.images import ImageRecord
@@ -226,3 +227,19 @@ def test_layers_that_cannot_be_mapped_are_shifted_once_with_a_notice(
         host.pymachine("destroy", "--yes", f"{host.prefix}m")
     finally:
         subprocess.run(["umount", "--lazy", str(images)], check=False)
+
+
+@pytest.mark.timeout(120)
+def test_user_namespaces_made_by_many_threads_at_once_never_hang(tmp_path: Path) -> None:
+    """An apply mounts roots in parallel: each ID-mapped mount forks a child
+    for its user namespace, and a child forked by one thread holds copies of
+    another's pipes. None may wait for an end of file that never comes."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a user namespace's map of another range")
+
+    def probe(_: int) -> str | None:
+        return files.idmap_problem(tmp_path)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(probe, range(400)))
+    assert answers == [None] * 400
