@@ -475,6 +475,19 @@ _MOUNT_ATTR_IDMAP = 0x00100000
 _CLONE_NEWUSER = 0x10000000
 
 
+_MS_NODEV = 0x4
+
+
+def mount_overlay(options: str, target: Path) -> None:
+    """Mount an overlay with options (``commands.overlay_options``) at target,
+    nodev, by mount(2) itself: the same mount as mount(8) makes, without a
+    process to start."""
+    result = _libc().mount(
+        b"pymachine", os.fsencode(target), b"overlay", _MS_NODEV, os.fsencode(options)
+    )
+    _check(result, str(target))
+
+
 _SYS_MOVE_MOUNT = 429
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _PROBE_BASE = 4293918720  # far from any machine's range

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from pymachined import files, run
 from pymachined.core import commands, idshift
 from pymachined.core.layout import Layout
-from pymachined.core.parsers import parse_mountinfo
+from pymachined.core.parsers import mounts_at
 from pymachined.core.plan import Kept
 from pymachined.core.spec import Machine, RootfsMode
 from pymachined.errors import PymachineError
@@ -340,8 +340,7 @@ def _copy(base: Path, chain: list[ImageRecord]) -> None:
 def is_mounted(path: Path) -> bool:
     """Whether something is mounted exactly at path."""
     text = Path("/proc/self/mountinfo").read_text()
-    target = PurePosixPath(path.resolve())
-    return any(m.target == target for m in parse_mountinfo(text))
+    return bool(mounts_at(text, PurePosixPath(path.resolve())))
 
 
 def mount(layout: Layout, store: ImageStore, root: Root, ids: int = 0) -> Path:
@@ -376,8 +375,7 @@ def mounted_ids(layout: Layout, name: str) -> int | None:
     """The range a machine's mounted overlay shows its image layers in (0: the
     host's IDs), or None if its root is not mounted as an overlay."""
     target = PurePosixPath(Path(layout.rootfs(name)).resolve())
-    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    found = [m for m in mounts if m.target == target]
+    found = mounts_at(Path("/proc/self/mountinfo").read_text(), target)
     if not found or found[-1].fstype != "overlay":
         return None
     lower = PurePosixPath(Path(layout.machine_dir(name)).resolve()) / "lower"
@@ -420,15 +418,19 @@ def _mount(layout: Layout, store: ImageStore, root: Root, ids: int) -> Path:
         if lowers is not trees and not any(os.scandir(upper)):
             # A fresh upper directory: the root's top, owned by the range.
             os.chown(upper, ids, ids)
-        run.run(
-            commands.overlay_mount_argv(
-                [PurePosixPath(p) for p in lowers],
-                PurePosixPath(rootfs),
-                PurePosixPath(upper),
-                PurePosixPath(work),
-                metacopy=True,
-            )
+        options = commands.overlay_options(
+            [PurePosixPath(p) for p in lowers],
+            PurePosixPath(upper),
+            PurePosixPath(work),
+            metacopy=True,
         )
+        try:
+            files.mount_overlay(options, rootfs)
+        except OSError as exc:
+            raise PymachineError(
+                f"cannot mount the root of {root.name} at {rootfs}: {exc.strerror}",
+                hint="dmesg says why overlayfs refused it",
+            ) from exc
     finally:
         if lowers is not trees:  # the overlay holds its own references to them
             files.unmount_under(base / "lower")

@@ -141,14 +141,27 @@ def overlay_mount_argv(
     data: shifting a root to a user namespace's ids then costs metadata alone.
     Always nodev: a device node an image holds opens nothing (setuid binaries
     must still work in a machine, so not nosuid)."""
-    options = ["nodev", f"lowerdir={':'.join(str(p) for p in lowers)}"]
+    options = overlay_options(lowers, upper, work, metacopy=metacopy)
+    return ["mount", "-t", "overlay", "-o", f"nodev,{options}", "--", "pymachine", str(target)]
+
+
+def overlay_options(
+    lowers: Sequence[PurePosixPath],
+    upper: PurePosixPath | None = None,
+    work: PurePosixPath | None = None,
+    *,
+    metacopy: bool = False,
+) -> str:
+    """The overlayfs options of an overlay of lowers (topmost first), over
+    upper and work if given (read-only without)."""
+    options = [f"lowerdir={':'.join(str(p) for p in lowers)}"]
     if upper is not None and work is not None:
         options += [f"upperdir={upper}", f"workdir={work}"]
         if metacopy:
             options += ["redirect_dir=on", "metacopy=on"]
     else:
         options.append("ro")
-    return ["mount", "-t", "overlay", "-o", ",".join(options), "--", "pymachine", str(target)]
+    return ",".join(options)
 
 
 def tmpfs_mount_argv(target: PurePosixPath, mode: str = "0700") -> list[str]:

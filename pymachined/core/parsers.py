@@ -124,6 +124,24 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
+def _escape_mountinfo(path: str) -> str:
+    return (
+        path.replace("\\", "\\134")
+        .replace(" ", "\\040")
+        .replace("\t", "\\011")
+        .replace("\n", "\\012")
+    )
+
+
+def mounts_at(text: str, target: PurePosixPath) -> list[Mount]:
+    """The mounts of a mountinfo text exactly at target, in order (the last is
+    on top): only the lines naming it are parsed, so a look at one mount
+    point stays cheap however many mounts the host has."""
+    needle = f" {_escape_mountinfo(str(target))} "
+    lines = "\n".join(line for line in text.splitlines() if needle in line)
+    return [m for m in parse_mountinfo(lines) if m.target == target]
+
+
 def mounts_under(mounts: list[Mount], root: PurePosixPath) -> list[PurePosixPath]:
     """Mount points at or below root, deepest first (the order to unmount them)."""
     found = {m.target for m in mounts if m.target == root or root in m.target.parents}

@@ -170,3 +170,20 @@ def test_the_signal_that_killed_a_payload_is_read_from_nspawns_last_words() -> N
     assert parse_payload_signal(now + "Container db terminated by signal SEGV.\n") == 11
     assert parse_payload_signal(earlier + now) is None  # an earlier run's death is not this one's
     assert parse_payload_signal(now + "Container db terminated by signal NOPE.\n") is None
+
+
+def test_mounts_at_one_point_parse_only_its_lines() -> None:
+    from pymachined.core.parsers import mounts_at
+
+    text = (
+        "36 35 0:30 / /srv/a\\040b rw - overlay x rw,lowerdir=/l\n"
+        "37 36 0:31 / /srv/a\\040b/c rw - tmpfs t rw\n"
+        "38 35 0:32 / /srv/a\\040b rw - overlay y rw,lowerdir=/m\n"
+        "not a mountinfo line at all\n"
+    )
+    found = mounts_at(text, PurePosixPath("/srv/a b"))
+    assert [(m.mount_id, m.options) for m in found] == [
+        (36, "rw,lowerdir=/l"),
+        (38, "rw,lowerdir=/m"),
+    ]
+    assert mounts_at(text, PurePosixPath("/srv/a")) == []
