@@ -53,9 +53,23 @@ def spec_text(names: list[str], out: Path) -> str:
     return "---\n".join(
         f'name: {name}\nimage: {IMAGE}\nnetwork: none\nrestart: "no"\nstop_timeout: 1s\n'
         f'binds: ["{out}:/out"]\n'
-        f'command: [sh, -c, "echo up > /out/{name}; exec sleep infinity"]\n'
+        f'command: [sh, -c, "{payload(name)}"]\n'
         for name in names
     )
+
+
+def payload(name: str) -> str:
+    """Writes its file, then waits, ending at once on SIGTERM (so that the
+    removal of 200 machines does not wait out their stop timeouts)."""
+    return f"trap 'exit 0' TERM; echo up > /out/{name}; while :; do sleep 1 & wait; done"
+
+
+def remove_all(root: Path, specs: Path, names: list[str]) -> None:
+    """Every machine of the bench gone: all but the first pruned by one apply,
+    then the first destroyed."""
+    (specs / "machines.yaml").write_text(spec_text(names[:1], specs.parent / "out"))
+    pymachine(root, "apply", str(specs), "--yes", "--prune", check=False)
+    pymachine(root, "destroy", "--yes", names[0], check=False)
 
 
 def timed(argv: list[str], runs: int) -> float:
@@ -132,9 +146,9 @@ def main() -> int:
         until_up(out, names[:tenth], lambda: pymachine(root, "apply", str(specs), "--yes"))
         daemon = daemon_pid(root)
         figures["pymachined_kib_at_tenth"] = pss_kib(daemon) if daemon else None
+        remove_all(root, specs, names[:tenth])
         for name in names[:tenth]:
             (out / name).unlink()
-        pymachine(root, "destroy", "--yes", *names[:tenth])
 
         (specs / "machines.yaml").write_text(spec_text(names, out))
         up, returned = until_up(out, names, lambda: pymachine(root, "apply", str(specs), "--yes"))
@@ -157,9 +171,7 @@ def main() -> int:
             podman_import(image.tree)
             figures["podman_kib_per_container"] = podman_memory(tenth, out)
     finally:
-        listed = json.loads(pymachine(root, "ls", "-o", "json").stdout)
-        if listed:
-            pymachine(root, "destroy", "--yes", *[m["name"] for m in listed], check=False)
+        remove_all(root, specs, names)
         daemon = daemon_pid(root)
         if daemon is not None:
             os.kill(daemon, 15)

@@ -476,6 +476,14 @@ _CLONE_NEWUSER = 0x10000000
 
 
 _MS_NODEV = 0x4
+_MNT_DETACH = 0x2
+
+
+def detach(target: Path) -> None:
+    """Detach the mount at target (umount2 with MNT_DETACH): gone from the
+    tree at once, whoever still holds a descriptor of it (a child another
+    thread forked holds copies of every descriptor for a moment)."""
+    _check(_libc().umount2(os.fsencode(target), _MNT_DETACH), str(target))
 
 
 def mount_overlay(options: str, target: Path) -> None:

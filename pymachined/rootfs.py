@@ -432,8 +432,9 @@ def _mount(layout: Layout, store: ImageStore, root: Root, ids: int) -> Path:
                 hint="dmesg says why overlayfs refused it",
             ) from exc
     finally:
-        if lowers is not trees:  # the overlay holds its own references to them
-            files.unmount_under(base / "lower")
+        if lowers is not trees:  # the overlay holds its own clones of them
+            for lower in lowers:
+                files.detach(lower)
             files.remove_tree(base / "lower")
     return rootfs
 

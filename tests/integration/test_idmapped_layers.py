@@ -243,3 +243,22 @@ def test_user_namespaces_made_by_many_threads_at_once_never_hang(tmp_path: Path)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(probe, range(400)))
     assert answers == [None] * 400
+
+
+def test_many_machines_mounted_at_once_all_start(host: Host) -> None:
+    """The executor mounts roots in parallel threads: each forks for its user
+    namespace while others mount, and the staging mounts of its layers go
+    however many descriptors of them other threads' children hold."""
+    names = [f"p{index}" for index in range(16)]
+    host.declare(
+        "---\n".join(
+            f'name: "@{name}"\nimage: debian-bookworm-slim\nnetwork: none\nstop_timeout: 1s\n'
+            # Ends at once on SIGTERM: the teardown stops 16 machines.
+            "command: [sh, -c, \"trap 'exit 0' TERM; while :; do sleep 1 & wait; done\"]\n"
+            for name in names
+        )
+    )
+    host.apply()
+    for name in names:
+        host.payload(name)
+    assert not list(host.root.glob("var/lib/pymachine/machines/*/lower"))
