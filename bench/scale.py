@@ -91,11 +91,18 @@ def podman_memory(count: int, out: Path) -> dict[str, float] | None:
     names = [f"scale-podman{index:03d}" for index in range(count)]
     try:
         for name in names:
-            argv = podman_run_argv(name, "--userns=auto", "-v", f"{out}:/out")
-            subprocess.run(
-                [*argv, PODMAN_IMAGE, "sh", "-c", f"echo up > /out/{name}; exec sleep infinity"],
-                check=True,
-                capture_output=True,
+            command = f"echo up > /out/{name}; exec sleep infinity"
+            podman(
+                *podman_run_argv(
+                    name,
+                    "--userns=auto",
+                    "--volume",
+                    f"{out}:/out",
+                    PODMAN_IMAGE,
+                    "sh",
+                    "-c",
+                    command,
+                )
             )
         deadline = time.monotonic() + 120
         while not all((out / n).exists() for n in names) and time.monotonic() < deadline:
@@ -134,6 +141,7 @@ def main() -> int:
     image = store.ensure(layers(load_set([], REPO / "machines"), IMAGE, store.salts()))[0]
     out = root / "out"
     out.mkdir(parents=True)
+    out.chmod(0o1777)  # every machine's root may write, whatever its UID range
     specs = root / "specs"
     specs.mkdir()
     count: int = args.machines
@@ -171,11 +179,11 @@ def main() -> int:
             podman_import(image.tree)
             figures["podman_kib_per_container"] = podman_memory(tenth, out)
     finally:
+        report(figures)  # what was measured, even if a step failed
         remove_all(root, specs, names)
         daemon = daemon_pid(root)
         if daemon is not None:
             os.kill(daemon, 15)
-    report(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
