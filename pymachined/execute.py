@@ -177,7 +177,10 @@ class Executor:
     net: NetworkEdge = network
     roots: RootfsEdge = rootfs
 
-    parallel: int = 8
+    parallel: int = 8  # machines made at once: builds, roots and files
+    # Machines started at once: a start mostly waits for its payload to run, so
+    # a small pool would start them in waves, each as slow as its slowest.
+    starting: int = 64
     _addresses: threading.Lock = field(default_factory=threading.Lock)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _failures: dict[str, Failure] = field(default_factory=dict)
@@ -188,7 +191,8 @@ class Executor:
         and files, machines in parallel (a bounded pool) once their dependencies
         are done; then the supervisor takes in the written files at once (under
         systemd: one daemon-reload however many changed); then starts, restarts
-        and resource updates, again in dependency order. Stops and removals
+        and resource updates, again in dependency order (in a larger pool: a
+        start mostly waits for its payload). Stops and removals
         follow, one by one, in plan order.
 
         A failed step fails its machine (or network) and what needs it; every
@@ -209,7 +213,7 @@ class Executor:
         try:
             for step in phases[Phase.NETWORK_FIRST]:
                 self._guarded(step.machine, step)
-            self._run_forward(making)
+            self._run_forward(making, self.parallel)
             written = {
                 a.machine
                 for a in actions
@@ -225,7 +229,7 @@ class Executor:
             # Before any start: the boot apply's unit holds the machine units
             # back until now (under systemd), and a start would wait for them.
             self.supervisor.ready()
-            self._run_forward(running)
+            self._run_forward(running, self.starting)
             for action in phases[Phase.BACKWARD]:
                 self._guarded(action.machine, action)
             if any(isinstance(a, RemoveMachine) for a in phases[Phase.BACKWARD]):
@@ -329,7 +333,7 @@ class Executor:
         failed = [d for d in want.machine.depends_on if d in self._failures]
         return f"machine {failed[0]}" if failed else None
 
-    def _run_forward(self, work: dict[str, list[Step]]) -> None:
+    def _run_forward(self, work: dict[str, list[Step]], workers: int) -> None:
         if not work:
             return
         futures: dict[str, Future[None]] = {}
@@ -350,7 +354,7 @@ class Executor:
 
         # Submitted in plan order, which puts dependencies first: a task only
         # waits for tasks submitted before it, so the pool cannot deadlock.
-        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for name, steps in work.items():
                 want = self.desired.get(name)
                 deps = want.machine.depends_on if want else []

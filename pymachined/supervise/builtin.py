@@ -31,6 +31,7 @@ from pymachined.supervise.base import SOCKET, LogLine, RunSpec, RunState, Status
 R = TypeVar("R")
 
 START_TIMEOUT = 10.0  # for pymachined itself to listen
+POLL_INTERVAL = 0.05  # between two looks at the status of machines being waited on
 # How long a start waits for the machine's payload: systemd's
 # DefaultTimeoutStartSec, which machine units keep.
 MACHINE_START_TIMEOUT = 90.0
@@ -45,6 +46,13 @@ class BuiltinSupervisor:
         self.socket = self.run_dir / SOCKET
         self._starting: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        # Machines waited on by the threads of an apply, polled for all at once.
+        self._poll = threading.Condition()
+        self._waited: dict[str, int] = {}  # name -> how many threads wait on it
+        self._polled: dict[str, Status] = {}
+        self._polls = 0  # polls answered so far
+        self._polling = False
+        self._polled_at = 0.0
 
     def _send(self, request: messages.Request, expected: type[R]) -> R:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
@@ -180,13 +188,48 @@ class BuiltinSupervisor:
     def _wait(self, name: str, done: Callable[[Status], bool], timeout: float) -> Status:
         """The machine's status once done(status), or when timeout passes."""
         deadline = time.monotonic() + timeout
-        while True:
-            reply = self.request(messages.ListStatus(names=(name,)), messages.Statuses)
-            found = {status.name: status for status in reply.machines}
-            status = found.get(name, Status(name, RunState.EXITED))
-            if done(status) or time.monotonic() > deadline:
-                return status
-            time.sleep(0.05)
+        with self._poll:
+            self._waited[name] = self._waited.get(name, 0) + 1
+        try:
+            while True:
+                status = self._next_status(name)
+                if done(status) or time.monotonic() > deadline:
+                    return status
+        finally:
+            with self._poll:
+                self._waited[name] -= 1
+                if not self._waited[name]:
+                    del self._waited[name]
+
+    def _next_status(self, name: str) -> Status:
+        """name's status as a poll begun after this call saw it. One waiting
+        thread asks pymachined for every machine being waited on, at most once
+        per POLL_INTERVAL, and the others take their answer from it: an apply
+        starting many machines sends one request a round, not one per machine."""
+        with self._poll:
+            # A poll under way may have asked before this call: the next one.
+            wanted = self._polls + (2 if self._polling else 1)
+            while self._polls < wanted:
+                if self._polling:
+                    self._poll.wait()
+                    continue
+                self._polling = True
+                names = tuple(self._waited)
+                pause = self._polled_at + POLL_INTERVAL - time.monotonic()
+                self._poll.release()
+                try:
+                    if pause > 0:
+                        time.sleep(pause)
+                    request = messages.ListStatus(names=names)
+                    reply = self.request(request, messages.Statuses)
+                finally:
+                    self._poll.acquire()
+                    self._polling = False
+                    self._poll.notify_all()  # on a failure too: another thread polls
+                self._polled = {status.name: status for status in reply.machines}
+                self._polls += 1
+                self._polled_at = time.monotonic()
+            return self._polled.get(name, Status(name, RunState.EXITED))
 
     def _wait_stopped(self, name: str, timeout: float) -> Status:
         status = self._wait(name, lambda s: s.pid is None, timeout)
