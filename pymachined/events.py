@@ -26,13 +26,22 @@ def _path(layout: Layout) -> Path:
     return Path(layout.state_dir) / "events.jsonl"
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def record(layout: Layout, machine: str, event: str, **fields: Any) -> None:
     """Append one event."""
     path = _path(layout)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with files.locked(path.with_name(path.name + ".lock")):
-        if path.exists() and path.stat().st_size > MAX_BYTES:
-            path.replace(path.with_name(path.name + ".1"))
+    if _size(path) > MAX_BYTES:
+        # Rotated by one writer: the others find it small again under the lock.
+        with files.locked(path.with_name(path.name + ".lock")):
+            if _size(path) > MAX_BYTES:
+                path.replace(path.with_name(path.name + ".1"))
     line = {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "machine": machine,

@@ -110,18 +110,20 @@ def locked(
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             if waiting is not None:
                 waiting(f"waiting for {path} (held by {holder})")
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if deadline is not None and time.monotonic() > deadline:
+            if timeout is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel wakes it once the lock is free
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    if time.monotonic() >= deadline:
                         raise PymachineError(
                             f"timed out after {timeout:g} s waiting for {path}, held by {holder}",
                             hint="wait for the other pymachine to finish, or raise the timeout",
                         ) from None
                     time.sleep(0.1)
+                    with contextlib.suppress(BlockingIOError):
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         yield

@@ -95,3 +95,30 @@ def test_unreadable_network_and_volume_records_are_set_apart(tmp_path: Path) -> 
     assert list(bad_volumes) == ["old"]
     assert "has version 0; this pymachine reads version 1" in str(bad_volumes["old"])
     assert "pymachine never removes a volume it cannot read" in str(bad_volumes["old"].hint)
+
+
+def test_events_from_many_threads_rotate_once_and_stay_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(events, "MAX_BYTES", 4000)
+    layout = Layout(PurePosixPath(tmp_path))
+
+    def write(thread: int) -> None:
+        for index in range(20):
+            events.record(layout, f"m{thread}", "start", index=index)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    path = Path(layout.state_dir) / "events.jsonl"
+    rotated = path.with_name("events.jsonl.1")
+    assert rotated.exists()  # 160 lines of about 100 bytes passed 4000 bytes
+    skipped: list[str] = []
+    found = list(events.read(layout, None, skipped))
+    assert skipped == []
+    assert path.stat().st_size <= 4000 + 8 * 200  # each writer at most one line past the check
+    assert found[-1]["event"] == "start"
