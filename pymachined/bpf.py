@@ -42,6 +42,7 @@ CGROUP_INET6_CONNECT = 11
 # Programs attached below run too, and every one must allow.
 F_ALLOW_MULTI = 2
 LOG_SIZE = 1 << 16
+LOAD_ATTEMPTS = 5  # as libbpf's sys_bpf_prog_load
 ATTR_SIZE = 128  # larger than any field used; the kernel wants the rest zero
 PROG_INFO_SIZE = 256  # struct bpf_prog_info up to its name, and beyond
 PROG_INFO_NR_MAP_IDS = 52
@@ -96,11 +97,16 @@ def load_program(prog_type: int, program: bytes, name: bytes, expected_attach_ty
         (48, "16s", name),  # prog_name, for bpftool's listing and for finding it again
         (68, "I", expected_attach_type),
     )
-    try:
-        return call(PROG_LOAD, attr)
-    except OSError as exc:
-        log_text = log.value.decode(errors="replace").strip()
-        raise LoadError(exc.errno or errno.EINVAL, log_text) from exc
+    for attempt in range(LOAD_ATTEMPTS):
+        try:
+            return call(PROG_LOAD, attr)
+        except OSError as exc:
+            # EAGAIN: a signal interrupted the verifier; libbpf loads again too.
+            if exc.errno == errno.EAGAIN and attempt + 1 < LOAD_ATTEMPTS:
+                continue
+            log_text = log.value.decode(errors="replace").strip()
+            raise LoadError(exc.errno or errno.EINVAL, log_text) from exc
+    raise AssertionError("unreachable")
 
 
 def create_map(key_size: int, value_size: int, max_entries: int, name: bytes) -> int:

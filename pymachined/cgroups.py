@@ -13,6 +13,7 @@ tree) and starts the machine inside them. Its devices are closed by the v1
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -328,13 +329,12 @@ def load_device_program(program: bytes) -> int:
 
 def attach_device_program(directory: Path, machine: str) -> None:
     """Attach the device allow-list's program to a group of the unified tree,
-    before anything is in it. It stays attached, after its fd is closed, for
-    the life of the group. Programs attached below (a booted machine's own
-    systemd's, per unit) run too, and every one must allow: they can narrow
-    the machine's list, never widen it."""
-    fd = load_device_program(device_program())
+    before anything is in it. It stays attached for the life of the group.
+    Programs attached below (a booted machine's own systemd's, per unit) run
+    too, and every one must allow: they can narrow the machine's list, never
+    widen it."""
     try:
-        bpf.attach(directory, fd, bpf.CGROUP_DEVICE)
+        bpf.attach(directory, _device_program_fd(), bpf.CGROUP_DEVICE)
     except OSError as exc:
         raise PymachineError(
             f"cannot attach the BPF device program to the cgroup of machine {machine} "
@@ -342,8 +342,14 @@ def attach_device_program(directory: Path, machine: str) -> None:
             hint="pymachined does not run a machine whose devices are not filtered; "
             "it needs CAP_SYS_ADMIN and a writable cgroup v2 tree",
         ) from exc
-    finally:
-        os.close(fd)
+
+
+@functools.cache
+def _device_program_fd() -> int:
+    """The allow-list's program, loaded once per process and attached to every
+    machine's group (the same bytes for all): pymachined keeps the fd open, as
+    systemd keeps its programs, rather than load and verify it at every start."""
+    return load_device_program(device_program())
 
 
 def attached_device_programs(directory: Path) -> list[int]:
