@@ -27,6 +27,7 @@ class FakeDaemon:
 
     def request(self, request: messages.Request, expected: type[Any]) -> messages.Statuses:
         assert isinstance(request, messages.ListStatus)
+        assert request.names is not None
         with self.lock:
             self.asked.append(request.names)
             if len(self.asked) <= self.fail_first:
