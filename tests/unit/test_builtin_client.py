@@ -72,8 +72,8 @@ def test_many_waits_share_one_request_a_round(
     # threads that came while a poll was under way.
     assert 16 <= len(daemon.asked) <= 16 + 16
     assert max(len(names) for names in daemon.asked) > 8  # polled together
-    # Each round asks only of the machines still waited on.
-    assert daemon.asked[-1] == ("m15",)
+    # Each round asks only of the machines still waited on: m0 ran at its first.
+    assert "m15" in daemon.asked[-1] and "m0" not in daemon.asked[-1]
 
 
 def test_a_failed_poll_fails_its_caller_and_another_thread_polls_again(
