@@ -21,7 +21,8 @@ per machine and the memory (PSS) that the manager keeps beside the payload
 per machine: nspawn, the log stamper and a share of pymachined for
 pymachine; conmon for Podman; nspawn for the bare loop.
 
-    .venv/bin/python bench/peers.py [--machines N] [--rounds R] [--install] [--json FILE]
+    .venv/bin/python bench/peers.py [--machines N] [--rounds R] [--rows A,B]
+        [--install] [--json FILE]
 
 Podman runs an image imported from the tree pymachine built; without
 ``--install`` a missing podman gives "not installed" rows.
@@ -507,7 +508,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--install", action="store_true", help="apt-get install podman, runc")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument(
+        "--rows",
+        help=f"comma-separated rows to run (default all: {','.join(row.key for row in ROWS)})",
+    )
     args = parser.parse_args()
+    chosen = set(args.rows.split(",")) if args.rows else {row.key for row in ROWS}
+    if unknown := chosen - {row.key for row in ROWS}:
+        parser.error(f"--rows: no such row: {', '.join(sorted(unknown))}")
     root: Path = args.root.resolve()
     store = ImageStore(Layout(PurePosixPath(root)), REPO / "templates", Progress())
     chain = store.ensure(layers(load_set([], REPO / "machines"), IMAGE, store.salts()))
@@ -517,7 +525,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o1777)  # every machine's root may write, whatever its UID range
     bench = Bench(root, [PurePosixPath(r.tree) for r in chain], out, args.machines)
-    skipped = {"podman": podman_ready(args.install)}
+    wanted = any(row.tool == "podman" and row.key in chosen for row in ROWS)
+    skipped = {"podman": podman_ready(args.install) if wanted else "not asked for"}
     samples: dict[str, list[dict[str, Any]]] = {row.key: [] for row in ROWS}
     with terminated_as_exit():
         try:
@@ -529,7 +538,7 @@ def main() -> int:
             for round_ in range(args.rounds):
                 order = ROWS if round_ % 2 == 0 else tuple(reversed(ROWS))
                 for row in order:
-                    if skipped.get(row.tool):
+                    if skipped.get(row.tool) or row.key not in chosen:
                         continue
                     samples[row.key].append(one_round(bench, row))
                     print(
@@ -549,7 +558,7 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
     figures: dict[str, Any] = {}
     for row in ROWS:
-        reason = skipped.get(row.tool)
+        reason = skipped.get(row.tool) if row.key in chosen else "not asked for"
         figures[row.key] = {"label": row.label}
         figures[row.key] |= {"skipped": reason} if reason else median_of(samples[row.key])
     report(figures, args.machines, args.rounds)
