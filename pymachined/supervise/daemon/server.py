@@ -92,6 +92,7 @@ class Daemon:
                 continue
             if machine.state in (RunState.RUNNING, RunState.PAUSED, RunState.RESTARTING):
                 # It ended while nobody watched: its exit code is unknown.
+                self._guarded(self._clear, machine)
                 self._guarded(self._exited, machine, None)
 
     def _drop(self, name: str) -> None:
@@ -128,12 +129,16 @@ class Daemon:
         self.selector.unregister(process.pidfd)
         return self.launcher.reap(process)
 
-    def _exited(self, machine: Machine, code: int | None) -> None:
-        ran = self.wall() - (machine.started or self.wall())
+    def _clear(self, machine: Machine) -> None:
+        """Once a machine's nspawn has ended: record its OOM kills, then kill
+        what it left in its groups and remove them."""
         self._check_oom(machine)
         left = self.launcher.clear(machine.spec.name)
         if left:
             log.info("%s: killed %d process(es) its nspawn left behind", machine.spec.name, left)
+
+    def _exited(self, machine: Machine, code: int | None) -> None:
+        ran = self.wall() - (machine.started or self.wall())
         machine.exit_code = code
         machine.pid = None
         machine.pid_start = None
@@ -188,7 +193,11 @@ class Daemon:
             self.launcher.signal(machine.process, sig)
 
     def on_exit(self, machine: Machine) -> None:
-        """A machine's process ended."""
+        """A machine's process ended. What it left is killed before its exit is
+        read: a payload that outlived its nspawn (SIGKILLed at the stop timeout)
+        holds the log's pipe open, and the log's filter, waited on in the reap,
+        ends only once the pipe closes."""
+        self._clear(machine)
         self._exited(machine, self._reap(machine))
 
     def _check_oom(self, machine: Machine) -> None:
@@ -346,7 +355,9 @@ class Daemon:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(str(path))
         path.chmod(0o600)
-        server.listen(16)
+        # Every thread of an apply may ask at once (its start pool is 64): a
+        # full backlog fails a client's connect with EAGAIN.
+        server.listen(socket.SOMAXCONN)
         self.selector.register(server, selectors.EVENT_READ, None)
         # A signal handler alone would not wake select(), which Python retries
         # after EINTR: the signal also writes a byte to this socket pair.
