@@ -192,8 +192,8 @@ class Executor:
         are done; then the supervisor takes in the written files at once (under
         systemd: one daemon-reload however many changed); then starts, restarts
         and resource updates, again in dependency order (in a larger pool: a
-        start mostly waits for its payload). Stops and removals
-        follow, one by one, in plan order.
+        start mostly waits for its payload). Stops and removals follow, in
+        parallel too, each machine's after those of its dependents.
 
         A failed step fails its machine (or network) and what needs it; every
         other machine is still converged. The failures are raised together at
@@ -230,10 +230,13 @@ class Executor:
             # back until now (under systemd), and a start would wait for them.
             self.supervisor.ready()
             self._run_forward(running, self.starting)
-            for action in phases[Phase.BACKWARD]:
-                self._guarded(action.machine, action)
+            self._run_backward(phases[Phase.BACKWARD])
             if any(isinstance(a, RemoveMachine) for a in phases[Phase.BACKWARD]):
                 self.supervisor.commit({}, reload=True)
+                if self.state.networks():
+                    # Once every record is gone: a removal's own sync may have
+                    # read another's record before its removal deleted it.
+                    self.net.sync_rules(self.layout, self.state)
             for step in phases[Phase.NETWORK_LAST]:
                 self._guarded(step.machine, step)
         finally:
@@ -360,11 +363,47 @@ class Executor:
                 deps = want.machine.depends_on if want else []
                 needs = [futures[d] for d in deps if d in futures]
                 futures[name] = pool.submit(machine_task, name, steps, needs)
-        errors = [f.exception() for f in futures.values() if f.exception() is not None]
-        if errors:
-            first = errors[0]
-            assert first is not None
-            raise first
+        _raise_first(futures.values())
+
+    def _run_backward(self, steps: list[Step]) -> None:
+        """Stops and removals, in the start phase's pool (they mostly wait for
+        a machine to end), each machine's once those of the machines that
+        depend on it, planned before it, are done, whether they failed or not."""
+        work: dict[str, list[Step]] = {}
+        for step in steps:
+            work.setdefault(step.machine, []).append(step)
+        depends_on = {name: self._depends_on(name) for name in work}
+        futures: dict[str, Future[None]] = {}
+
+        def machine_task(name: str, steps: list[Step], needs: list[Future[None]]) -> None:
+            for dependent in needs:
+                dependent.result()
+            for step in steps:
+                if not self._guarded(name, step):
+                    return
+
+        with ThreadPoolExecutor(max_workers=self.starting) as pool:
+            for name, steps in work.items():
+                needs = [f for other, f in futures.items() if name in depends_on[other]]
+                futures[name] = pool.submit(machine_task, name, steps, needs)
+        _raise_first(futures.values())
+
+    def _depends_on(self, name: str) -> set[str]:
+        """What a machine depends on, directly or through others: as declared,
+        or (pruned) as last recorded."""
+        found: set[str] = set()
+        pending = [name]
+        while pending:
+            current = pending.pop()
+            want = self.desired.get(current)
+            if want is not None:
+                direct = want.machine.depends_on
+            else:
+                record = self.state.get(current)
+                direct = record.spec.depends_on if record and record.spec else []
+            pending += [d for d in direct if d not in found]
+            found.update(direct)
+        return found
 
     # -- helpers -------------------------------------------------------------
 
@@ -612,6 +651,14 @@ class Executor:
             if want.network is None or want.network.name != action.network:
                 self.state.put(replace(record, network=None, address=None))
         remove_network(self.layout, self.state, action.network, net=self.net)
+
+
+def _raise_first(futures: Iterable[Future[None]]) -> None:
+    """Raise the first exception of the tasks (a bug: failures are recorded)."""
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error
 
 
 def remove_machine(

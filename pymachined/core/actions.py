@@ -282,7 +282,7 @@ class Phase(StrEnum):
     MAKING = "making"  # builds, roots and files, machines in parallel
     ENABLE = "enable"  # taken in with the written files, in one commit
     RUNNING = "running"  # starts and in-place changes, in dependency order
-    BACKWARD = "backward"  # stops and removals, one by one, in plan order
+    BACKWARD = "backward"  # stops and removals, in parallel, dependents first
     NETWORK_LAST = "network last"  # bridges go after every machine is gone
 
 

@@ -9,7 +9,7 @@ go the other way.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pymachined.core.actions import (
@@ -196,18 +196,24 @@ def problems(
 
 def start_order(desired: Mapping[str, Desired]) -> list[str]:
     """Machine names with every dependency before its dependents, ties by name."""
+    return dependency_order({n: want.machine.depends_on for n, want in desired.items()})
+
+
+def dependency_order(depends_on: Mapping[str, Sequence[str]]) -> list[str]:
+    """The names of depends_on with every dependency (among them) before its
+    dependents, ties by name."""
     done: list[str] = []
     seen: set[str] = set()
 
     def visit(name: str) -> None:
-        if name in seen or name not in desired:
+        if name in seen or name not in depends_on:
             return
         seen.add(name)
-        for dependency in sorted(desired[name].machine.depends_on):
+        for dependency in sorted(depends_on[name]):
             visit(dependency)
         done.append(name)
 
-    for name in sorted(desired):
+    for name in sorted(depends_on):
         visit(name)
     return done
 
@@ -377,12 +383,14 @@ def plan(
     # Stop dependents before what they depend on.
     actions += reversed(stopping)
     if prune:
-        gone = sorted(
-            n
+        gone = {
+            n: seen.record.spec.depends_on if seen.record.spec is not None else []
             for n, seen in observed.items()
             if n not in desired and seen.record is not None and seen.problem is None
-        )
-        actions += [RemoveMachine(n, "no spec declares it") for n in reversed(gone)]
+        }
+        # Dependents before what they depend on, as their stops.
+        ordered = reversed(dependency_order(gone))
+        actions += [RemoveMachine(n, "no spec declares it") for n in ordered]
         unused = sorted(
             n
             for n, seen in observed_networks.items()

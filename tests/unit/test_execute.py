@@ -6,6 +6,7 @@ and events are real, under tmp_path."""
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
@@ -400,7 +401,7 @@ def test_a_bug_is_not_a_failure_it_stops_the_apply(repo: Path, tmp_path: Path) -
     assert "cache" not in host.named("start")
 
 
-def test_networks_come_first_and_go_last_stops_and_removals_in_plan_order(
+def test_networks_come_first_and_go_last_stops_and_removals_after_their_dependents(
     repo: Path, tmp_path: Path
 ) -> None:
     host = Host(repo, tmp_path)
@@ -428,12 +429,13 @@ def test_networks_come_first_and_go_last_stops_and_removals_in_plan_order(
         host.index("create bridge", "new"),
         host.index("ready"),
         host.index("start", "web"),
-        host.index("stop", "cache"),
-        host.index("forget", "solo"),
+        host.index("stop", "cache"),  # it needs web, which needs db
         host.index("stop", "db"),
         host.index("remove bridge", "old"),
     ]
     assert order == sorted(order)
+    # solo needs nothing and nothing needs it: removed beside the stops.
+    assert host.index("start", "web") < host.index("forget", "solo") < order[-1]
     # The removal's files are taken away, then one commit says so.
     assert host.supervisor.commits == [({}, True)]
     assert (
@@ -443,6 +445,38 @@ def test_networks_come_first_and_go_last_stops_and_removals_in_plan_order(
     assert host.state.network("old") is None
     made = host.state.network("new")
     assert made is not None and made.bridge == "pmbr-new"
+
+
+def test_machines_that_need_nothing_of_each_other_stop_at_once(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = Host(repo, tmp_path)
+    host.run(plan(host.desired, {}, built=[]))
+    # cache needs web, which needs db: only solo's removal can meet db's stop.
+    both = threading.Barrier(2, timeout=10)
+    stopped = host.supervisor.stop
+
+    def stop(name: str) -> Status:
+        if name == "db":
+            both.wait()  # broken (raises) if solo's removal waits for this stop
+        return stopped(name)
+
+    def forget(name: str) -> None:
+        both.wait()
+        host.calls.append(("forget", name))
+
+    monkeypatch.setattr(host.supervisor, "stop", stop)
+    monkeypatch.setattr(host.supervisor, "forget", forget)
+    host.calls.clear()
+    host.run(
+        [
+            StopMachine("cache", "state: stopped"),
+            StopMachine("db", "state: stopped"),
+            RemoveMachine("solo", "no spec declares it"),
+        ]
+    )
+    assert host.index("stop", "cache") < host.index("stop", "db")
+    assert host.state.get("solo") is None
 
 
 NETWORKED = """\

@@ -58,6 +58,7 @@ def converged(desired: dict[str, Desired]) -> tuple[dict[str, Observed], set[str
             layers=want.layer_keys,
             files={str(f.path): file_hash(f.content) for f in want.files},
             run=want.run,
+            spec=want.machine,
         )
         observed[name] = Observed(
             name=name,
@@ -223,6 +224,18 @@ def test_undeclared_machines_go_only_with_prune(repo: Path, tmp_path: Path, prun
     actions = plan(only_db, observed, built, prune=prune)
     expected = [("RemoveMachine", "web"), ("RemoveMachine", "cache")] if prune else []
     assert sorted(kinds(actions)) == sorted(expected)
+
+
+def test_pruned_machines_go_dependents_first(repo: Path, tmp_path: Path) -> None:
+    desired = desired_from(repo, tmp_path)
+    observed, built = converged(desired)
+    # cache needs web, which needs db: names would order them cache, db, web.
+    actions = plan({}, observed, built, prune=True)
+    assert kinds(actions) == [
+        ("RemoveMachine", "cache"),
+        ("RemoveMachine", "web"),
+        ("RemoveMachine", "db"),
+    ]
 
 
 def test_machines_without_a_record_are_never_pruned() -> None:
