@@ -35,6 +35,7 @@ POLL_INTERVAL = 0.05  # between two looks at the status of machines being waited
 # How long a start waits for the machine's payload: systemd's
 # DefaultTimeoutStartSec, which machine units keep.
 MACHINE_START_TIMEOUT = 90.0
+ANSWER_TIMEOUT = 30.0  # for pymachined to answer one request
 
 
 class BuiltinSupervisor:
@@ -56,10 +57,16 @@ class BuiltinSupervisor:
 
     def _send(self, request: messages.Request, expected: type[R]) -> R:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-            connection.settimeout(30)
-            connection.connect(str(self.socket))
-            connection.sendall(messages.encode(request))
-            data = read_line(connection)
+            connection.settimeout(ANSWER_TIMEOUT)
+            try:
+                connection.connect(str(self.socket))
+                connection.sendall(messages.encode(request))
+                data = read_line(connection)
+            except TimeoutError:  # an OSError with no errno: it would read "Success"
+                raise PymachineError(
+                    f"pymachined did not answer within {ANSWER_TIMEOUT:g} s",
+                    hint=f"is it stuck? see {self.run_dir / 'pymachined.log'}",
+                ) from None
         try:
             reply = messages.decode_reply(data, expected)
         except ValueError as exc:

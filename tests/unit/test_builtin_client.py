@@ -3,6 +3,7 @@ a fake pymachined: one status request a round for all of them."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -88,3 +89,19 @@ def test_a_failed_poll_fails_its_caller_and_another_thread_polls_again(
     assert len(failed) == 1  # the poller of the failed request, and no one else
     assert all(got.state is RunState.RUNNING for got in found.values() if isinstance(got, Status))
     assert len(found) == 4
+
+
+def test_a_daemon_that_never_answers_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    supervisor = BuiltinSupervisor(Layout(PurePosixPath(tmp_path)))
+    supervisor.run_dir.mkdir(parents=True)
+    monkeypatch.setattr(builtin, "ANSWER_TIMEOUT", 0.2)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(supervisor.socket))
+        server.listen(1)  # accepted by the kernel, never read
+        with pytest.raises(PymachineError) as caught:
+            supervisor.request(messages.Ping(), messages.Pong)
+    # Not the errno-less TimeoutError's "Success".
+    assert str(caught.value) == "pymachined did not answer within 0.2 s"
+    assert caught.value.hint is not None and "pymachined.log" in caught.value.hint
