@@ -294,7 +294,8 @@ def test_stops_are_graceful_and_stop_timeout_is_honoured(host: Host) -> None:
 
 def test_a_machine_is_running_only_once_its_payload_runs(host: Host) -> None:
     # ls says running only once nspawn has exec'd the payload in the machine
-    # (starting before: its first child is nspawn's own while it sets up),
+    # (starting before: its first child is nspawn's own while it sets up;
+    # created before that, once it is made and before its start is asked),
     # and apply returns once the payload runs, as systemctl start waits for
     # nspawn's READY=1. With ID-mapped layers nspawn is quick, so each look
     # checks the payload at the moment ls says running.
@@ -324,7 +325,12 @@ def test_a_machine_is_running_only_once_its_payload_runs(host: Host) -> None:
     wait_until(applied, "the apply to end", 120, interval=0, detail=lambda: seen)
     assert applying.returncode == 0, applying.stderr.read() if applying.stderr else ""
     assert all(up for state, up in seen if state == "running"), seen
-    assert {state for state, _ in seen} <= {"starting", "running"}, seen
+    # Made and not yet started is created (as docker create's container is);
+    # the states only ever go forward: created, starting, running.
+    order = ["created", "starting", "running"]
+    assert {state for state, _ in seen} <= set(order), seen
+    steps = [order.index(state) for state, _ in seen]
+    assert steps == sorted(steps), seen
     assert host.machines()["s"]["state"] == "running"
     assert "up" in host.wait_for_output("s", "up")
 
