@@ -170,8 +170,8 @@ def test_networked_machines_under_systemd(make_host: MakeHost) -> None:
     host.wait_for(
         "pymachine-apply.service done",
         lambda: (
-            host.show("pymachine-apply.service", "Result", "ExecMainStatus")
-            == {"Result": "success", "ExecMainStatus": "0"}
+            host.show("pymachine-apply.service", "ActiveState", "Result", "ExecMainStatus")
+            == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
         ),
         timeout=60,
     )

@@ -297,6 +297,9 @@ def test_power_cycle_brings_the_machines_back(booted_host: BootedHost) -> None:
         lambda: _running(host, "pymachine-watched.service"),
         timeout=60,
     )
+    # The unit is active from the apply's READY=1, before its starts: it has
+    # finished (and said what it did) only once it is inactive again.
+    host.wait_for("the boot apply to finish", lambda: _apply_done(host), timeout=120)
     apply_unit = host.show(
         "pymachine-apply.service", "Result", "ExecMainStatus", "ExecMainStartTimestamp"
     )
