@@ -49,6 +49,17 @@ def unified(root: Path = ROOT) -> bool:
     return (root / "cgroup.controllers").exists()
 
 
+@functools.cache
+def _hierarchies(root: Path) -> tuple[bool, tuple[str, ...]]:
+    """Whether root is a v2-only tree, and the V1_CONTROLLERS mounted below it
+    if not. Looked at once per process: the hierarchies are mounted at boot,
+    and pymachined would otherwise stat each of them at every start, stop and
+    OOM check of every machine."""
+    if unified(root):
+        return True, ()
+    return False, tuple(c for c in V1_CONTROLLERS if (root / c / "cgroup.procs").exists())
+
+
 @dataclass(frozen=True)
 class Stats:
     """One sample of a machine's usage."""
@@ -74,7 +85,7 @@ class MachineCgroup:
     def __init__(self, name: str, group: str, root: Path = ROOT) -> None:
         self.name = name
         self.root = root
-        self.v2 = unified(root)
+        self.v2, self._controllers = _hierarchies(root)
         # pymachined's own group (Layout.cgroup_name: pymachine/[SCOPE-]NAME),
         # or the one systemd made (machine.slice/UNIT).
         self.group = group
@@ -83,11 +94,7 @@ class MachineCgroup:
         """The machine's group in each hierarchy, by controller ("unified" on v2)."""
         if self.v2:
             return {"unified": self.root / self.group}
-        return {
-            c: self.root / c / self.group
-            for c in V1_CONTROLLERS
-            if (self.root / c / "cgroup.procs").exists()
-        }
+        return {c: self.root / c / self.group for c in self._controllers}
 
     def create(self) -> list[Path]:
         """Make the groups, the v1 devices group closed to all but the machine's

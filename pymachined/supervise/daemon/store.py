@@ -63,9 +63,13 @@ class Store:
         self.directory = directory
 
     def save(self, machine: Machine) -> None:
-        """Write a machine's record."""
+        """Write a machine's record: atomically (a pymachined killed meanwhile
+        leaves the old record or the new one), not durably. A record describes
+        processes, which do not outlive the host either, and it lives in the run
+        directory (/run, a tmpfs, on a real host): two fsyncs per start and stop
+        would buy nothing a power loss leaves to adopt."""
         files.atomic_write_json(
-            self.directory / f"{machine.spec.name}.json", wire.dump(machine.entry())
+            self.directory / f"{machine.spec.name}.json", wire.dump(machine.entry()), durable=False
         )
 
     def drop(self, name: str) -> None:
