@@ -47,7 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.lifecycle import REPO, podman, podman_run_argv, pymachine
+from bench.lifecycle import REPO, compiled, podman, podman_run_argv, pymachine
 from pymachined.core import commands
 from pymachined.core.layout import Layout
 from pymachined.core.recipes import layers
@@ -513,6 +513,7 @@ def main() -> int:
         help=f"comma-separated rows to run (default all: {','.join(row.key for row in ROWS)})",
     )
     args = parser.parse_args()
+    compiled()
     chosen = set(args.rows.split(",")) if args.rows else {row.key for row in ROWS}
     if unknown := chosen - {row.key for row in ROWS}:
         parser.error(f"--rows: no such row: {', '.join(sorted(unknown))}")

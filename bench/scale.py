@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.lifecycle import podman, podman_run_argv, pymachine
+from bench.lifecycle import compiled, podman, podman_run_argv, pymachine
 from bench.peers import (
     IMAGE,
     PODMAN_IMAGE,
@@ -132,6 +132,7 @@ def main() -> int:
     parser.add_argument("--no-podman", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    compiled()
     if os.geteuid() != 0:
         raise SystemExit("bench/scale.py needs root")
     root: Path = args.root

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.lifecycle import pymachine, size, timed, wait_for
+from bench.lifecycle import compiled, pymachine, size, timed, wait_for
 
 TARGET_MS = 10.0
 SPECS = """\
@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("/var/tmp/pymachine-bench"))
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    compiled()
     specs = args.root / "volume-specs"
     specs.mkdir(parents=True, exist_ok=True)
     (specs / "volumes.yaml").write_text(SPECS)

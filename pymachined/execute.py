@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Protocol, assert_never
 
@@ -187,13 +188,16 @@ class Executor:
     _builds: dict[str, PymachineError] = field(default_factory=dict)
 
     def run(self, actions: Sequence[Step]) -> None:
-        """Every action, in three phases. First each machine's builds, creation
-        and files, machines in parallel (a bounded pool) once their dependencies
-        are done; then the supervisor takes in the written files at once (under
-        systemd: one daemon-reload however many changed); then starts, restarts
-        and resource updates, again in dependency order (in a larger pool: a
-        start mostly waits for its payload). Stops and removals follow, in
-        parallel too, each machine's after those of its dependents.
+        """Every action, in phases. Each machine's builds, creation and files
+        (machines in parallel, a bounded pool) once its dependencies are made;
+        the supervisor takes in the written files at once (under systemd: one
+        daemon-reload however many changed); then starts, restarts and
+        resource updates, again in dependency order (in a larger pool: a start
+        mostly waits for its payload). A supervisor that starts machines from
+        their run specs, not from the files (pymachined), has each machine
+        started as soon as it and its dependencies are made and started, while
+        others are still being made. Stops and removals follow, in parallel
+        too, each machine's after those of its dependents.
 
         A failed step fails its machine (or network) and what needs it; every
         other machine is still converged. The failures are raised together at
@@ -204,32 +208,22 @@ class Executor:
         phases: dict[Phase, list[Step]] = {p: [] for p in Phase}
         for action in actions:
             phases[phase(action)].append(action)
-        making: dict[str, list[Step]] = {}
-        for action in phases[Phase.MAKING]:
-            making.setdefault(action.machine, []).append(action)
-        running: dict[str, list[Step]] = {}
-        for action in phases[Phase.RUNNING]:
-            running.setdefault(action.machine, []).append(action)
+        making = _by_machine(phases[Phase.MAKING])
+        running = _by_machine(phases[Phase.RUNNING])
         try:
             for step in phases[Phase.NETWORK_FIRST]:
                 self._guarded(step.machine, step)
-            self._run_forward(making, self.parallel)
-            written = {
-                a.machine
-                for a in actions
-                if isinstance(a, WriteFiles) and a.machine not in self._failures
-            }
-            autostart = {n: starts_at_boot(self.desired[n]) for n in written}
-            for action in phases[Phase.ENABLE]:
-                if isinstance(action, EnableMachine):
-                    self.say(action.describe())
-                    autostart[action.machine] = action.enabled
-            if autostart:
-                self.supervisor.commit(autostart, reload=bool(written))
-            # Before any start: the boot apply's unit holds the machine units
-            # back until now (under systemd), and a start would wait for them.
-            self.supervisor.ready()
-            self._run_forward(running, self.starting)
+            if self.supervisor.starts_from_files:
+                made = self._run_forward([(making, self.parallel)])[0]
+                self._commit(actions, phases[Phase.ENABLE], made)
+                # Before any start: the boot apply's unit holds the machine units
+                # back until now (under systemd), and a start would wait for them.
+                self.supervisor.ready()
+                self._run_forward([(running, self.starting)])
+            else:
+                self.supervisor.ready()
+                stages = [(making, self.parallel), (running, self.starting)]
+                self._commit(actions, phases[Phase.ENABLE], self._run_forward(stages)[0])
             self._run_backward(phases[Phase.BACKWARD])
             if any(isinstance(a, RemoveMachine) for a in phases[Phase.BACKWARD]):
                 self.supervisor.commit({}, reload=True)
@@ -243,6 +237,18 @@ class Executor:
             self._sync()
         if self._failures:
             raise ApplyError(list(self._failures.values()))
+
+    def _commit(self, actions: Sequence[Step], enables: Sequence[Step], made: set[str]) -> None:
+        """Have the supervisor take in the files written for the machines
+        made, and the autostart changes."""
+        written = {a.machine for a in actions if isinstance(a, WriteFiles) and a.machine in made}
+        autostart = {n: starts_at_boot(self.desired[n]) for n in written}
+        for action in enables:
+            if isinstance(action, EnableMachine):
+                self.say(action.describe())
+                autostart[action.machine] = action.enabled
+        if autostart:
+            self.supervisor.commit(autostart, reload=bool(written))
 
     def _sync(self) -> None:
         """Make the records, roots and files this run wrote durable: one flush
@@ -336,42 +342,78 @@ class Executor:
         failed = [d for d in want.machine.depends_on if d in self._failures]
         return f"machine {failed[0]}" if failed else None
 
-    def _run_forward(self, work: dict[str, list[Step]], workers: int) -> None:
-        if not work:
-            return
-        futures: dict[str, Future[None]] = {}
+    def _run_forward(
+        self, stages: Sequence[tuple[Mapping[str, list[Step]], int]]
+    ) -> list[set[str]]:
+        """Each machine's steps, stage by stage: its steps of a stage once each
+        of its dependencies is through that stage, with at most the stage's
+        number of machines in it at once. The machines through each stage."""
+        names = {name for work, _ in stages for name in work}
+        order = list(
+            TopologicalSorter({n: self._direct(n) & names for n in sorted(names)}).static_order()
+        )
+        through: list[dict[str, Future[None]]] = [{n: Future() for n in order} for _ in stages]
+        gates = [threading.BoundedSemaphore(slots) for _, slots in stages]
+        passed: list[set[str]] = [set() for _ in stages]
 
-        def machine_task(name: str, steps: list[Step], needs: list[Future[None]]) -> None:
-            for dependency in needs:
-                dependency.result()
-            if name in self._failures:
-                return  # failed in an earlier phase
-            blocker = self._blocked(name)
-            if blocker is not None:
-                error = PymachineError(f"not converged: it needs {blocker}, which failed")
-                self._fail(name, steps[0].describe(), error)
-                return
-            for step in steps:
-                if not self._guarded(name, step):
-                    return
+        def machine_task(name: str) -> None:
+            try:
+                for index, (work, _) in enumerate(stages):
+                    if not self._stage(name, work.get(name, []), through[index], gates[index]):
+                        return
+                    passed[index].add(name)
+                    through[index][name].set_result(None)
+            except BaseException as error:  # a bug: its dependents end with it
+                for stage in through:
+                    if not stage[name].done():
+                        stage[name].set_exception(error)
+                raise
+            finally:
+                for stage in through:
+                    if not stage[name].done():
+                        stage[name].set_result(None)
 
-        # Submitted in plan order, which puts dependencies first: a task only
-        # waits for tasks submitted before it, so the pool cannot deadlock.
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for name, steps in work.items():
-                want = self.desired.get(name)
-                deps = want.machine.depends_on if want else []
-                needs = [futures[d] for d in deps if d in futures]
-                futures[name] = pool.submit(machine_task, name, steps, needs)
-        _raise_first(futures.values())
+        # Submitted with dependencies first: a task only waits for tasks
+        # submitted before it, so the pool cannot deadlock.
+        with ThreadPoolExecutor(max_workers=max(slots for _, slots in stages)) as pool:
+            futures = [pool.submit(machine_task, name) for name in order]
+        _raise_first(futures)
+        return passed
+
+    def _stage(
+        self,
+        name: str,
+        steps: list[Step],
+        through: Mapping[str, Future[None]],
+        gate: threading.BoundedSemaphore,
+    ) -> bool:
+        """One machine's steps of a stage, once its dependencies are through
+        it; whether they all succeeded."""
+        if not steps:
+            return name not in self._failures
+        for dependency in self._direct(name):
+            if dependency in through:
+                through[dependency].result()
+        if name in self._failures:
+            return False  # failed in an earlier phase
+        blocker = self._blocked(name)
+        if blocker is not None:
+            error = PymachineError(f"not converged: it needs {blocker}, which failed")
+            self._fail(name, steps[0].describe(), error)
+            return False
+        with gate:
+            return all(self._guarded(name, step) for step in steps)
+
+    def _direct(self, name: str) -> set[str]:
+        """The machines a declared machine depends on directly."""
+        want = self.desired.get(name)
+        return set(want.machine.depends_on) if want else set()
 
     def _run_backward(self, steps: list[Step]) -> None:
         """Stops and removals, in the start phase's pool (they mostly wait for
         a machine to end), each machine's once those of the machines that
         depend on it, planned before it, are done, whether they failed or not."""
-        work: dict[str, list[Step]] = {}
-        for step in steps:
-            work.setdefault(step.machine, []).append(step)
+        work = _by_machine(steps)
         depends_on = {name: self._depends_on(name) for name in work}
         futures: dict[str, Future[None]] = {}
 
@@ -651,6 +693,14 @@ class Executor:
             if want.network is None or want.network.name != action.network:
                 self.state.put(replace(record, network=None, address=None))
         remove_network(self.layout, self.state, action.network, net=self.net)
+
+
+def _by_machine(steps: Iterable[Step]) -> dict[str, list[Step]]:
+    """Steps by machine, in plan order."""
+    work: dict[str, list[Step]] = {}
+    for step in steps:
+        work.setdefault(step.machine, []).append(step)
+    return work
 
 
 def _raise_first(futures: Iterable[Future[None]]) -> None:

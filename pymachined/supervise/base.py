@@ -105,6 +105,11 @@ class LogLine:
 class Supervisor(Protocol):
     """Runs machines, restarts them by policy, and says how they are."""
 
+    #: Whether a start reads the rendered files (systemd: the unit and the
+    #: .nspawn file), so that starts wait for the commit that takes them in;
+    #: pymachined starts a machine from its run spec alone.
+    starts_from_files: bool
+
     def prepare(self) -> None:
         """Get ready to start machines soon (pymachined starts in the background)."""
         ...

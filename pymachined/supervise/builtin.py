@@ -41,6 +41,8 @@ ANSWER_TIMEOUT = 30.0  # for pymachined to answer one request
 class BuiltinSupervisor:
     """Machines supervised by pymachined."""
 
+    starts_from_files = False  # a start sends the run spec
+
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.run_dir = Path(layout.run_dir)

@@ -231,6 +231,8 @@ def notify(address: str, state: str) -> None:
 class SystemdSupervisor:
     """Machines supervised by systemd, as ``pymachine-NAME.service`` units."""
 
+    starts_from_files = True  # a start runs the unit file
+
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._lock = threading.Lock()

@@ -82,8 +82,9 @@ Calls = list[tuple[str, str]]
 class FakeSupervisor:
     """The Supervisor protocol, recording each call as (call, machine)."""
 
-    def __init__(self, calls: Calls, broken: str = "") -> None:
+    def __init__(self, calls: Calls, broken: str = "", starts_from_files: bool = True) -> None:
         self.calls = calls
+        self.starts_from_files = starts_from_files
         self.broken = broken  # a start of this machine hits a bug
         self.commits: list[tuple[dict[str, bool], bool]] = []
 
@@ -305,6 +306,7 @@ class Host:
         failing: frozenset[str] = frozenset(),
         broken: str = "",
         specs: str = SPECS,
+        starts_from_files: bool = True,
     ) -> None:
         self.layout = Layout(PurePosixPath(tmp_path / "host"))
         self.repo = repo
@@ -313,7 +315,7 @@ class Host:
         self.declare(specs)
         self.calls: Calls = []
         self.state = StateStore(self.layout)
-        self.supervisor = FakeSupervisor(self.calls, broken)
+        self.supervisor = FakeSupervisor(self.calls, broken, starts_from_files)
         self.images = FakeImages(self.layout, repo, self.calls, failing)
         self.roots = FakeRoots(tmp_path / "mounted", self.calls)
         self.net = FakeNetwork(self.calls)
@@ -368,6 +370,39 @@ def test_everything_is_made_before_one_commit_then_started_in_dependency_order(
         for rendered in want.files:
             assert Path(rendered.path).read_text() == rendered.content
             assert record.files[str(rendered.path)] == file_hash(rendered.content)
+
+
+def test_without_unit_files_a_machine_starts_while_others_are_still_being_made(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = Host(repo, tmp_path, starts_from_files=False)
+    web_image = host.desired["web"].layer_keys[0]
+    solo_started = threading.Event()
+    ensure, start = host.images.ensure, host.supervisor.start
+
+    def held_ensure(layers: Sequence[Layer]) -> list[ImageRecord]:
+        if any(layer.key == web_image for layer in layers):
+            # Only a start that does not wait for every machine to be made comes.
+            assert solo_started.wait(10), "solo was not started while web was being made"
+        return ensure(layers)
+
+    def marked_start(spec: RunSpec) -> Status:
+        status = start(spec)
+        if spec.name == "solo":
+            solo_started.set()
+        return status
+
+    monkeypatch.setattr(host.images, "ensure", held_ensure)
+    monkeypatch.setattr(host.supervisor, "start", marked_start)
+    host.run(plan(host.desired, {}, built=[]))
+
+    started = host.named("start")
+    assert sorted(started) == sorted(host.desired)
+    assert started.index("db") < started.index("web") < started.index("cache")
+    assert host.index("create", "web") < host.index("start", "web")
+    assert host.index("ready") < host.index("start", "solo") < host.index("create", "web")
+    # The files are still taken in, all at once, after they are all written.
+    assert host.supervisor.commits == [(dict.fromkeys(["cache", "db", "solo", "web"], True), True)]
 
 
 def test_a_failed_build_fails_its_machine_and_dependents_and_the_rest_converge(
