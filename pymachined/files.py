@@ -124,8 +124,11 @@ def locked(
                     with contextlib.suppress(BlockingIOError):
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        # Written, then cut to its length: a truncation to 0 makes ext4 flush
+        # the file at its close (auto_da_alloc), which can wait on a busy disk.
+        holder_line = f"pid {os.getpid()}\n".encode()
+        os.pwrite(fd, holder_line, 0)
+        os.ftruncate(fd, len(holder_line))
         yield
     finally:
         os.close(fd)  # closing releases the lock
