@@ -145,7 +145,7 @@ def unmount_under(root: Path) -> None:
     text = Path("/proc/self/mountinfo").read_text()
     from pathlib import PurePosixPath
 
-    for target in mounts_under(parse_mountinfo(text), PurePosixPath(root.resolve())):
+    for target in mounts_under(text, PurePosixPath(root.resolve())):
         run.run(["umount", "--", str(target)])
 
 

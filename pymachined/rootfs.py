@@ -203,9 +203,10 @@ def create(
     a root without one is never taken as complete (durably, unless the caller
     syncs the filesystem later)."""
     base = _dir(layout, name)
+    fresh = not base.exists()  # nothing can be mounted below a directory made now
     base.mkdir(parents=True, exist_ok=True)
     (base / OWNER).write_text("pymachine\n")
-    if not (base / RECORD).exists():
+    if not fresh and not (base / RECORD).exists():
         # Whatever a create or a removal killed half-way left is never mixed
         # into the new root (the record goes first when a root is removed).
         # A machine's own writes are never cleared here: plan adopts them.

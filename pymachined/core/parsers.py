@@ -142,8 +142,12 @@ def mounts_at(text: str, target: PurePosixPath) -> list[Mount]:
     return [m for m in parse_mountinfo(lines) if m.target == target]
 
 
-def mounts_under(mounts: list[Mount], root: PurePosixPath) -> list[PurePosixPath]:
-    """Mount points at or below root, deepest first (the order to unmount them)."""
+def mounts_under(text: str, root: PurePosixPath) -> list[PurePosixPath]:
+    """Mount points at or below root in a mountinfo text, deepest first (the
+    order to unmount them); only the lines naming a path under root are parsed."""
+    needle = f" {_escape_mountinfo(str(root))}"
+    lines = "\n".join(line for line in text.splitlines() if needle in line)
+    mounts = parse_mountinfo(lines)
     found = {m.target for m in mounts if m.target == root or root in m.target.parents}
     return sorted(found, key=lambda p: (len(p.parts), str(p)), reverse=True)
 

@@ -187,3 +187,19 @@ def test_mounts_at_one_point_parse_only_its_lines() -> None:
         (38, "rw,lowerdir=/m"),
     ]
     assert mounts_at(text, PurePosixPath("/srv/a")) == []
+
+
+def test_mounts_under_a_path_deepest_first_parse_only_the_lines_below_it() -> None:
+    from pymachined.core.parsers import mounts_under
+
+    text = (
+        "36 35 0:30 / /srv/a\\040b rw - overlay x rw\n"
+        "37 36 0:31 / /srv/a\\040b/c/d rw - tmpfs t rw\n"
+        "38 36 0:32 / /srv/a\\040b/c rw - tmpfs t rw\n"
+        "39 35 0:33 / /srv/a\\040bc rw - tmpfs t rw\n"  # a sibling, not below
+        "not a mountinfo line at all\n"
+    )
+    under = [str(p) for p in mounts_under(text, PurePosixPath("/srv/a b"))]
+    assert under == ["/srv/a b/c/d", "/srv/a b/c", "/srv/a b"]
+    assert mounts_under(text, PurePosixPath("/srv/a b/c/d")) == [PurePosixPath("/srv/a b/c/d")]
+    assert mounts_under(text, PurePosixPath("/srv/z")) == []
