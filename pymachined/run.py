@@ -11,6 +11,7 @@ and the end of the command's output. Never ``shell=True``.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -138,11 +139,12 @@ def spawn(
     output: BinaryIO | int,
     stdin: int | None = None,
     pass_fds: Sequence[int] = (),
+    environment: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start argv in its own session, detached from pymachine's terminal, its
     stdout and stderr appended to output (a file or a pipe's fd), its stdin
-    from the fd stdin (else /dev/null), and pass_fds open in it; the caller
-    watches it."""
+    from the fd stdin (else /dev/null), pass_fds open in it, and environment
+    added to this process's own; the caller watches it."""
     proc: subprocess.Popen[bytes] = _start(
         _argv(argv),
         background=True,
@@ -152,6 +154,7 @@ def spawn(
         start_new_session=True,
         close_fds=True,
         pass_fds=tuple(pass_fds),
+        env={**os.environ, **environment} if environment else None,
     )
     return proc
 

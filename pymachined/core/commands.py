@@ -277,26 +277,28 @@ def rotated_log(log: PurePosixPath) -> PurePosixPath:
     return log.with_name(log.name + ".1")
 
 
-def log_stamp_argv(log: PurePosixPath, max_size: int, size: int) -> list[str]:
+def log_stamp_argv() -> list[str]:
     """A filter that starts each line of a machine's output with the UTC time it
-    was read, appended to log (``size`` bytes long now): what ``logs --since``
-    and ``logs --timestamps`` read back. Past ``max_size`` bytes it renames log
-    to LOG.1 (replacing the one before) and starts a new one. mawk, as every
-    Debian system has it (it is Essential; its length() counts bytes);
+    was read, appended to the log ``log_stamp_environment`` names: what ``logs
+    --since`` and ``logs --timestamps`` read back. Past the size cap it renames
+    the log to LOG.1 (replacing the one before) and starts a new one. mawk, as
+    every Debian system has it (it is Essential; its length() counts bytes);
     ``-W interactive`` makes it read line by line rather than wait for a full
     buffer."""
-    return [
-        "/usr/bin/env",
-        "TZ=UTC",
-        f"PYMACHINE_LOG={log}",
-        f"PYMACHINE_LOG_OLD={rotated_log(log)}",
-        f"PYMACHINE_LOG_MAX={max_size}",
-        f"PYMACHINE_LOG_SIZE={size}",
-        "mawk",
-        "-W",
-        "interactive",
-        _STAMP,
-    ]
+    return ["mawk", "-W", "interactive", _STAMP]
+
+
+def log_stamp_environment(log: PurePosixPath, max_size: int, size: int) -> dict[str, str]:
+    """What the log filter's environment adds for a log that is ``size`` bytes
+    long now and capped at ``max_size``: its paths, never part of the program
+    or of a shell line, and UTC for its clock."""
+    return {
+        "TZ": "UTC",
+        "PYMACHINE_LOG": str(log),
+        "PYMACHINE_LOG_OLD": str(rotated_log(log)),
+        "PYMACHINE_LOG_MAX": str(max_size),
+        "PYMACHINE_LOG_SIZE": str(size),
+    }
 
 
 _ENTER = 'for f; do shift; [ "$f" = -- ] && break; echo $$ > "$f" || exit 125; done; exec "$@"'

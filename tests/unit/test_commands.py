@@ -109,18 +109,17 @@ def test_machine_roots_are_mounted_without_devices() -> None:
 
 def test_the_log_stamper_gets_its_paths_from_the_environment() -> None:
     log = PurePosixPath("/var/lib/pymachine/machines/a $(x)/console.log")
-    argv = commands.log_stamp_argv(log, 10 * 1024**2, 123)
-    assert argv[:6] == [
-        "/usr/bin/env",
-        "TZ=UTC",
-        f"PYMACHINE_LOG={log}",
-        f"PYMACHINE_LOG_OLD={log}.1",
-        "PYMACHINE_LOG_MAX=10485760",
-        "PYMACHINE_LOG_SIZE=123",
-    ]
-    assert argv[6:9] == ["mawk", "-W", "interactive"]
-    script = argv[9]
-    assert str(log) not in script  # a path is never part of the program or the shell line
+    assert commands.log_stamp_environment(log, 10 * 1024**2, 123) == {
+        "TZ": "UTC",
+        "PYMACHINE_LOG": str(log),
+        "PYMACHINE_LOG_OLD": f"{log}.1",
+        "PYMACHINE_LOG_MAX": "10485760",
+        "PYMACHINE_LOG_SIZE": "123",
+    }
+    argv = commands.log_stamp_argv()
+    assert argv[:3] == ["mawk", "-W", "interactive"]
+    script = argv[3]
+    assert 'ENVIRON["PYMACHINE_LOG"]' in script  # the path is read, never part of the program
     assert '"$PYMACHINE_LOG" "$PYMACHINE_LOG_OLD"' in script.replace("\\", "")
     assert commands.rotated_log(log) == PurePosixPath(f"{log}.1")
 

@@ -122,8 +122,12 @@ class NspawnLauncher:
                 size = os.fstat(output.fileno()).st_size
             # The filter writes the log itself, by name; its own errors go
             # to pymachined's log.
-            stamper_argv = commands.log_stamp_argv(log_path, spec.log_max, size)
-            stamper = run.spawn(stamper_argv, sys.stderr.fileno(), stdin=read_end)
+            stamper = run.spawn(
+                commands.log_stamp_argv(),
+                sys.stderr.fileno(),
+                stdin=read_end,
+                environment=commands.log_stamp_environment(log_path, spec.log_max, size),
+            )
             child = run.spawn(argv, write_end)
         finally:
             os.close(read_end)
