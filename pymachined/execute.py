@@ -348,9 +348,9 @@ class Executor:
         """Each machine's steps, stage by stage: its steps of a stage once each
         of its dependencies is through that stage, with at most the stage's
         number of machines in it at once. The machines through each stage."""
-        names = {name for work, _ in stages for name in work}
+        names = dict.fromkeys(name for work, _ in stages for name in work)  # in plan order
         order = list(
-            TopologicalSorter({n: self._direct(n) & names for n in sorted(names)}).static_order()
+            TopologicalSorter({n: self._direct(n) & names.keys() for n in names}).static_order()
         )
         through: list[dict[str, Future[None]]] = [{n: Future() for n in order} for _ in stages]
         gates = [threading.BoundedSemaphore(slots) for _, slots in stages]
