@@ -593,11 +593,11 @@ class Executor:
             # A root recorded before ranges were gets the one its files are
             # rendered with.
             root = self.roots.claim_range(self.layout, root, want.uid_base)
-        mounted = self.roots.mounted_ids(self.layout, want.name)
         if (
             restart
             and root is not None
-            and mounted not in (None, rootfs.shown_ids(root, want.machine))
+            and self.roots.mounted_ids(self.layout, want.name)
+            not in (None, rootfs.shown_ids(root, want.machine))
         ):
             # Its layers are shown in another range now: mounted again, once
             # the machine is down.

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from pymachined import files, run
 from pymachined.core import commands, idshift
 from pymachined.core.layout import Layout
-from pymachined.core.parsers import mounts_at
+from pymachined.core.parsers import Mount, mounts_at
 from pymachined.core.plan import Kept
 from pymachined.core.spec import Machine, RootfsMode
 from pymachined.errors import PymachineError
@@ -375,8 +375,18 @@ def _lower_dir(base: Path, ids: int, index: int) -> Path:
 def mounted_ids(layout: Layout, name: str) -> int | None:
     """The range a machine's mounted overlay shows its image layers in (0: the
     host's IDs), or None if its root is not mounted as an overlay."""
+    return _shown_by(layout, name, _mounts_at_root(layout, name))
+
+
+def _mounts_at_root(layout: Layout, name: str) -> list[Mount]:
+    """What is mounted at a machine's rootfs directory, the last on top."""
     target = PurePosixPath(Path(layout.rootfs(name)).resolve())
-    found = mounts_at(Path("/proc/self/mountinfo").read_text(), target)
+    return mounts_at(Path("/proc/self/mountinfo").read_text(), target)
+
+
+def _shown_by(layout: Layout, name: str, found: list[Mount]) -> int | None:
+    """The range the overlay on top of found shows its image layers in, as
+    mounted_ids says."""
     if not found or found[-1].fstype != "overlay":
         return None
     lower = PurePosixPath(Path(layout.machine_dir(name)).resolve()) / "lower"
@@ -398,10 +408,11 @@ def _mount(layout: Layout, store: ImageStore, root: Root, ids: int) -> Path:
         if not is_mounted(rootfs):
             run.run(commands.nodev_bind_argv(PurePosixPath(rootfs)))
         return rootfs
-    current = mounted_ids(layout, root.name)
+    found = _mounts_at_root(layout, root.name)  # one look at the mount table, not two
+    current = _shown_by(layout, root.name, found)
     if current == ids:
         return rootfs
-    if current is not None or is_mounted(rootfs):
+    if found:
         files.unmount_under(rootfs)
     trees = [Path(r.tree) for r in store.chain(root.layers[0])]
     if root.mode is RootfsMode.EPHEMERAL:
