@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import stat
 import tempfile
 import threading
@@ -478,6 +479,7 @@ _OPEN_TREE_CLONE = 0x1
 _AT_EMPTY_PATH = 0x1000
 _MOUNT_ATTR_IDMAP = 0x00100000
 _CLONE_NEWUSER = 0x10000000
+_PR_SET_PDEATHSIG = 1
 
 
 _MS_NODEV = 0x4
@@ -602,15 +604,27 @@ def _userns(libc: ctypes.CDLL, base: int) -> int:
     child exits (the descriptor keeps the namespace). The child is told to
     go by a byte, not by the end of a pipe: a child another thread forked
     meanwhile holds copies of every descriptor, those pipes' ends among them,
-    so an end-of-file may never come. One thread forks at a time."""
+    so an end-of-file may never come. One thread forks at a time.
+
+    A parent killed before its byte (kill -9 mid-apply) must not leave the
+    child waiting: it would hold the parent's output open, so that whoever
+    reads it never sees its end. The child closes its copies of the parent's
+    ends, so the parent's death reaches it as the end of the pipe, and asks
+    the kernel to kill it with the forking thread besides."""
     with _forking:
         ready, told = os.pipe()
         hold, release = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child runs only syscalls, then leaves
+            os.close(release)
+            os.close(ready)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # it died before the request took
+                os._exit(1)
             code = 0 if libc.unshare(_CLONE_NEWUSER) == 0 else 1
             os.write(told, b"x" if code == 0 else b"-")
-            os.read(hold, 1)
+            os.read(hold, 1)  # the byte, or the end of the pipe: the parent is gone
             os._exit(code)
         os.close(told)
         os.close(hold)

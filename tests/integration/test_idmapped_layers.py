@@ -8,10 +8,15 @@ shifted before ranges were recorded keeps its range and its files."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
+import random
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -243,6 +248,65 @@ def test_user_namespaces_made_by_many_threads_at_once_never_hang(tmp_path: Path)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(probe, range(400)))
     assert answers == [None] * 400
+
+
+# Makes user namespaces without end, from 4 threads, until it is killed.
+_FORKER = """
+import concurrent.futures, os, sys
+from pymachined import files
+libc = files._libc()
+def forever(_):
+    while True:
+        os.close(files._userns(libc, files._PROBE_BASE))
+pool = concurrent.futures.ThreadPoolExecutor(4)
+for index in range(4):
+    pool.submit(forever, index)
+print("forking", flush=True)
+pool.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_process_killed_while_making_user_namespaces_leaves_no_child(tmp_path: Path) -> None:
+    """kill -9 of an apply while one of its threads is between the fork of a
+    user namespace's child and the byte that lets the child go: the child
+    ends too. Left waiting, it would hold the apply's output open, and
+    whoever reads it (a test, a unit's journal) would never see its end."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a user namespace's map of another range")
+    marker = f"# {tmp_path}"  # in each child's command line too: they are forks
+    for _ in range(12):
+        forker = subprocess.Popen(
+            [sys.executable, "-c", _FORKER + marker],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert forker.stdout is not None
+            assert forker.stdout.readline() == b"forking\n"
+            time.sleep(random.uniform(0.01, 0.1))
+            forker.kill()
+            # The end of its output comes once no child of it holds the pipes.
+            forker.communicate(timeout=10)
+        finally:
+            left = [
+                pid
+                for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if _cmdline_has(pid, marker)
+            ]
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            forker.kill()
+            forker.wait()
+        assert left == [], f"children left waiting after a kill -9: {left}"
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def test_many_machines_mounted_at_once_all_start(host: Host) -> None:
