@@ -145,6 +145,8 @@ def spawn(
     stdout and stderr appended to output (a file or a pipe's fd), its stdin
     from the fd stdin (else /dev/null), pass_fds open in it, and environment
     added to this process's own; the caller watches it."""
+    if environment:  # logged beside its command line, as they shape what it does
+        logger.debug("  with %s", shlex.join(f"{k}={v}" for k, v in environment.items()))
     proc: subprocess.Popen[bytes] = _start(
         _argv(argv),
         background=True,
